@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export EVENTMILL_TEST_DSN ?= postgresql://postgres@127.0.0.1:5432/test
+
+.PHONY: demo test lint typecheck pytest postgres bench soak clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/eventmill demo
+
+postgres:
+	@bash .ci/ensure-postgres
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) postgres
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: $(STAMP) postgres
+	$(BIN)/python -m benchmarks
+
+soak: $(STAMP) postgres
+	$(BIN)/python -m benchmarks.soak
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

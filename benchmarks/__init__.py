@@ -1,0 +1,1 @@
+"""Benchmarks: each module's ``main()`` prints one JSON object per figure."""

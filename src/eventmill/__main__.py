@@ -1,0 +1,5 @@
+import sys
+
+from eventmill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""Every exception eventmill raises.
+
+Public methods raise only these (driver errors are wrapped, with the original as
+``__cause__``); ``asyncio.CancelledError`` and ``KeyboardInterrupt`` always pass
+through untouched.
+
+::
+
+    EventmillError
+    ├── InvalidInputError            bad input, refused before anything is written
+    │   ├── InvalidEventError        event name, payload, metadata or time
+    │   ├── InvalidIdentifierError   category, stream, identifier or its JSON form
+    │   └── InvalidSettingsError     a setting out of range or of the wrong type
+    ├── UnmetWriteConditionError     a write condition did not hold; nothing written
+    ├── ConflictError                optimistic concurrency lost (checkpoints, state)
+    │   └── StaleEpochError          a save from a holder whose source moved away
+    ├── LifecycleError               used in the wrong state: started twice, closed...
+    ├── LockLostError                a held lock is gone (its connection died)
+    └── StorageError                 the backend failed (database down, timeout...)
+        └── SchemaError              schema missing or of another version
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EventmillError(Exception):
+    """Base of every eventmill error."""
+
+
+class InvalidInputError(EventmillError, ValueError):
+    """Input refused before anything was written."""
+
+
+class InvalidEventError(InvalidInputError):
+    """An event's name, payload, metadata or time is not acceptable."""
+
+
+class InvalidIdentifierError(InvalidInputError):
+    """A category, stream, group, identifier or serialised identifier is not acceptable."""
+
+
+class InvalidSettingsError(InvalidInputError):
+    """A setting is out of range or of the wrong type."""
+
+
+class UnmetWriteConditionError(EventmillError):
+    """A write condition did not hold when checked, atomically with the write.
+
+    ``expected`` describes the condition; ``found`` is the stream's latest position
+    when it was checked (``None`` for an empty stream). Nothing was written.
+    """
+
+    def __init__(self, expected: Any, found: int | None) -> None:
+        self.expected = expected
+        self.found = found
+        found_text = "an empty stream" if found is None else f"latest position {found}"
+        super().__init__(f"write condition {expected} not met: found {found_text}")
+
+
+class ConflictError(EventmillError):
+    """Someone else changed the record since it was read (optimistic concurrency)."""
+
+
+class StaleEpochError(ConflictError):
+    """A save carried an epoch older than the source's current one: the source moved."""
+
+
+class LifecycleError(EventmillError, RuntimeError):
+    """An object was used in a state that does not allow it (started twice, closed...)."""
+
+
+class LockLostError(EventmillError):
+    """A lock this process held is gone, for example because its connection died."""
+
+
+class StorageError(EventmillError):
+    """The storage backend failed; the original driver error is the ``__cause__``."""
+
+
+class SchemaError(StorageError):
+    """The database schema is missing or of a version this code does not know."""

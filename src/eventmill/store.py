@@ -1,0 +1,169 @@
+"""EventStore: the entry point for writing and reading events.
+
+::
+
+    store = EventStore(backend)
+    await store.stream(category="orders", stream="order-1").publish([NewEvent(name="placed")])
+    async for event in store.category("orders").iterate(after=41):
+        ...
+
+Handles are cheap values; making one does no I/O. ``iterate`` pages through a source
+(``page_size`` events per read) so large sources are never loaded whole; ``read``
+collects a small source into a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from eventmill.backends.base import Backend
+from eventmill.conditions import WriteCondition, check_condition
+from eventmill.errors import InvalidEventError, InvalidInputError
+from eventmill.events import (
+    CategoryIdentifier,
+    EventSourceIdentifier,
+    LogIdentifier,
+    NewEvent,
+    StoredEvent,
+    StreamIdentifier,
+)
+
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 10_000
+MAX_EVENTS_PER_PUBLISH = 10_000
+
+
+def check_page_size(value: object, what: str = "page_size") -> int:
+    """Return ``value`` if it is an int from 1 to MAX_PAGE_SIZE; raise InvalidInputError."""
+    if type(value) is not int or not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidInputError(f"{what} must be an int from 1 to {MAX_PAGE_SIZE}, not {value!r}")
+    return value
+
+
+def _check_after(value: object) -> int | None:
+    if value is None or (type(value) is int and value >= 0):
+        return value
+    raise InvalidInputError(f"after must be None or an int >= 0, not {value!r:.80}")
+
+
+class EventSourceHandle:
+    """Reads one source in order. ``after`` is a sequence number for the log and
+    categories and a position for streams; reading starts strictly after it."""
+
+    def __init__(self, backend: Backend, identifier: EventSourceIdentifier) -> None:
+        self._backend = backend
+        self.identifier = identifier
+
+    async def latest(self) -> StoredEvent | None:
+        """The last event of the source, or None when it is empty. Raises StorageError."""
+        return await self._backend.events.latest(self.identifier)
+
+    async def iterate(
+        self, *, after: int | None = None, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> AsyncIterator[StoredEvent]:
+        """Every event after ``after``, in order, read ``page_size`` at a time.
+
+        Events published while iterating are included. Raises StorageError.
+        """
+        after = _check_after(after)
+        check_page_size(page_size)
+        storage = self._backend.events
+        while True:
+            page = await storage.read(self.identifier, after=after, limit=page_size)
+            for event in page:
+                yield event
+            if len(page) < page_size:
+                return
+            after = self._place(page[-1])
+
+    async def read(
+        self, *, after: int | None = None, limit: int | None = None
+    ) -> list[StoredEvent]:
+        """The events after ``after`` as a list (at most ``limit``). Raises StorageError."""
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidInputError(f"limit must be None or an int >= 0, not {limit!r:.80}")
+        events: list[StoredEvent] = []
+        if limit == 0:
+            return events
+        page_size = MAX_PAGE_SIZE if limit is None else min(limit, MAX_PAGE_SIZE)
+        async for event in self.iterate(after=after, page_size=page_size):
+            events.append(event)
+            if limit is not None and len(events) >= limit:
+                break
+        return events
+
+    def _place(self, event: StoredEvent) -> int:
+        return event.sequence_number
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.identifier}>"
+
+
+class EventLog(EventSourceHandle):
+    """Every event in the store, in sequence-number order."""
+
+
+class EventCategory(EventSourceHandle):
+    """Every event of one category, in sequence-number order."""
+
+    identifier: CategoryIdentifier
+
+    def stream(self, stream: str) -> EventStream:
+        """The handle of one stream of this category."""
+        return EventStream(self._backend, StreamIdentifier(self.identifier.category, stream))
+
+
+class EventStream(EventSourceHandle):
+    """The events of one stream, in position order; the place to publish."""
+
+    identifier: StreamIdentifier
+
+    async def publish(
+        self, events: Sequence[NewEvent], *, condition: WriteCondition | None = None
+    ) -> list[StoredEvent]:
+        """Append ``events`` atomically, in order, and return them as stored.
+
+        Raises InvalidEventError for an empty or oversized batch or a non-NewEvent,
+        UnmetWriteConditionError when ``condition`` does not hold, StorageError when
+        the backend fails. In every failure case nothing is written.
+        """
+        if isinstance(events, NewEvent) or not isinstance(events, Sequence):
+            raise InvalidEventError(f"publish takes a sequence of NewEvent, not {events!r:.80}")
+        if not events:
+            raise InvalidEventError("publish needs at least one event")
+        if len(events) > MAX_EVENTS_PER_PUBLISH:
+            raise InvalidEventError(
+                f"at most {MAX_EVENTS_PER_PUBLISH} events per publish, not {len(events)}"
+            )
+        for event in events:
+            if type(event) is not NewEvent:
+                raise InvalidEventError(f"publish takes NewEvent items, not {event!r:.80}")
+        check_condition(condition)
+        return await self._backend.events.publish(self.identifier, events, condition)
+
+    def _place(self, event: StoredEvent) -> int:
+        return event.position
+
+
+class EventStore:
+    """The event store over one backend. Constructing it does no I/O."""
+
+    def __init__(self, backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise InvalidInputError(f"EventStore needs a Backend, not {backend!r:.80}")
+        self.backend = backend
+
+    def log(self) -> EventLog:
+        return EventLog(self.backend, LogIdentifier())
+
+    def category(self, category: str) -> EventCategory:
+        return EventCategory(self.backend, CategoryIdentifier(category))
+
+    def stream(self, *, category: str, stream: str) -> EventStream:
+        return EventStream(self.backend, StreamIdentifier(category, stream))
+
+    def source(self, identifier: EventSourceIdentifier) -> EventSourceHandle:
+        """The handle for any identifier (a partition reads like a category)."""
+        if isinstance(identifier, StreamIdentifier):
+            return EventStream(self.backend, identifier)
+        return EventSourceHandle(self.backend, identifier)
