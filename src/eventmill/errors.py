@@ -16,6 +16,8 @@ through untouched.
     │   └── StaleEpochError          a save from a holder whose source moved away
     ├── LifecycleError               used in the wrong state: started twice, closed...
     ├── LockLostError                a held lock is gone (its connection died)
+    ├── ExitRequestedError           a service asked for an orderly exit (ExitDecision)
+    ├── StopTimeoutError             services still running when a stop timed out
     └── StorageError                 the backend failed (database down, timeout...)
         └── SchemaError              schema missing or of another version
 """
@@ -73,6 +75,27 @@ class LifecycleError(EventmillError, RuntimeError):
 
 class LockLostError(EventmillError):
     """A lock this process held is gone, for example because its connection died."""
+
+
+class ExitRequestedError(EventmillError):
+    """A service's error handler decided the process should exit with ``code``.
+
+    ``ErrorHandlingService`` raises it (the original exception is the ``__cause__``);
+    ``ServiceManager`` turns it into an orderly stop of every service followed by
+    ``SystemExit(code)``.
+    """
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"exit requested with code {code}")
+
+
+class StopTimeoutError(EventmillError, TimeoutError):
+    """Services were still running when the stop timeout expired; ``names`` lists them."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(f"services still running after the stop timeout: {', '.join(names)}")
 
 
 class StorageError(EventmillError):
