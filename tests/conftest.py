@@ -10,11 +10,16 @@ import pytest
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.store import EventStore
+from tests.postgres_support import fresh_postgres_backend
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    """A fresh, empty backend of each kind."""
+    """A fresh, empty backend of each kind (PostgreSQL: a schema of its own, dropped after)."""
+    if request.param == "postgres":
+        async with fresh_postgres_backend() as postgres:
+            yield postgres
+        return
     fresh = InMemoryBackend()
     yield fresh
     await fresh.close()

@@ -1,0 +1,240 @@
+"""PostgresEventStorage: events in PostgreSQL, with no skipped events.
+
+Writing. ``publish`` is one call of the ``{schema}.publish`` SQL function, sent as one
+autocommit statement (one round trip, its own transaction). Inside, in this order:
+
+1. it refuses to run if its transaction already has a transaction id (xid): publishing
+   must be the first write of its transaction;
+2. under a session-level advisory lock held only for this step, it takes its xid
+   (``pg_current_xact_id()``) and its block of sequence numbers, then unlocks. So, for
+   every pair of publishers, xid order equals sequence-number order, and no lock
+   shared by all writers is held through commit;
+3. it locks the stream's row in ``{schema}.streams`` (held to commit: only writers of
+   the same stream wait for each other), checks the write condition against the
+   stream's last position, and raises SQLSTATE EM001 when it does not hold;
+4. it inserts the events stamped with the xid and returns what Python needs to build
+   the ``StoredEvent``s (first sequence number and position, time, ids).
+
+Reading. The log, categories and partitions return only events whose xid is below the
+reader's snapshot xmin (``pg_snapshot_xmin(pg_current_snapshot())``), the oldest
+transaction still running. Such an event's transaction has finished, and so has every
+publisher with a lower sequence number (its xid is lower still), so each read returns
+a gap-free prefix of what will ever commit: a reader resuming after sequence number N
+never misses a later commit below N. Stream reads need no such filter: positions are
+taken under the stream's row lock, held until commit, so they commit in order.
+
+Cost: a reader does not see an event until every transaction that took an xid before
+it has ended, anywhere in the database cluster. A long transaction that has written
+anything (not only eventmill's) delays delivery of later events until it ends; it never
+causes one to be skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import RowMaker
+from psycopg.types.json import Jsonb
+
+from eventmill.backends.base import EventStorage
+from eventmill.backends.postgres.driver_errors import UNMET_WRITE_CONDITION
+from eventmill.conditions import WriteCondition
+from eventmill.errors import UnmetWriteConditionError
+from eventmill.events import (
+    CategoryIdentifier,
+    CategoryPartitionIdentifier,
+    EventSourceIdentifier,
+    LogIdentifier,
+    NewEvent,
+    StoredEvent,
+    StreamIdentifier,
+    stream_hash,
+)
+
+if TYPE_CHECKING:
+    from psycopg import AsyncCursor
+
+    from eventmill.backends.postgres.backend import PostgresBackend
+
+_COLUMNS = (
+    "sequence_number, id::text, name, category, stream, position, payload, metadata,"
+    " occurred_at, observed_at"
+)
+_VISIBLE = "transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"
+
+_PUBLISH = (
+    "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::text[], %s::jsonb,"
+    " %s::jsonb, %s::timestamptz[])"
+)
+_READ_LOG = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
+    " ORDER BY sequence_number LIMIT %s"
+)
+_READ_CATEGORY = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND sequence_number > %s"
+    f" AND {_VISIBLE} ORDER BY sequence_number LIMIT %s"
+)
+_READ_PARTITION = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND sequence_number > %s"
+    f" AND stream_hash %% %s = %s AND {_VISIBLE} ORDER BY sequence_number LIMIT %s"
+)
+_READ_STREAM = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
+    " AND position > %s ORDER BY position LIMIT %s"
+)
+_LATEST_LOG = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE {_VISIBLE}"
+    " ORDER BY sequence_number DESC LIMIT 1"
+)
+_LATEST_CATEGORY = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND {_VISIBLE}"
+    " ORDER BY sequence_number DESC LIMIT 1"
+)
+_LATEST_PARTITION = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s"
+    f" AND stream_hash %% %s = %s AND {_VISIBLE} ORDER BY sequence_number DESC LIMIT 1"
+)
+_LATEST_STREAM = (
+    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
+    " ORDER BY position DESC LIMIT 1"
+)
+
+
+def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
+    return StoredEvent(
+        sequence_number=values[0],
+        id=values[1],
+        name=values[2],
+        category=values[3],
+        stream=values[4],
+        position=values[5],
+        payload=values[6],
+        metadata=values[7],
+        occurred_at=values[8],
+        observed_at=values[9],
+    )
+
+
+def _stored_event_rows(cursor: AsyncCursor[Any]) -> RowMaker[StoredEvent]:
+    return _make_stored_event
+
+
+class PostgresEventStorage(EventStorage):
+    """Event storage in the backend's schema; see the module docstring for ordering."""
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self._backend = backend
+        self._publish = backend.sql(_PUBLISH)
+        self._read_log = backend.sql(_READ_LOG)
+        self._read_category = backend.sql(_READ_CATEGORY)
+        self._read_partition = backend.sql(_READ_PARTITION)
+        self._read_stream = backend.sql(_READ_STREAM)
+        self._latest_log = backend.sql(_LATEST_LOG)
+        self._latest_category = backend.sql(_LATEST_CATEGORY)
+        self._latest_partition = backend.sql(_LATEST_PARTITION)
+        self._latest_stream = backend.sql(_LATEST_STREAM)
+
+    async def publish(
+        self,
+        stream: StreamIdentifier,
+        events: Sequence[NewEvent],
+        condition: WriteCondition | None,
+    ) -> list[StoredEvent]:
+        """Append in one round trip. Raises UnmetWriteConditionError, StorageError."""
+        allowed = (
+            None
+            if condition is None
+            else [-1 if position is None else position for position in condition.allowed]
+        )
+        parameters = (
+            stream.category,
+            stream.stream,
+            stream_hash(stream.stream),
+            allowed,
+            [event.name for event in events],
+            Jsonb([event.payload for event in events]),
+            Jsonb([event.metadata for event in events]),
+            [event.occurred_at for event in events],
+        )
+        async with self._backend.connection() as connection:
+            try:
+                cursor = await connection.execute(self._publish, parameters, prepare=True)
+            except psycopg.Error as error:
+                if error.sqlstate == UNMET_WRITE_CONDITION:
+                    found = int(error.diag.message_detail or "-1")
+                    raise UnmetWriteConditionError(
+                        condition, None if found < 0 else found
+                    ) from error
+                raise
+            row = await cursor.fetchone()
+        assert row is not None
+        first_sequence_number: int = row[0]
+        first_position: int = row[1]
+        observed_at: datetime = row[2]
+        ids: list[str] = row[3]
+        category = stream.category
+        name_of_stream = stream.stream
+        return [
+            StoredEvent(
+                id=ids[offset],
+                name=event.name,
+                category=category,
+                stream=name_of_stream,
+                position=first_position + offset,
+                sequence_number=first_sequence_number + offset,
+                payload=event.payload,
+                metadata=event.metadata,
+                occurred_at=event.occurred_at,
+                observed_at=observed_at,
+            )
+            for offset, event in enumerate(events)
+        ]
+
+    async def read(
+        self, source: EventSourceIdentifier, *, after: int | None, limit: int
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` committed events after ``after``, in order. Raises StorageError."""
+        if isinstance(source, StreamIdentifier):
+            query = self._read_stream
+            parameters: tuple[object, ...] = (
+                source.category,
+                source.stream,
+                -1 if after is None else after,
+                limit,
+            )
+        else:
+            start = 0 if after is None else after
+            if isinstance(source, LogIdentifier):
+                query, parameters = self._read_log, (start, limit)
+            elif isinstance(source, CategoryIdentifier):
+                query, parameters = self._read_category, (source.category, start, limit)
+            else:
+                query = self._read_partition
+                parameters = (source.category, start, source.partitions, source.partition, limit)
+        return await self._fetch(query, parameters)
+
+    async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
+        """The last event a read could return now, or None. Raises StorageError."""
+        parameters: tuple[object, ...]
+        if isinstance(source, LogIdentifier):
+            query, parameters = self._latest_log, ()
+        elif isinstance(source, CategoryIdentifier):
+            query, parameters = self._latest_category, (source.category,)
+        elif isinstance(source, CategoryPartitionIdentifier):
+            query = self._latest_partition
+            parameters = (source.category, source.partitions, source.partition)
+        else:
+            query, parameters = self._latest_stream, (source.category, source.stream)
+        found = await self._fetch(query, parameters)
+        return found[0] if found else None
+
+    async def _fetch(self, query: Any, parameters: tuple[object, ...]) -> list[StoredEvent]:
+        async with (
+            self._backend.connection() as connection,
+            connection.cursor(row_factory=_stored_event_rows) as cursor,
+        ):
+            await cursor.execute(query, parameters, prepare=True)
+            return await cursor.fetchall()

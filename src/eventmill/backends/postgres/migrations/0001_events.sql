@@ -1,0 +1,120 @@
+-- Events, the per-stream rows that serialise writers of one stream, and the publish
+-- function. "{schema}" is replaced by the quoted schema name when installed.
+
+CREATE SEQUENCE {schema}.event_sequence_numbers AS bigint CACHE 1;
+
+CREATE TABLE {schema}.events (
+    sequence_number bigint PRIMARY KEY,
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    name text NOT NULL,
+    category text NOT NULL,
+    stream text NOT NULL,
+    position bigint NOT NULL,
+    payload jsonb NOT NULL,
+    metadata jsonb NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    observed_at timestamptz NOT NULL DEFAULT now(),
+    stream_hash bigint NOT NULL,
+    transaction_id xid8 NOT NULL,
+    CONSTRAINT events_stream_position_key UNIQUE (category, stream, position)
+);
+
+CREATE INDEX events_category_sequence_number_idx
+    ON {schema}.events (category, sequence_number);
+
+CREATE TABLE {schema}.streams (
+    category text NOT NULL,
+    stream text NOT NULL,
+    last_position bigint NOT NULL,
+    PRIMARY KEY (category, stream)
+);
+
+-- Appends events to one stream; called as a single autocommit statement.
+-- p_allowed: the write condition as the allowed latest positions (-1: empty stream),
+-- NULL for none. Returns the first sequence number and position (both contiguous for
+-- the batch), the observed time, and the new event ids in order.
+CREATE FUNCTION {schema}.publish(
+    p_category text,
+    p_stream text,
+    p_stream_hash bigint,
+    p_allowed bigint[],
+    p_names text[],
+    p_payloads jsonb,
+    p_metadata jsonb,
+    p_occurred_at timestamptz[],
+    OUT first_sequence_number bigint,
+    OUT first_position bigint,
+    OUT observed timestamptz,
+    OUT event_ids text[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    event_count integer := cardinality(p_names);
+    lock_key integer := '{schema}.event_sequence_numbers'::regclass::oid::integer;
+    locked boolean := false;
+    writer_xid xid8;
+    previous bigint;
+BEGIN
+    -- (a) the xid must be taken below, so nothing may have been written before.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'publish must be the first write of its transaction'
+            USING ERRCODE = 'EM002';
+    END IF;
+    -- (b) xid and sequence numbers in one short critical section: xid order equals
+    -- sequence-number order for every publisher. The session lock is released here,
+    -- long before commit; the handler releases it if anything fails in between.
+    BEGIN
+        PERFORM pg_advisory_lock(1162690868, lock_key);
+        locked := true;
+        writer_xid := pg_current_xact_id();
+        first_sequence_number := nextval('{schema}.event_sequence_numbers');
+        IF event_count > 1 THEN
+            -- Nobody else takes numbers while the lock is held: reserve the block.
+            PERFORM setval('{schema}.event_sequence_numbers',
+                           first_sequence_number + event_count - 1);
+        END IF;
+        PERFORM pg_advisory_unlock(1162690868, lock_key);
+        locked := false;
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        IF locked THEN
+            PERFORM pg_advisory_unlock(1162690868, lock_key);
+        END IF;
+        RAISE;
+    END;
+    -- (c) lock the stream's row (held to commit: writers of one stream queue here).
+    UPDATE {schema}.streams SET last_position = last_position + event_count
+        WHERE category = p_category AND stream = p_stream
+        RETURNING last_position - event_count INTO previous;
+    IF NOT FOUND THEN
+        INSERT INTO {schema}.streams (category, stream, last_position)
+            VALUES (p_category, p_stream, event_count - 1)
+            ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            previous := -1;
+        ELSE
+            UPDATE {schema}.streams SET last_position = last_position + event_count
+                WHERE category = p_category AND stream = p_stream
+                RETURNING last_position - event_count INTO previous;
+        END IF;
+    END IF;
+    IF p_allowed IS NOT NULL AND NOT previous = ANY (p_allowed) THEN
+        RAISE EXCEPTION 'write condition not met' USING ERRCODE = 'EM001', DETAIL = previous;
+    END IF;
+    -- (d) the rows, stamped with the xid taken in (b).
+    first_position := previous + 1;
+    observed := now();
+    WITH inserted AS (
+        INSERT INTO {schema}.events (
+            sequence_number, name, category, stream, position, payload, metadata,
+            occurred_at, observed_at, stream_hash, transaction_id
+        )
+        SELECT first_sequence_number + e.ordinal - 1, e.name, p_category, p_stream,
+               previous + e.ordinal, p_payloads -> (e.ordinal::integer - 1),
+               p_metadata -> (e.ordinal::integer - 1), e.occurred_at, observed,
+               p_stream_hash, writer_xid
+        FROM unnest(p_names, p_occurred_at) WITH ORDINALITY AS e(name, occurred_at, ordinal)
+        RETURNING sequence_number, id
+    )
+    SELECT array_agg(inserted.id::text ORDER BY inserted.sequence_number)
+        INTO event_ids FROM inserted;
+END
+$$;

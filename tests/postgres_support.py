@@ -1,0 +1,57 @@
+"""PostgreSQL test helpers: a backend in a schema of its own, dropped afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from eventmill.backends.postgres import PostgresBackend
+
+TEST_DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def unique_schema_name() -> str:
+    """A schema name no other test run uses."""
+    return f"em_test_{secrets.token_hex(6)}"
+
+
+async def connect() -> psycopg.AsyncConnection[Any]:
+    """A new autocommit connection to the test database (close it yourself)."""
+    return await psycopg.AsyncConnection.connect(TEST_DSN, autocommit=True)
+
+
+async def drop_schema(schema: str) -> None:
+    """Drop ``schema`` and everything in it, if it exists."""
+    async with await connect() as connection:
+        await connection.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+
+
+@asynccontextmanager
+async def fresh_postgres_backend(
+    *, max_size: int = 4, install: bool = True
+) -> AsyncIterator[PostgresBackend]:
+    """A PostgresBackend on a small pool (closed afterwards) in a new, uniquely named
+    schema, installed unless ``install`` is False and dropped afterwards."""
+    schema = unique_schema_name()
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        TEST_DSN, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False
+    )
+    await pool.open(wait=True)
+    backend = PostgresBackend(pool, schema=schema)
+    try:
+        if install:
+            await backend.install_schema()
+        yield backend
+    finally:
+        await backend.close()
+        await pool.close()
+        await drop_schema(schema)
