@@ -18,6 +18,7 @@ from eventmill.services.error_handlers import (
     RetryErrorHandler,
     TypeMappingErrorHandler,
 )
+from eventmill.services.manager import ExecutionMode, IsolationMode, ServiceManager
 from eventmill.services.polling import PollingService
 from eventmill.services.service import CallableService, Service
 from eventmill.services.status import Process, ProcessStatus, combine_statuses
@@ -31,8 +32,10 @@ __all__ = [
     "ErrorHandler",
     "ErrorHandlingService",
     "ExitDecision",
+    "ExecutionMode",
     "ExitErrorHandler",
     "ExponentialBackoff",
+    "IsolationMode",
     "PollingService",
     "Process",
     "ProcessStatus",
@@ -42,6 +45,7 @@ __all__ = [
     "RetryDecision",
     "RetryErrorHandler",
     "Service",
+    "ServiceManager",
     "TypeMappingErrorHandler",
     "combine_statuses",
 ]
