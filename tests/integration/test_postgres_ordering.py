@@ -1,0 +1,357 @@
+"""PostgreSQL event storage under concurrency: no skipped events, atomic conditions,
+the publish function's own rules."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from eventmill import (
+    NewEvent,
+    StorageError,
+    StoredEvent,
+    UnmetWriteConditionError,
+    position_is,
+    stream_is_empty,
+)
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.backends.postgres.driver_errors import translate_driver_errors
+from eventmill.backends.postgres.schema import PUBLISH_LOCK_CLASS
+from eventmill.events import stream_hash
+from eventmill.store import EventSourceHandle, EventStore
+from tests.postgres_support import TEST_DSN, connect, fresh_postgres_backend
+
+pytestmark = pytest.mark.postgres
+
+RAW_PUBLISH = (
+    "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::text[], %s::jsonb,"
+    " %s::jsonb, %s::timestamptz[])"
+)
+
+
+def events(count: int) -> list[NewEvent]:
+    return [NewEvent(name="happened", payload={"n": number}) for number in range(count)]
+
+
+async def raw_publish(
+    connection: psycopg.AsyncConnection[Any],
+    backend: PostgresBackend,
+    category: str,
+    stream: str,
+    count: int,
+) -> list[str]:
+    """Call the publish function on ``connection`` (in whatever transaction it is in);
+    return the new events' ids."""
+    ids, _ = await raw_publish_numbered(connection, backend, category, stream, count)
+    return ids
+
+
+async def raw_publish_numbered(
+    connection: psycopg.AsyncConnection[Any],
+    backend: PostgresBackend,
+    category: str,
+    stream: str,
+    count: int,
+) -> tuple[list[str], int]:
+    """``raw_publish``, also returning the last sequence number taken."""
+    now = datetime.now(UTC)
+    cursor = await connection.execute(
+        backend.sql(RAW_PUBLISH),
+        (
+            category,
+            stream,
+            stream_hash(stream),
+            None,
+            ["raw"] * count,
+            Jsonb([{"n": n} for n in range(count)]),
+            Jsonb([{}] * count),
+            [now] * count,
+        ),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    ids: list[str] = row[3]
+    return ids, row[0] + count - 1
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], seconds: float = 20.0) -> None:
+    """Return once ``condition()`` holds; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def second_backend(schema: str, max_size: int = 1) -> AsyncIterator[PostgresBackend]:
+    """Another backend, on a pool of its own, over the same schema (another "process")."""
+    async with AsyncConnectionPool(
+        TEST_DSN, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False
+    ) as pool:
+        await pool.wait()
+        yield PostgresBackend(pool, schema=schema)
+
+
+CATEGORIES = ["alpha", "beta", "gamma", "delta"]
+WRITERS = 8
+EVENTS_PER_WRITER = 500
+
+
+async def test_every_reader_sees_every_committed_event_once_in_order() -> None:
+    """Half the writers publish through EventStore; the other half, on connections of
+    their own, hold their transactions open for random delays and roll some back.
+    Readers of the log and of every category poll throughout."""
+    async with fresh_postgres_backend(max_size=6) as backend:
+        store = EventStore(backend)
+        committed: dict[str, str] = {}  # id -> category
+        rolled_back: set[str] = set()
+        last_committed = 0
+        stop_polling = asyncio.Event()
+
+        async def api_writer(number: int) -> None:
+            nonlocal last_committed
+            rng = random.Random(number)
+            written = 0
+            while written < EVENTS_PER_WRITER:
+                count = min(rng.randint(1, 5), EVENTS_PER_WRITER - written)
+                category = rng.choice(CATEGORIES)
+                stream = store.stream(category=category, stream=f"s{rng.randrange(20)}")
+                for stored in await stream.publish(events(count)):
+                    committed[stored.id] = category
+                    last_committed = max(last_committed, stored.sequence_number)
+                written += count
+
+        async def slow_writer(number: int) -> None:
+            nonlocal last_committed
+            rng = random.Random(number)
+            written = 0
+            async with await connect() as connection:
+                while written < EVENTS_PER_WRITER:
+                    count = min(rng.randint(1, 5), EVENTS_PER_WRITER - written)
+                    category = rng.choice(CATEGORIES)
+                    roll_back = rng.random() < 0.2
+                    async with connection.transaction():
+                        ids, last = await raw_publish_numbered(
+                            connection, backend, category, f"s{rng.randrange(20)}", count
+                        )
+                        if rng.random() < 0.5:
+                            await asyncio.sleep(rng.uniform(0, 0.03))  # hold it open
+                        if roll_back:
+                            rolled_back.update(ids)
+                            raise psycopg.Rollback()
+                    if not roll_back:
+                        committed.update(dict.fromkeys(ids, category))
+                        last_committed = max(last_committed, last)
+                        written += count
+
+        async def reader(handle: EventSourceHandle) -> list[StoredEvent]:
+            seen: list[StoredEvent] = []
+            after: int | None = None
+            while True:
+                stopping = stop_polling.is_set()
+                page = await handle.read(after=after, limit=300)
+                seen.extend(page)
+                if page:
+                    after = page[-1].sequence_number
+                elif stopping:
+                    return seen
+                else:
+                    await asyncio.sleep(0.005)  # poll again
+
+        async def everything_visible() -> bool:
+            latest = await store.log().latest()
+            return latest is not None and latest.sequence_number >= last_committed
+
+        handles = [store.log(), *(store.category(c) for c in CATEGORIES)]
+        async with asyncio.timeout(60):
+            readers = [asyncio.create_task(reader(handle)) for handle in handles]
+            await asyncio.gather(
+                *((api_writer if number % 2 else slow_writer)(number) for number in range(WRITERS))
+            )
+            await wait_until(everything_visible)
+            stop_polling.set()
+            results = await asyncio.gather(*readers)
+        assert len(committed) == WRITERS * EVENTS_PER_WRITER
+        assert rolled_back and not rolled_back & set(committed)
+        for handle, seen in zip(handles, results, strict=True):
+            numbers = [event.sequence_number for event in seen]
+            assert numbers == sorted(set(numbers)), f"{handle}: out of order or repeated"
+            ids = [event.id for event in seen]
+            assert len(ids) == len(set(ids)), f"{handle}: an event seen twice"
+            category = getattr(handle.identifier, "category", None)
+            wanted = {i for i, c in committed.items() if category in (None, c)}
+            assert not set(ids) - wanted, f"{handle}: rolled-back or foreign events seen"
+            assert not wanted - set(ids), f"{handle}: {len(wanted - set(ids))} events missed"
+
+
+async def test_an_open_transaction_hides_later_events_until_it_ends() -> None:
+    async with fresh_postgres_backend() as backend, await connect() as holder:
+        store = EventStore(backend)
+        async with holder.transaction():
+            held = await raw_publish(holder, backend, "c", "held", 2)
+            later = await store.stream(category="c", stream="other").publish(events(1))
+            assert await store.log().read() == []
+            assert await store.category("c").read() == []
+            assert await store.log().latest() is None
+            assert await store.category("c").latest() is None
+            # Streams need no filter: positions commit in order under the stream's row lock.
+            assert await store.stream(category="c", stream="other").read() == later
+
+        async def both_visible() -> bool:
+            return len(await store.log().read()) == 3
+
+        await wait_until(both_visible)
+        assert [e.id for e in await store.log().read()] == [*held, later[0].id]
+        assert [e.id for e in await store.category("c").read()] == [*held, later[0].id]
+        assert (await store.log().latest()) == later[0]
+
+
+async def test_a_rolled_back_publish_is_never_seen_and_does_not_block() -> None:
+    async with fresh_postgres_backend() as backend, await connect() as holder:
+        store = EventStore(backend)
+        async with holder.transaction():
+            await raw_publish(holder, backend, "c", "s", 3)
+            raise psycopg.Rollback()
+        later = await store.stream(category="c", stream="s").publish(events(1))
+        assert later[0].position == 0
+
+        async def visible() -> bool:
+            return len(await store.log().read()) > 0
+
+        await wait_until(visible)
+        assert await store.log().read() == later
+
+
+async def test_two_processes_racing_with_the_same_condition_one_wins_every_round() -> None:
+    async with (
+        fresh_postgres_backend(max_size=1) as first,
+        second_backend(first.schema) as second,
+    ):
+        stores = [EventStore(first), EventStore(second)]
+        for round_number in range(40):
+            name = f"r{round_number}"
+            condition = stream_is_empty()
+            if round_number % 2:
+                await stores[0].stream(category="race", stream=name).publish(events(1))
+                condition = position_is(0)
+            outcomes = await asyncio.gather(
+                *(
+                    store.stream(category="race", stream=name).publish(
+                        events(2), condition=condition
+                    )
+                    for store in stores
+                ),
+                return_exceptions=True,
+            )
+            winners = [o for o in outcomes if isinstance(o, list)]
+            losers = [o for o in outcomes if isinstance(o, UnmetWriteConditionError)]
+            assert (len(winners), len(losers)) == (1, 1), outcomes
+            expected_length = 2 + round_number % 2
+            assert losers[0].found == expected_length - 1
+            stream = await stores[1].stream(category="race", stream=name).read()
+            assert [e.position for e in stream] == list(range(expected_length))
+
+
+@pytest.mark.parametrize("stream_exists", [False, True])
+@pytest.mark.parametrize("holder_commits", [False, True])
+async def test_a_writer_waits_for_an_open_write_to_its_stream_then_sees_its_outcome(
+    stream_exists: bool, holder_commits: bool
+) -> None:
+    async with (
+        fresh_postgres_backend(max_size=1) as backend,
+        await connect() as holder,
+        await connect() as observer,
+    ):
+        store = EventStore(backend)
+        stream = store.stream(category="c", stream="s")
+        if stream_exists:
+            await stream.publish(events(1))
+        before = 1 if stream_exists else 0
+        async with backend.connection() as connection:
+            cursor = await connection.execute("SELECT pg_backend_pid()")
+            pid = (await cursor.fetchone() or [0])[0]
+        condition = position_is(0) if stream_exists else stream_is_empty()
+        try:
+            async with holder.transaction():
+                await raw_publish(holder, backend, "c", "s", 2)
+                waiter = asyncio.create_task(stream.publish(events(1), condition=condition))
+
+                async def waiter_is_blocked() -> bool:
+                    # Autocommit, so each check reads fresh activity statistics.
+                    cursor = await observer.execute(
+                        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    )
+                    row = await cursor.fetchone()
+                    return row is not None and row[0] == "Lock"
+
+                await wait_until(waiter_is_blocked)
+                assert not waiter.done()
+                if not holder_commits:
+                    raise psycopg.Rollback()
+        finally:
+            outcome = await asyncio.gather(waiter, return_exceptions=True)
+        if holder_commits:
+            assert isinstance(outcome[0], UnmetWriteConditionError)
+            assert outcome[0].found == before + 1
+            assert [e.position for e in await stream.read()] == list(range(before + 2))
+        else:
+            assert isinstance(outcome[0], list)
+            assert outcome[0][0].position == before
+            assert [e.position for e in await stream.read()] == list(range(before + 1))
+
+
+async def test_publishing_after_another_write_in_the_same_transaction_is_refused() -> None:
+    async with fresh_postgres_backend() as backend, await connect() as connection:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_current_xact_id()")
+            with (
+                pytest.raises(StorageError, match="first write of its transaction") as refused,
+                translate_driver_errors(backend.schema),
+            ):
+                await raw_publish(connection, backend, "c", "s", 1)
+            raise psycopg.Rollback()
+        assert isinstance(refused.value.__cause__, psycopg.Error)
+        assert (
+            await backend.events.read(EventStore(backend).log().identifier, after=None, limit=10)
+            == []
+        )
+        async with connection.transaction():
+            assert len(await raw_publish(connection, backend, "c", "s", 1)) == 1
+
+
+async def test_a_failure_inside_the_critical_section_releases_its_lock() -> None:
+    async with fresh_postgres_backend(max_size=1) as backend:
+        store = EventStore(backend)
+        stream = store.stream(category="c", stream="s")
+        await stream.publish(events(2))
+        async with backend.connection() as connection:
+            cursor = await connection.execute("SELECT pg_backend_pid()")
+            pid = (await cursor.fetchone() or [0])[0]
+            await connection.execute(
+                backend.sql("ALTER SEQUENCE {schema}.event_sequence_numbers MAXVALUE 2")
+            )
+        with pytest.raises(StorageError, match="maximum value"):
+            await stream.publish(events(1))
+        async with await connect() as observer:
+            cursor = await observer.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = %s AND pid = %s",
+                (PUBLISH_LOCK_CLASS, pid),
+            )
+            assert (await cursor.fetchone() or [None])[0] == 0
+            await observer.execute(
+                backend.sql("ALTER SEQUENCE {schema}.event_sequence_numbers NO MAXVALUE")
+            )
+        async with second_backend(backend.schema) as other:
+            stored = await EventStore(other).stream(category="c", stream="s").publish(events(1))
+        assert stored[0].position == 2
