@@ -82,6 +82,7 @@ class _LoopThread:
     def __init__(self, name: str, owner: asyncio.AbstractEventLoop) -> None:
         self.name = name
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
         self.ready: asyncio.Future[None] = owner.create_future()
         self.finished: asyncio.Future[None] = owner.create_future()
         self._owner = owner
@@ -104,7 +105,13 @@ class _LoopThread:
         self._thread.join()
 
     def _main(self) -> None:
-        loop = _new_event_loop()
+        try:
+            loop = _new_event_loop()
+        except BaseException as exception:
+            self.error = exception
+            self._notify(self.ready)
+            self._notify(self.finished)
+            raise
         asyncio.set_event_loop(loop)
         self.loop = loop
         try:
@@ -187,6 +194,7 @@ class ServiceManager:
         self._owner: asyncio.AbstractEventLoop | None = None
         self._failure: tuple[str, BaseException] | None = None
         self._failed: asyncio.Future[None] | None = None
+        self._over: asyncio.Future[None] | None = None
         self._failure_reported = False
         self._stop_task: asyncio.Task[None] | None = None
         self._signals: tuple[signal.Signals, ...] = ()
@@ -247,8 +255,10 @@ class ServiceManager:
         self._phase = _Phase.STARTED
         owner = self._owner = asyncio.get_running_loop()
         self._failed = owner.create_future()
+        self._over = owner.create_future()
         for run in self._runs.values():
             run.done = owner.create_future()
+        self._check_over()
         try:
             self._install_signal_handlers()
             await self._start_threads(owner)
@@ -263,16 +273,16 @@ class ServiceManager:
             self._raise_failure()
 
     async def wait(self) -> None:
-        """Blocks until every service has ended and any stop has finished.
+        """Blocks until every service has ended (or a stop gave up on them) and any stop
+        has finished.
 
         Raises the first failure of a service (``SystemExit`` for an exit request) and
         LifecycleError before ``start()``.
         """
         if self._phase is _Phase.NEW:
             raise LifecycleError("wait() before start()")
-        pending = [run.done for run in self._runs.values() if run.done and not run.done.done()]
-        if pending:
-            await asyncio.wait(pending)
+        assert self._over is not None
+        await asyncio.wait([self._over])
         if self._stop_task is not None:
             await asyncio.shield(self._stop_task)
         self._raise_failure()
@@ -315,6 +325,8 @@ class ServiceManager:
             else:
                 thread = self._new_thread(f"eventmill-{run.name}", owner)
             await thread.ready
+            if thread.loop is None:
+                raise LifecycleError(f"thread {thread.name} could not start") from thread.error
             run.loop = thread.loop
 
     def _new_thread(self, name: str, owner: asyncio.AbstractEventLoop) -> _LoopThread:
@@ -357,6 +369,7 @@ class ServiceManager:
         """On the owner's loop: a service ended, failing with ``failure`` if not None."""
         assert run.done is not None
         _resolve(run.done)
+        self._check_over()
         if failure is None:
             return
         if self._failure is not None:
@@ -368,6 +381,12 @@ class ServiceManager:
         assert self._failed is not None
         _resolve(self._failed)
         self._begin_stop()
+
+    def _check_over(self) -> None:
+        """Resolve ``_over`` once every service has ended."""
+        assert self._over is not None
+        if all(run.ended for run in self._runs.values()):
+            _resolve(self._over)
 
     async def _wait_for_foreground(self) -> None:
         assert self._failed is not None
@@ -415,6 +434,8 @@ class ServiceManager:
         finally:
             self._remove_signal_handlers()
             self._phase = _Phase.STOPPED
+            assert self._over is not None
+            _resolve(self._over)
         stuck = [run.name for run in self._runs.values() if not run.ended]
         stuck += [thread.name for thread in self._threads if not thread.finished.done()]
         if stuck:
@@ -428,6 +449,7 @@ class ServiceManager:
             run.state = ProcessStatus.STOPPED  # never launched
             if run.done is not None:
                 _resolve(run.done)
+                self._check_over()
             return
         try:
             run.loop.call_soon_threadsafe(_cancel_task, run)

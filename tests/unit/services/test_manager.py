@@ -243,6 +243,8 @@ async def test_stop_gives_up_after_the_timeout_naming_the_stuck_service() -> Non
         await manager.stop()
     assert "stubborn" in raised.value.names
     assert refused.is_set()
+    with pytest.raises(StopTimeoutError):
+        await manager.wait()  # does not hang on the stuck service
     release.set()
     await wait_until(lambda: threading.active_count() == threads_before)
 
@@ -320,3 +322,17 @@ async def test_signal_handlers_are_installed_while_running_and_removed_after() -
     async with manager:
         assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
     assert not loop.remove_signal_handler(signal.SIGUSR1)  # nothing left installed
+
+
+async def test_wait_returns_when_every_service_has_finished() -> None:
+    empty = ServiceManager()
+    async with empty:
+        await empty.wait()
+    finite = [Recorder(forever=False) for _ in ISOLATION_MODES]
+    manager = ServiceManager()
+    for service, isolation in zip(finite, ISOLATION_MODES, strict=True):
+        manager.register(service, isolation_mode=isolation)
+    async with manager:
+        await manager.wait()
+        assert all(service.finished.is_set() for service in finite)
+        assert manager.status == ProcessStatus.STOPPED
