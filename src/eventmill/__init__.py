@@ -4,6 +4,16 @@ The names here are the public API; everything else is internal unless documented
 """
 
 from eventmill.conditions import WriteCondition, position_is, stream_is_empty
+from eventmill.consumers import (
+    AutoCommitEventIteratorProcessor,
+    EventConsumerStateStore,
+    EventProcessor,
+    EventSourceConsumer,
+    EventSubscriptionConsumer,
+    ManagedEventIteratorProcessor,
+    TransactionalEventProcessor,
+    make_subscriber,
+)
 from eventmill.errors import (
     ConflictError,
     EventmillError,
@@ -48,16 +58,21 @@ from eventmill.services import (
 from eventmill.store import EventCategory, EventLog, EventStore, EventStream
 
 __all__ = [
+    "AutoCommitEventIteratorProcessor",
     "CategoryIdentifier",
     "CategoryPartitionIdentifier",
     "ConflictError",
     "ContinueErrorHandler",
     "ErrorHandlingService",
     "EventCategory",
+    "EventConsumerStateStore",
     "EventLog",
+    "EventProcessor",
+    "EventSourceConsumer",
     "EventSourceIdentifier",
     "EventStore",
     "EventStream",
+    "EventSubscriptionConsumer",
     "EventmillError",
     "ExecutionMode",
     "ExitErrorHandler",
@@ -70,6 +85,7 @@ __all__ = [
     "LifecycleError",
     "LockLostError",
     "LogIdentifier",
+    "ManagedEventIteratorProcessor",
     "NewEvent",
     "PollingService",
     "Process",
@@ -84,10 +100,12 @@ __all__ = [
     "StorageError",
     "StoredEvent",
     "StreamIdentifier",
+    "TransactionalEventProcessor",
     "TypeMappingErrorHandler",
     "UnmetWriteConditionError",
     "WriteCondition",
     "identifier_from_json",
+    "make_subscriber",
     "position_is",
     "stream_is_empty",
 ]

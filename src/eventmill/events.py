@@ -15,6 +15,7 @@ change what is stored. Payloads read back are plain dicts; treat them as read-on
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 import zlib
@@ -271,3 +272,11 @@ def check_identifier(value: object) -> EventSourceIdentifier:
     ):
         return value
     raise InvalidIdentifierError(f"not an event source identifier: {value!r:.80}")
+
+
+def source_key(identifier: EventSourceIdentifier) -> str:
+    """The canonical text form of an identifier: its JSON with sorted keys, no spaces.
+
+    Equal identifiers give equal keys; stores use it as the key of a source.
+    """
+    return json.dumps(identifier.to_json(), sort_keys=True, separators=(",", ":"))

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Self, TypeAlias
+from typing import Any, Self, TypeAlias
 
 from eventmill.conditions import WriteCondition
-from eventmill.events import EventSourceIdentifier, NewEvent, StoredEvent, StreamIdentifier
+from eventmill.events import (
+    EventSourceIdentifier,
+    JsonObject,
+    NewEvent,
+    StoredEvent,
+    StreamIdentifier,
+)
 
 
 class EventStorage(ABC):
@@ -260,6 +267,175 @@ class SubscriptionStateStore(ABC):
         """
 
 
+class EventNotifications(ABC):
+    """Early wake-ups for readers: "events that may belong to this source were published".
+
+    Best effort: a wake-up may be lost (a dropped connection) or spurious, so readers
+    keep polling and use wake-ups only to poll sooner. Matching is by category: a log
+    watcher is woken by every publish, a category, partition or stream watcher by a
+    publish to its category.
+    """
+
+    @abstractmethod
+    async def subscribe(
+        self, source: EventSourceIdentifier, wake: Callable[[], None]
+    ) -> Callable[[], None]:
+        """Call ``wake()`` on the caller's event loop after each publish that may concern
+        ``source``; return a function that stops it (calling it twice is harmless).
+
+        Blocks until the wake-ups are set up (PostgreSQL: the LISTEN is in place). If they
+        cannot be, it still returns and only polling works; it never raises StorageError.
+        """
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    """A consumer group's saved place in one source.
+
+    ``after`` is the last processed sequence number (log, category, partition) or
+    position (stream), ``None`` before the first event. ``version`` grows with every
+    change (optimistic concurrency); ``epoch`` only grows (fencing of stale holders).
+    """
+
+    group: str
+    source: EventSourceIdentifier
+    after: int | None
+    version: int
+    epoch: int
+    updated_at: datetime
+
+
+class ConsumerTransaction(ABC):
+    """A unit of work in which a processor's own writes and a checkpoint commit together.
+
+    ``connection`` is the backend's handle on the open transaction: on PostgreSQL a
+    ``psycopg.AsyncConnection`` inside a transaction (do not commit, roll back or close
+    it; eventmill commits it after the checkpoint is saved); ``None`` in memory, where
+    writes apply at once and exactly-once is not offered.
+    """
+
+    @property
+    @abstractmethod
+    def connection(self) -> Any:
+        """The open transaction's connection (backend-specific; None in memory)."""
+
+    @abstractmethod
+    async def save_checkpoint(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        """``CheckpointStorage.save`` inside this transaction; same errors."""
+
+
+class CheckpointStorage(ABC):
+    """Checkpoints per (group, source), kept apart from the events."""
+
+    @abstractmethod
+    async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
+        """The checkpoint, or None if there is none. Raises StorageError."""
+
+    @abstractmethod
+    async def save(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        """Store ``after`` if the stored version is ``expected_version`` (None: no record).
+
+        Raises StaleEpochError, changing nothing, when ``epoch`` is given and the stored
+        epoch is greater; ConflictError when the version differs. A greater ``epoch``
+        is stored. Returns the new checkpoint (version + 1).
+        """
+
+    @abstractmethod
+    async def fence(self, group: str, source: EventSourceIdentifier, epoch: int) -> None:
+        """Raise the stored epoch to ``epoch`` (creating the record with ``after=None``),
+        so saves with a lower epoch are refused from now on. Never lowers it; keeps
+        ``after`` and the version of an existing record."""
+
+    @abstractmethod
+    async def reset(self, group: str, source: EventSourceIdentifier) -> None:
+        """Forget the place: the next reader starts from the beginning (version + 1)."""
+
+    @abstractmethod
+    async def list(self, group: str | None = None) -> list[Checkpoint]:
+        """Every checkpoint (of ``group``), by group then source key."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[ConsumerTransaction]:
+        """Open a transaction: committed when the block exits normally, rolled back
+        (changing nothing) when it raises. Raises StorageError."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Projection:
+    """One saved projection state: ``name`` is the projection, ``id`` the instance."""
+
+    name: str
+    id: str
+    state: JsonObject
+    version: int
+    updated_at: datetime
+
+
+ProjectionFilterValue: TypeAlias = str | int | float | bool | None
+
+
+class ProjectionStorage(ABC):
+    """Projection states, by (name, id), with simple queries.
+
+    Each method takes an optional ``transaction`` (from ``CheckpointStorage.transaction``)
+    so that on PostgreSQL a projection and its consumer's checkpoint commit together.
+    """
+
+    @abstractmethod
+    async def get(
+        self, name: str, id: str, *, transaction: ConsumerTransaction | None = None
+    ) -> Projection | None:
+        """The state saved under (name, id), or None. Raises StorageError."""
+
+    @abstractmethod
+    async def save(
+        self,
+        name: str,
+        id: str,
+        state: JsonObject,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> Projection:
+        """Insert or replace the state (version + 1). Raises StorageError."""
+
+    @abstractmethod
+    async def delete(
+        self, name: str, id: str, *, transaction: ConsumerTransaction | None = None
+    ) -> bool:
+        """Remove the state; True if there was one. Raises StorageError."""
+
+    @abstractmethod
+    async def find(
+        self,
+        name: str,
+        *,
+        where: Mapping[str, ProjectionFilterValue] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Projection]:
+        """States of ``name`` whose top-level keys equal the ``where`` values, sorted by
+        the top-level key ``order_by`` (missing values last; ties and no key: by id),
+        then paged. Raises StorageError."""
+
+
 class Backend(ABC):
     """A storage backend: the bundle of ports one deployment shares."""
 
@@ -267,6 +443,21 @@ class Backend(ABC):
     @abstractmethod
     def events(self) -> EventStorage:
         """Event storage."""
+
+    @property
+    @abstractmethod
+    def notifications(self) -> EventNotifications:
+        """Early wake-ups for readers of new events."""
+
+    @property
+    @abstractmethod
+    def checkpoints(self) -> CheckpointStorage:
+        """Consumers' checkpoints."""
+
+    @property
+    @abstractmethod
+    def projections(self) -> ProjectionStorage:
+        """Projection states."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -12,21 +12,41 @@ import heapq
 import itertools
 import threading
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 
-from eventmill.backends.base import Backend, EventStorage
+from eventmill.backends.base import (
+    Backend,
+    Checkpoint,
+    CheckpointStorage,
+    ConsumerTransaction,
+    EventNotifications,
+    EventStorage,
+    Projection,
+    ProjectionFilterValue,
+    ProjectionStorage,
+)
+from eventmill.backends.wakeups import WakeupRegistry
 from eventmill.conditions import WriteCondition
-from eventmill.errors import UnmetWriteConditionError
+from eventmill.errors import (
+    ConflictError,
+    InvalidInputError,
+    StaleEpochError,
+    UnmetWriteConditionError,
+)
 from eventmill.events import (
     CategoryIdentifier,
     CategoryPartitionIdentifier,
     EventSourceIdentifier,
+    JsonObject,
     LogIdentifier,
     NewEvent,
     StoredEvent,
     StreamIdentifier,
     new_event_id,
+    source_key,
 )
 
 
@@ -37,8 +57,9 @@ def _sequence_number(event: StoredEvent) -> int:
 class InMemoryEventStorage(EventStorage):
     """Events in lists: the log, one list per category, one per stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, notifications: InMemoryEventNotifications | None = None) -> None:
         self._lock = threading.Lock()
+        self._notifications = notifications
         self._log: list[StoredEvent] = []
         self._categories: dict[str, list[StoredEvent]] = {}
         self._streams: dict[str, dict[str, list[StoredEvent]]] = {}
@@ -81,7 +102,9 @@ class InMemoryEventStorage(EventStorage):
             self._log.extend(stored)
             category.extend(stored)
             existing.extend(stored)
-            return stored
+        if self._notifications is not None:
+            self._notifications.registry.wake(stream.category)
+        return stored
 
     async def read(
         self, source: EventSourceIdentifier, *, after: int | None, limit: int
@@ -130,15 +153,287 @@ def _page_after_sequence_number(
     return events[start : start + limit]
 
 
+# --- Checkpoints, projections and wake-ups (consumers) ---
+
+
+class InMemoryEventNotifications(EventNotifications):
+    """Wake-ups sent straight from ``InMemoryEventStorage.publish``."""
+
+    def __init__(self) -> None:
+        self.registry = WakeupRegistry()
+
+    async def subscribe(
+        self, source: EventSourceIdentifier, wake: Callable[[], None]
+    ) -> Callable[[], None]:
+        return self.registry.add(source, wake)
+
+
+class InMemoryConsumerTransaction(ConsumerTransaction):
+    """Writes apply at once and are undone, newest first, if the block raises. Not
+    isolated from concurrent writers: a rollback restores what this transaction saw."""
+
+    def __init__(self, checkpoints: InMemoryCheckpointStorage) -> None:
+        self._checkpoints = checkpoints
+        self.undo: list[Callable[[], None]] = []
+
+    @property
+    def connection(self) -> None:
+        return None
+
+    async def save_checkpoint(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        return self._checkpoints.save_now(
+            group, source, after, expected_version=expected_version, epoch=epoch, undo=self.undo
+        )
+
+
+class InMemoryCheckpointStorage(CheckpointStorage):
+    """Checkpoints in a dict keyed by (group, source key)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], Checkpoint] = {}
+
+    async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
+        with self._lock:
+            return self._records.get((group, source_key(source)))
+
+    async def save(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        return self.save_now(group, source, after, expected_version=expected_version, epoch=epoch)
+
+    def save_now(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None,
+        undo: list[Callable[[], None]] | None = None,
+    ) -> Checkpoint:
+        """``save`` without awaiting; records how to undo it in ``undo`` when given."""
+        key = (group, source_key(source))
+        with self._lock:
+            current = self._records.get(key)
+            if epoch is not None and current is not None and current.epoch > epoch:
+                raise StaleEpochError(
+                    f"checkpoint of {group!r} for {source}: epoch {epoch} is older than "
+                    f"{current.epoch}"
+                )
+            found = None if current is None else current.version
+            if found != expected_version:
+                raise ConflictError(
+                    f"checkpoint of {group!r} for {source}: expected version "
+                    f"{expected_version}, found {found}"
+                )
+            saved = Checkpoint(
+                group=group,
+                source=source,
+                after=after,
+                version=1 if current is None else current.version + 1,
+                epoch=max(epoch or 0, 0 if current is None else current.epoch),
+                updated_at=datetime.now(UTC),
+            )
+            self._records[key] = saved
+        if undo is not None:
+            undo.append(lambda: self._restore(key, saved, current))
+        return saved
+
+    def _restore(
+        self, key: tuple[str, str], written: Checkpoint, previous: Checkpoint | None
+    ) -> None:
+        with self._lock:
+            if self._records.get(key) is written:
+                if previous is None:
+                    del self._records[key]
+                else:
+                    self._records[key] = previous
+
+    async def fence(self, group: str, source: EventSourceIdentifier, epoch: int) -> None:
+        key = (group, source_key(source))
+        with self._lock:
+            current = self._records.get(key)
+            if current is None:
+                self._records[key] = Checkpoint(
+                    group=group,
+                    source=source,
+                    after=None,
+                    version=1,
+                    epoch=epoch,
+                    updated_at=datetime.now(UTC),
+                )
+            elif current.epoch < epoch:
+                self._records[key] = replace(current, epoch=epoch, updated_at=datetime.now(UTC))
+
+    async def reset(self, group: str, source: EventSourceIdentifier) -> None:
+        key = (group, source_key(source))
+        with self._lock:
+            current = self._records.get(key)
+            if current is not None:
+                self._records[key] = replace(
+                    current, after=None, version=current.version + 1, updated_at=datetime.now(UTC)
+                )
+
+    async def list(self, group: str | None = None) -> list[Checkpoint]:
+        with self._lock:
+            return [
+                record
+                for (record_group, _), record in sorted(self._records.items())
+                if group is None or record_group == group
+            ]
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[InMemoryConsumerTransaction]:
+        transaction = InMemoryConsumerTransaction(self)
+        try:
+            yield transaction
+        except BaseException:
+            for undo in reversed(transaction.undo):
+                undo()
+            raise
+
+
+def _undo_list(transaction: ConsumerTransaction | None) -> list[Callable[[], None]] | None:
+    if transaction is None:
+        return None
+    if not isinstance(transaction, InMemoryConsumerTransaction):
+        raise InvalidInputError(f"not a transaction of this backend: {transaction!r:.80}")
+    return transaction.undo
+
+
+def _matches(state: JsonObject, where: Mapping[str, ProjectionFilterValue]) -> bool:
+    for key, wanted in where.items():
+        if key not in state:
+            return False
+        value = state[key]
+        if isinstance(wanted, bool) or isinstance(value, bool) or wanted is None:
+            if value is not wanted:
+                return False
+        elif value != wanted or not isinstance(value, type(wanted) | int | float):
+            return False
+    return True
+
+
+class InMemoryProjectionStorage(ProjectionStorage):
+    """Projection states in dicts; ``find`` scans the states of one name."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, dict[str, Projection]] = {}
+
+    async def get(
+        self, name: str, id: str, *, transaction: ConsumerTransaction | None = None
+    ) -> Projection | None:
+        with self._lock:
+            return self._states.get(name, {}).get(id)
+
+    async def save(
+        self,
+        name: str,
+        id: str,
+        state: JsonObject,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> Projection:
+        undo = _undo_list(transaction)
+        with self._lock:
+            states = self._states.setdefault(name, {})
+            previous = states.get(id)
+            saved = Projection(
+                name=name,
+                id=id,
+                state=state,
+                version=1 if previous is None else previous.version + 1,
+                updated_at=datetime.now(UTC),
+            )
+            states[id] = saved
+        if undo is not None:
+            undo.append(lambda: self._restore(name, id, saved, previous))
+        return saved
+
+    async def delete(
+        self, name: str, id: str, *, transaction: ConsumerTransaction | None = None
+    ) -> bool:
+        undo = _undo_list(transaction)
+        with self._lock:
+            previous = self._states.get(name, {}).pop(id, None)
+        if previous is not None and undo is not None:
+            undo.append(lambda: self._restore(name, id, None, previous))
+        return previous is not None
+
+    def _restore(
+        self, name: str, id: str, written: Projection | None, previous: Projection | None
+    ) -> None:
+        with self._lock:
+            states = self._states.setdefault(name, {})
+            if states.get(id) is written:
+                if previous is None:
+                    states.pop(id, None)
+                else:
+                    states[id] = previous
+
+    async def find(
+        self,
+        name: str,
+        *,
+        where: Mapping[str, ProjectionFilterValue] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Projection]:
+        with self._lock:
+            found = [
+                p for p in self._states.get(name, {}).values() if _matches(p.state, where or {})
+            ]
+        found.sort(key=lambda p: p.id)
+        if order_by is not None:
+            present = [p for p in found if p.state.get(order_by) is not None]
+            missing = [p for p in found if p.state.get(order_by) is None]
+            present.sort(key=lambda p: p.state[order_by], reverse=descending)  # type: ignore[arg-type,return-value]
+            found = present + missing
+        return found[offset : offset + limit]
+
+
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
 
     def __init__(self) -> None:
-        self._events = InMemoryEventStorage()
+        self._notifications = InMemoryEventNotifications()
+        self._events = InMemoryEventStorage(self._notifications)
+        self._checkpoints = InMemoryCheckpointStorage()
+        self._projections = InMemoryProjectionStorage()
 
     @property
     def events(self) -> InMemoryEventStorage:
         return self._events
+
+    @property
+    def notifications(self) -> InMemoryEventNotifications:
+        return self._notifications
+
+    @property
+    def checkpoints(self) -> InMemoryCheckpointStorage:
+        return self._checkpoints
+
+    @property
+    def projections(self) -> InMemoryProjectionStorage:
+        return self._projections
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

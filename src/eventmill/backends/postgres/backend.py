@@ -27,8 +27,11 @@ from psycopg_pool import AsyncConnectionPool
 
 from eventmill.backends.base import Backend
 from eventmill.backends.postgres import schema as schema_installer
+from eventmill.backends.postgres.checkpoints import PostgresCheckpointStorage
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.backends.postgres.event_storage import PostgresEventStorage
+from eventmill.backends.postgres.notifications import PostgresEventNotifications
+from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.errors import InvalidSettingsError, LifecycleError, StorageError
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -57,6 +60,9 @@ class PostgresBackend(Backend):
         self._owns_pool = False
         self._closed = False
         self._events = PostgresEventStorage(self)
+        self._notifications = PostgresEventNotifications(self)
+        self._checkpoints = PostgresCheckpointStorage(self)
+        self._projections = PostgresProjectionStorage(self)
 
     @classmethod
     async def connect(
@@ -115,6 +121,18 @@ class PostgresBackend(Backend):
     def events(self) -> PostgresEventStorage:
         return self._events
 
+    @property
+    def notifications(self) -> PostgresEventNotifications:
+        return self._notifications
+
+    @property
+    def checkpoints(self) -> PostgresCheckpointStorage:
+        return self._checkpoints
+
+    @property
+    def projections(self) -> PostgresProjectionStorage:
+        return self._projections
+
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.
 
@@ -157,6 +175,7 @@ class PostgresBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        await self._notifications.close()
         if self._owns_pool:
             await self.pool.close()
 

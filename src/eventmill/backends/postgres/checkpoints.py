@@ -1,0 +1,188 @@
+"""PostgresCheckpointStorage: checkpoints in ``{schema}.checkpoints``.
+
+One row per (group, source key); a save is one conditional ``UPDATE`` (or ``INSERT ...
+ON CONFLICT DO NOTHING`` for the first) that checks the version and the epoch in the
+same statement, so the common case is a single round trip. Only when it changes no row
+is the row read again to tell a stale epoch from a lost race.
+
+``transaction()`` opens a transaction on a pool connection: a
+``TransactionalEventProcessor`` writes through ``transaction.connection`` and the
+checkpoint is saved on the same connection before the one commit (exactly-once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
+
+from eventmill.backends.base import Checkpoint, CheckpointStorage, ConsumerTransaction
+from eventmill.errors import ConflictError, StaleEpochError
+from eventmill.events import EventSourceIdentifier, identifier_from_json, source_key
+
+if TYPE_CHECKING:
+    from eventmill.backends.postgres.backend import PostgresBackend
+
+_COLUMNS = "group_name, source, after_place, version, epoch, updated_at"
+
+
+def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
+    group, source, after, version, epoch, updated_at = row
+    return Checkpoint(
+        group=group,
+        source=identifier_from_json(source),
+        after=after,
+        version=version,
+        epoch=epoch,
+        updated_at=updated_at,
+    )
+
+
+class PostgresConsumerTransaction(ConsumerTransaction):
+    """An open transaction on one pool connection."""
+
+    def __init__(self, storage: PostgresCheckpointStorage, connection: AsyncConnection[Any]):
+        self._storage = storage
+        self._connection = connection
+
+    @property
+    def connection(self) -> AsyncConnection[Any]:
+        return self._connection
+
+    async def save_checkpoint(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        return await self._storage.save_on(
+            self._connection, group, source, after, expected_version=expected_version, epoch=epoch
+        )
+
+
+class PostgresCheckpointStorage(CheckpointStorage):
+    """Checkpoints of one PostgresBackend."""
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self._backend = backend
+        sql = backend.sql
+        self._get = sql(
+            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints"
+            " WHERE group_name = %s AND source_key = %s"
+        )
+        self._insert = sql(
+            "INSERT INTO {schema}.checkpoints"
+            " (group_name, source_key, source, after_place, version, epoch)"
+            " VALUES (%s, %s, %s, %s, 1, coalesce(%s, 0))"
+            f" ON CONFLICT DO NOTHING RETURNING {_COLUMNS}"
+        )
+        self._update = sql(
+            "UPDATE {schema}.checkpoints SET after_place = %s, version = version + 1,"
+            " epoch = greatest(epoch, coalesce(%s, epoch)), updated_at = now()"
+            " WHERE group_name = %s AND source_key = %s AND version = %s"
+            " AND (%s::bigint IS NULL OR epoch <= %s::bigint)"
+            f" RETURNING {_COLUMNS}"
+        )
+        self._fence = sql(
+            "INSERT INTO {schema}.checkpoints AS c"
+            " (group_name, source_key, source, after_place, version, epoch)"
+            " VALUES (%s, %s, %s, NULL, 1, %s)"
+            " ON CONFLICT (group_name, source_key) DO UPDATE"
+            " SET epoch = excluded.epoch, updated_at = now() WHERE c.epoch < excluded.epoch"
+        )
+        self._reset = sql(
+            "UPDATE {schema}.checkpoints SET after_place = NULL, version = version + 1,"
+            " updated_at = now() WHERE group_name = %s AND source_key = %s"
+        )
+        self._list_all = sql(
+            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints ORDER BY group_name, source_key"
+        )
+        self._list_group = sql(
+            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints"
+            " WHERE group_name = %s ORDER BY source_key"
+        )
+
+    async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._get, (group, source_key(source)))
+            row = await cursor.fetchone()
+        return None if row is None else _checkpoint(row)
+
+    async def save(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        async with self._backend.connection() as connection:
+            return await self.save_on(
+                connection, group, source, after, expected_version=expected_version, epoch=epoch
+            )
+
+    async def save_on(
+        self,
+        connection: AsyncConnection[Any],
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None,
+    ) -> Checkpoint:
+        """``save`` on ``connection`` (in its transaction, if one is open)."""
+        key = source_key(source)
+        if expected_version is None:
+            cursor = await connection.execute(
+                self._insert, (group, key, Jsonb(source.to_json()), after, epoch)
+            )
+        else:
+            cursor = await connection.execute(
+                self._update, (after, epoch, group, key, expected_version, epoch, epoch)
+            )
+        row = await cursor.fetchone()
+        if row is not None:
+            return _checkpoint(row)
+        cursor = await connection.execute(self._get, (group, key))
+        current = await cursor.fetchone()
+        found = None if current is None else _checkpoint(current)
+        if epoch is not None and found is not None and found.epoch > epoch:
+            raise StaleEpochError(
+                f"checkpoint of {group!r} for {source}: epoch {epoch} is older than {found.epoch}"
+            )
+        raise ConflictError(
+            f"checkpoint of {group!r} for {source}: expected version {expected_version}, "
+            f"found {None if found is None else found.version}"
+        )
+
+    async def fence(self, group: str, source: EventSourceIdentifier, epoch: int) -> None:
+        async with self._backend.connection() as connection:
+            await connection.execute(
+                self._fence, (group, source_key(source), Jsonb(source.to_json()), epoch)
+            )
+
+    async def reset(self, group: str, source: EventSourceIdentifier) -> None:
+        async with self._backend.connection() as connection:
+            await connection.execute(self._reset, (group, source_key(source)))
+
+    async def list(self, group: str | None = None) -> list[Checkpoint]:
+        async with self._backend.connection() as connection:
+            if group is None:
+                cursor = await connection.execute(self._list_all)
+            else:
+                cursor = await connection.execute(self._list_group, (group,))
+            rows = await cursor.fetchall()
+        return [_checkpoint(row) for row in rows]
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresConsumerTransaction]:
+        async with self._backend.connection() as connection, connection.transaction():
+            yield PostgresConsumerTransaction(self, connection)

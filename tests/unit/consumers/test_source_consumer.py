@@ -1,0 +1,225 @@
+"""EventSourceConsumer with every processor kind: resume, replay window, failures,
+stop; and EventConsumerStateStore refreshing after a lost save."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from eventmill import CategoryIdentifier, ConflictError, NewEvent, StorageError
+from eventmill.backends.base import Checkpoint
+from eventmill.backends.memory import (
+    InMemoryBackend,
+    InMemoryCheckpointStorage,
+    InMemoryConsumerTransaction,
+)
+from eventmill.consumers import ConsumerSettings, EventConsumerStateStore, EventSourceConsumer
+from eventmill.errors import InvalidInputError, InvalidSettingsError
+from eventmill.events import EventSourceIdentifier, StoredEvent
+from eventmill.sources import EventSource
+from eventmill.store import EventStore
+from tests.unit.consumers.harness import KINDS, Boom, Recorder, processor_of
+
+ORDERS = CategoryIdentifier("orders")
+
+
+async def publish(backend: InMemoryBackend, count: int, category: str = "orders") -> None:
+    stream = EventStore(backend).stream(category=category, stream="s")
+    for number in range(count):
+        await stream.publish([NewEvent(name="happened", payload={"n": number})])
+
+
+def consumer(
+    backend: InMemoryBackend,
+    kind: str,
+    recorder: Recorder,
+    *,
+    every: int = 10,
+    checkpoints: InMemoryCheckpointStorage | None = None,
+    page_size: int = 7,
+) -> EventSourceConsumer:
+    state = EventConsumerStateStore(checkpoints or backend.checkpoints, "g", ORDERS)
+    return EventSourceConsumer(
+        EventSource(backend, ORDERS, page_size=page_size),
+        processor_of(kind, recorder),
+        state,
+        settings=ConsumerSettings(checkpoint_every=every),
+    )
+
+
+async def stored_after(backend: InMemoryBackend) -> int | None:
+    checkpoint = await backend.checkpoints.get("g", ORDERS)
+    return None if checkpoint is None else checkpoint.after
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_resumes_from_the_checkpoint_after_a_restart(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 25)
+    first = Recorder()
+    assert await consumer(backend, kind, first).consume_all() == 25
+    assert first.seen == list(range(1, 26))
+    assert await stored_after(backend) == 25
+    await publish(backend, 12)
+    second = Recorder()
+    assert await consumer(backend, kind, second).consume_all() == 12
+    assert second.seen == list(range(26, 38))
+
+
+class CrashingCheckpoints(InMemoryCheckpointStorage):
+    """Checkpoints whose saves fail once ``crashed``: what a dead process leaves."""
+
+    def __init__(self, inner: InMemoryCheckpointStorage) -> None:
+        super().__init__()
+        self.inner = inner
+        self.crashed = False
+
+    async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
+        return await self.inner.get(group, source)
+
+    async def save(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        if self.crashed:
+            raise StorageError("the process is dead")
+        return await self.inner.save(
+            group, source, after, expected_version=expected_version, epoch=epoch
+        )
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[InMemoryConsumerTransaction]:
+        async with self.inner.transaction() as transaction:
+            yield transaction
+            if self.crashed:
+                raise StorageError("the process is dead")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_replay_after_a_crash_is_at_most_the_checkpoint_interval(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 95)
+    crashing = CrashingCheckpoints(backend.checkpoints)
+    dying = Recorder()
+
+    def crash_at_57(event: StoredEvent) -> None:
+        if event.sequence_number == 57:
+            crashing.crashed = True
+
+    dying.on_event = crash_at_57
+    with pytest.raises(StorageError):
+        await consumer(backend, kind, dying, checkpoints=crashing).consume_all()
+    survivor = Recorder()
+    await consumer(backend, kind, survivor).consume_all()
+    assert sorted(set(dying.seen) | set(survivor.seen)) == list(range(1, 96))
+    replayed = set(dying.seen) & set(survivor.seen)
+    assert 0 < len(replayed) <= 10
+    assert survivor.seen == list(range(survivor.seen[0], 96))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_failure_keeps_the_events_before_it_checkpointed(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 50)
+    failing = Recorder(fail_at=37)
+    with pytest.raises(Boom):
+        await consumer(backend, kind, failing).consume_all()
+    assert failing.seen == list(range(1, 37))
+    expected = 30 if kind == "transactional" else 36  # a transactional batch is atomic
+    assert await stored_after(backend) == expected
+    healed = Recorder()
+    assert await consumer(backend, kind, healed).consume_all() == 50 - expected
+    assert healed.seen == list(range(expected + 1, 51))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_checkpoint_every_event_and_none_at_the_end(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 5)
+    recorder = Recorder()
+    state = EventConsumerStateStore(backend.checkpoints, "g", ORDERS)
+    eager = EventSourceConsumer(
+        EventSource(backend, ORDERS),
+        processor_of(kind, recorder),
+        state,
+        settings=ConsumerSettings(checkpoint_every=1, checkpoint_at_end=False),
+    )
+    assert await eager.consume_all() == 5
+    assert state.known is not None and state.known.version == 5
+    lazy_recorder = Recorder()
+    await publish(backend, 3)
+    lazy = consumer(backend, kind, lazy_recorder, every=100)
+    lazy.settings = ConsumerSettings(checkpoint_every=100, checkpoint_at_end=False)
+    assert await lazy.consume_all() == 3
+    expected = 8 if kind == "transactional" else 5  # a transactional batch always saves
+    assert await stored_after(backend) == expected
+
+
+async def test_a_lost_save_refreshes_the_state_and_the_next_pass_goes_on() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 20)
+    ours = consumer(backend, "each", Recorder(), every=5)
+    assert await ours.consume_all() == 20
+    other = EventConsumerStateStore(backend.checkpoints, "g", ORDERS)
+    await other.load()
+    await other.save(12)  # someone else moves the checkpoint back
+    await publish(backend, 3)
+    with pytest.raises(ConflictError):
+        await ours.consume_all()
+    recorder = Recorder()
+    ours.processor = processor_of("each", recorder)
+    assert await ours.consume_all() == 11
+    assert recorder.seen == list(range(13, 24))
+    assert await stored_after(backend) == 23
+
+
+async def test_reset_persists_and_replays_from_the_start() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 4)
+    assert await consumer(backend, "each", Recorder()).consume_all() == 4
+    state = EventConsumerStateStore(backend.checkpoints, "g", ORDERS)
+    await state.reset()
+    assert await stored_after(backend) is None
+    again = Recorder()
+    assert await consumer(backend, "each", again).consume_all() == 4
+    assert again.seen == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stop_ends_the_pass_after_the_current_event_and_saves(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 30)
+    recorder = Recorder(block_at=5)
+    stopping = consumer(backend, kind, recorder)
+    task = asyncio.create_task(stopping.consume_all())
+    await recorder.reached.wait()
+    stopping.stop()
+    waiter = asyncio.create_task(stopping.wait_pass_finished())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiter.done()
+    recorder.release.set()
+    await waiter
+    finished = 10 if kind == "transactional" else 5
+    assert await task == finished
+    assert await stored_after(backend) == finished
+    assert await stopping.consume_all() == 0
+
+
+async def test_bad_arguments_are_refused() -> None:
+    backend = InMemoryBackend()
+    state = EventConsumerStateStore(backend.checkpoints, "g", ORDERS)
+    with pytest.raises(InvalidInputError):
+        EventSourceConsumer(EventSource(backend, ORDERS), object(), state)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingsError):
+        ConsumerSettings(checkpoint_every=0)
+    with pytest.raises(InvalidInputError):
+        EventConsumerStateStore(backend.checkpoints, "", ORDERS)
