@@ -17,12 +17,15 @@ from datetime import datetime, timedelta
 from typing import Any, Self, TypeAlias
 
 from eventmill.conditions import WriteCondition
+from eventmill.errors import InvalidIdentifierError, InvalidInputError, InvalidSettingsError
 from eventmill.events import (
     EventSourceIdentifier,
     JsonObject,
     NewEvent,
     StoredEvent,
     StreamIdentifier,
+    check_identifier,
+    check_name,
 )
 
 
@@ -246,6 +249,51 @@ class Remove:
 SubscriptionChange: TypeAlias = Assign | Revoke | Release | Remove
 
 
+def check_age(value: object, what: str) -> timedelta:
+    """Return ``value`` if it is a non-negative timedelta; raise InvalidSettingsError."""
+    if not isinstance(value, timedelta):
+        raise InvalidSettingsError(f"{what} must be a timedelta, not {type(value).__name__}")
+    if value < timedelta(0):
+        raise InvalidSettingsError(f"{what} must not be negative: {value}")
+    return value
+
+
+def check_requests(
+    subscription_requests: Sequence[EventSourceIdentifier],
+) -> tuple[EventSourceIdentifier, ...]:
+    """The requests as a tuple; raise InvalidIdentifierError if one is no identifier."""
+    if isinstance(subscription_requests, str | bytes) or not isinstance(
+        subscription_requests, Sequence
+    ):
+        raise InvalidIdentifierError(
+            f"subscription requests must be a sequence: {subscription_requests!r:.80}"
+        )
+    return tuple(check_identifier(source) for source in subscription_requests)
+
+
+def check_changes(changes: Sequence[SubscriptionChange]) -> list[SubscriptionChange]:
+    """The changes as a list; raise InvalidInputError for anything but changes with valid
+    names, identifiers and epochs, or when a (group, source) appears twice."""
+    seen: set[tuple[str, EventSourceIdentifier]] = set()
+    for change in changes:
+        if not isinstance(change, Assign | Revoke | Release | Remove):
+            raise InvalidInputError(f"not a subscription change: {change!r:.80}")
+        check_name(change.group, "group")
+        check_identifier(change.source)
+        if isinstance(change, Assign | Release):
+            check_name(change.subscriber_id, "subscriber id")
+        if isinstance(change, Assign):
+            check_name(change.node_id, "node id")
+            if type(change.epoch) is not int or change.epoch < 1:
+                raise InvalidInputError(f"an epoch must be an int >= 1, not {change.epoch!r}")
+        if (change.group, change.source) in seen:
+            raise InvalidInputError(
+                f"{change.source} of group {change.group!r} changed twice in one batch"
+            )
+        seen.add((change.group, change.source))
+    return list(changes)
+
+
 class SubscriptionStateStore(ABC):
     """Who holds what: one ``SourceHolding`` per (group, source)."""
 
@@ -458,6 +506,21 @@ class Backend(ABC):
     @abstractmethod
     def projections(self) -> ProjectionStorage:
         """Projection states."""
+
+    @property
+    @abstractmethod
+    def locks(self) -> LockManager:
+        """Named locks (leader election)."""
+
+    @property
+    @abstractmethod
+    def subscribers(self) -> SubscriberStateStore:
+        """Who is alive: subscriber records and their heartbeats."""
+
+    @property
+    @abstractmethod
+    def subscriptions(self) -> SubscriptionStateStore:
+        """Who holds which source of each group, under which epoch."""
 
     @abstractmethod
     async def close(self) -> None:

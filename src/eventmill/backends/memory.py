@@ -8,25 +8,42 @@ lists and found by bisection, never by scanning the log.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
+import time
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from eventmill.backends.base import (
+    Assign,
     Backend,
     Checkpoint,
     CheckpointStorage,
     ConsumerTransaction,
     EventNotifications,
     EventStorage,
+    HoldingState,
+    Lock,
+    LockManager,
     Projection,
     ProjectionFilterValue,
     ProjectionStorage,
+    Remove,
+    Revoke,
+    SourceHolding,
+    SubscriberRecord,
+    SubscriberStateStore,
+    SubscriptionChange,
+    SubscriptionStateStore,
+    check_age,
+    check_changes,
+    check_requests,
 )
 from eventmill.backends.wakeups import WakeupRegistry
 from eventmill.conditions import WriteCondition
@@ -45,6 +62,7 @@ from eventmill.events import (
     NewEvent,
     StoredEvent,
     StreamIdentifier,
+    check_name,
     new_event_id,
     source_key,
 )
@@ -410,6 +428,257 @@ class InMemoryProjectionStorage(ProjectionStorage):
         return found[offset : offset + limit]
 
 
+# --- Locks, subscriber state and subscription state (broker) ---
+
+
+class _Signal:
+    """Wakes every waiter, on whichever thread's event loop it waits, on ``fire()``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop] = {}
+
+    def waiter(self) -> asyncio.Future[None]:
+        """Register a waiter now (before checking the condition, so no fire is missed)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters[future] = loop
+        return future
+
+    async def wait(self, waiter: asyncio.Future[None], seconds: float | None) -> None:
+        """Block until fired or ``seconds`` passed (None: no limit), then forget ``waiter``."""
+        try:
+            await asyncio.wait({waiter}, timeout=seconds)
+        finally:
+            self.discard(waiter)
+
+    def discard(self, waiter: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._waiters.pop(waiter, None)
+
+    def fire(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for future, loop in waiters.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class InMemoryLock(Lock):
+    """A lock of an ``InMemoryLockManager``."""
+
+    def __init__(self, manager: InMemoryLockManager, name: str) -> None:
+        self._manager = manager
+        self._name = name
+        self._held = True
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def is_held(self) -> bool:
+        return self._held
+
+    async def release(self) -> None:
+        self._manager.drop(self)
+
+    async def wait_lost(self) -> None:
+        changed = self._manager.changed
+        while True:
+            waiter = changed.waiter()
+            if not self._held:
+                changed.discard(waiter)
+                return
+            await changed.wait(waiter, None)
+
+    def mark_gone(self) -> None:
+        self._held = False
+
+
+class InMemoryLockManager(LockManager):
+    """Locks of this process, shared by every thread using the backend."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders: dict[str, InMemoryLock] = {}
+        self.changed = _Signal()
+
+    async def try_lock(self, name: str) -> InMemoryLock | None:
+        check_name(name, "lock name")
+        with self._lock:
+            if name in self._holders:
+                return None
+            lock = self._holders[name] = InMemoryLock(self, name)
+            return lock
+
+    async def wait_for_lock(self, name: str, timeout: timedelta) -> InMemoryLock | None:  # noqa: ASYNC109
+        check_name(name, "lock name")
+        deadline = time.monotonic() + check_age(timeout, "timeout").total_seconds()
+        while True:
+            waiter = self.changed.waiter()
+            lock = await self.try_lock(name)
+            remaining = deadline - time.monotonic()
+            if lock is not None or remaining <= 0:
+                self.changed.discard(waiter)
+                return lock
+            await self.changed.wait(waiter, remaining)
+
+    def break_lock(self, name: str) -> None:
+        """Make the lock ``name`` lost, as when a database connection dies: its holder's
+        ``wait_lost()`` returns and others may take it. For tests."""
+        with self._lock:
+            lock = self._holders.pop(name, None)
+            if lock is not None:
+                lock.mark_gone()
+        self.changed.fire()
+
+    def drop(self, lock: InMemoryLock) -> None:
+        """Release ``lock`` if it is still the holder of its name."""
+        with self._lock:
+            if self._holders.get(lock.name) is lock:
+                del self._holders[lock.name]
+            lock.mark_gone()
+        self.changed.fire()
+
+
+class InMemorySubscriberStateStore(SubscriberStateStore):
+    """Subscriber records in a dict; ages by this process's clock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], SubscriberRecord] = {}
+
+    async def register(
+        self,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+    ) -> SubscriberRecord:
+        return self._put(group, id, node_id, subscription_requests, keep_registration=False)
+
+    async def heartbeat(
+        self,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+    ) -> SubscriberRecord:
+        return self._put(group, id, node_id, subscription_requests, keep_registration=True)
+
+    def _put(
+        self,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+        *,
+        keep_registration: bool,
+    ) -> SubscriberRecord:
+        check_name(group, "group")
+        check_name(id, "subscriber id")
+        check_name(node_id, "node id")
+        requests = check_requests(subscription_requests)
+        with self._lock:
+            now = datetime.now(UTC)
+            old = self._records.get((group, id))
+            record = self._records[group, id] = SubscriberRecord(
+                group=group,
+                id=id,
+                node_id=node_id,
+                subscription_requests=requests,
+                registered_at=old.registered_at if old and keep_registration else now,
+                last_seen=now,
+            )
+            return record
+
+    async def remove(self, group: str, id: str) -> None:
+        with self._lock:
+            self._records.pop((group, id), None)
+
+    async def list(
+        self, *, group: str | None = None, max_age: timedelta | None = None
+    ) -> list[SubscriberRecord]:
+        oldest = None if max_age is None else datetime.now(UTC) - check_age(max_age, "max_age")
+        with self._lock:
+            found = [
+                record
+                for record in self._records.values()
+                if (group is None or record.group == group)
+                and (oldest is None or record.last_seen >= oldest)
+            ]
+        return sorted(found, key=lambda r: (r.group, r.registered_at, r.id))
+
+    async def purge(self, max_age: timedelta) -> int:
+        oldest = datetime.now(UTC) - check_age(max_age, "max_age")
+        with self._lock:
+            dead = [key for key, record in self._records.items() if record.last_seen < oldest]
+            for key in dead:
+                del self._records[key]
+        return len(dead)
+
+
+class InMemorySubscriptionStateStore(SubscriptionStateStore):
+    """Holdings in a dict keyed by (group, source)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holdings: dict[tuple[str, EventSourceIdentifier], SourceHolding] = {}
+
+    async def list(
+        self, *, group: str | None = None, node_id: str | None = None
+    ) -> list[SourceHolding]:
+        with self._lock:
+            found = [
+                holding
+                for holding in self._holdings.values()
+                if (group is None or holding.group == group)
+                and (node_id is None or holding.node_id == node_id)
+            ]
+        return sorted(found, key=lambda h: (h.group, source_key(h.source)))
+
+    async def apply(self, changes: Sequence[SubscriptionChange]) -> None:
+        checked = check_changes(changes)
+        with self._lock:
+            for change in checked:
+                old = self._holdings.get((change.group, change.source))
+                if isinstance(change, Assign) and old is not None and change.epoch <= old.epoch:
+                    raise ConflictError(
+                        f"{change.source} of group {change.group!r} is at epoch {old.epoch}:"
+                        f" cannot assign epoch {change.epoch}"
+                    )
+            for change in checked:
+                key = (change.group, change.source)
+                old = self._holdings.get(key)
+                if isinstance(change, Assign):
+                    self._holdings[key] = SourceHolding(
+                        group=change.group,
+                        source=change.source,
+                        subscriber_id=change.subscriber_id,
+                        node_id=change.node_id,
+                        epoch=change.epoch,
+                        state=HoldingState.ASSIGNED,
+                    )
+                elif isinstance(change, Remove):
+                    self._holdings.pop(key, None)
+                elif old is None:
+                    continue
+                elif isinstance(change, Revoke):
+                    if old.state is HoldingState.ASSIGNED:
+                        self._holdings[key] = replace(old, state=HoldingState.REVOKING)
+                elif old.subscriber_id == change.subscriber_id:
+                    self._holdings[key] = replace(
+                        old, subscriber_id=None, node_id=None, state=HoldingState.RELEASED
+                    )
+
+
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
 
@@ -418,6 +687,9 @@ class InMemoryBackend(Backend):
         self._events = InMemoryEventStorage(self._notifications)
         self._checkpoints = InMemoryCheckpointStorage()
         self._projections = InMemoryProjectionStorage()
+        self._locks = InMemoryLockManager()
+        self._subscribers = InMemorySubscriberStateStore()
+        self._subscriptions = InMemorySubscriptionStateStore()
 
     @property
     def events(self) -> InMemoryEventStorage:
@@ -434,6 +706,18 @@ class InMemoryBackend(Backend):
     @property
     def projections(self) -> InMemoryProjectionStorage:
         return self._projections
+
+    @property
+    def locks(self) -> InMemoryLockManager:
+        return self._locks
+
+    @property
+    def subscribers(self) -> InMemorySubscriberStateStore:
+        return self._subscribers
+
+    @property
+    def subscriptions(self) -> InMemorySubscriptionStateStore:
+        return self._subscriptions
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

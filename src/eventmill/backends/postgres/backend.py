@@ -30,8 +30,11 @@ from eventmill.backends.postgres import schema as schema_installer
 from eventmill.backends.postgres.checkpoints import PostgresCheckpointStorage
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.backends.postgres.event_storage import PostgresEventStorage
+from eventmill.backends.postgres.locks import PostgresLockManager
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
+from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
+from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
 from eventmill.errors import InvalidSettingsError, LifecycleError, StorageError
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -63,6 +66,9 @@ class PostgresBackend(Backend):
         self._notifications = PostgresEventNotifications(self)
         self._checkpoints = PostgresCheckpointStorage(self)
         self._projections = PostgresProjectionStorage(self)
+        self._locks = PostgresLockManager(self)
+        self._subscribers = PostgresSubscriberStateStore(self)
+        self._subscriptions = PostgresSubscriptionStateStore(self)
 
     @classmethod
     async def connect(
@@ -132,6 +138,18 @@ class PostgresBackend(Backend):
     @property
     def projections(self) -> PostgresProjectionStorage:
         return self._projections
+
+    @property
+    def locks(self) -> PostgresLockManager:
+        return self._locks
+
+    @property
+    def subscribers(self) -> PostgresSubscriberStateStore:
+        return self._subscribers
+
+    @property
+    def subscriptions(self) -> PostgresSubscriptionStateStore:
+        return self._subscriptions
 
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.

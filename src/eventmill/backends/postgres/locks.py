@@ -1,0 +1,171 @@
+"""PostgresLockManager: named locks as PostgreSQL session-level advisory locks.
+
+Each held lock lives on a dedicated connection of its own (not from the pool), in
+autocommit mode so it never sits idle in a transaction; the lock lasts as long as that
+session. Closing the connection releases it; if the connection dies (server restart,
+``pg_terminate_backend``, network loss), the server drops the lock and another process
+may take it. The holder finds out through ``wait_lost()``, which runs ``SELECT 1`` on
+the lock's connection every ``check_interval`` and treats a failed or slow check (over
+``check_timeout``) as a loss.
+
+A name maps to a bigint key: the first 8 bytes of SHA-256 of the schema name and the
+lock name, so backends in different schemas never share a lock, in any process or
+Python version. ``wait_for_lock`` polls ``pg_try_advisory_lock`` on one connection,
+backing off from 10 ms to ``max_poll_interval``, so timeouts of any length work and
+nothing holds a server-side wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import AsyncConnection
+
+from eventmill.backends.base import Lock, LockManager, check_age
+from eventmill.backends.postgres.driver_errors import translate_driver_errors
+from eventmill.errors import InvalidSettingsError
+from eventmill.events import check_name
+
+if TYPE_CHECKING:
+    from eventmill.backends.postgres.backend import PostgresBackend
+
+_FIRST_POLL = 0.01
+
+
+def lock_key(schema: str, name: str) -> int:
+    """The advisory lock key (a signed 64-bit int) of lock ``name`` in ``schema``."""
+    digest = hashlib.sha256(f"{schema}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class PostgresLock(Lock):
+    """A held advisory lock and the connection it lives on."""
+
+    def __init__(
+        self,
+        name: str,
+        connection: AsyncConnection[Any],
+        *,
+        check_interval: float,
+        check_timeout: float,
+    ) -> None:
+        self._name = name
+        self._connection = connection
+        self._check_interval = check_interval
+        self._check_timeout = check_timeout
+        self._held = True
+        self._gone = asyncio.Event()
+        self.backend_pid: int = connection.info.backend_pid
+        """The PostgreSQL process id of the lock's session (for diagnostics)."""
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def is_held(self) -> bool:
+        return self._held
+
+    async def release(self) -> None:
+        """Close the lock's connection, which ends its session and so frees the lock."""
+        self._held = False
+        self._gone.set()
+        with contextlib.suppress(psycopg.Error):
+            await self._connection.close()
+
+    async def wait_lost(self) -> None:
+        while self._held:
+            try:
+                async with asyncio.timeout(self._check_timeout):
+                    await self._connection.execute("SELECT 1")
+            except (psycopg.Error, TimeoutError):
+                await self.release()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._check_interval):
+                    await self._gone.wait()
+
+
+class PostgresLockManager(LockManager):
+    """Advisory locks of one PostgresBackend, each on a connection of its own opened
+    with the pool's connection settings."""
+
+    def __init__(
+        self,
+        backend: PostgresBackend,
+        *,
+        check_interval: timedelta = timedelta(seconds=1),
+        check_timeout: timedelta = timedelta(seconds=5),
+        max_poll_interval: timedelta = timedelta(milliseconds=250),
+    ) -> None:
+        for what, value in (
+            ("check_interval", check_interval),
+            ("check_timeout", check_timeout),
+            ("max_poll_interval", max_poll_interval),
+        ):
+            if check_age(value, what) <= timedelta(0):
+                raise InvalidSettingsError(f"{what} must be positive, not {value}")
+        self._backend = backend
+        self._check_interval = check_interval.total_seconds()
+        self._check_timeout = check_timeout.total_seconds()
+        self._max_poll = max_poll_interval.total_seconds()
+
+    async def try_lock(self, name: str) -> PostgresLock | None:
+        return await self._take(name, 0.0)
+
+    async def wait_for_lock(self, name: str, timeout: timedelta) -> PostgresLock | None:  # noqa: ASYNC109
+        return await self._take(name, check_age(timeout, "timeout").total_seconds())
+
+    async def _connect(self) -> AsyncConnection[Any]:
+        """A new autocommit connection made the way the pool makes its own."""
+        pool = self._backend.pool
+        conninfo = await _resolve(pool.conninfo)
+        kwargs = await _resolve(pool.kwargs) or {}
+        return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+
+    async def _take(self, name: str, seconds: float) -> PostgresLock | None:
+        """Try on one new connection until taken or ``seconds`` passed; close the
+        connection unless a lock now lives on it."""
+        check_name(name, "lock name")
+        key = lock_key(self._backend.schema, name)
+        deadline = time.monotonic() + seconds
+        with translate_driver_errors(self._backend.schema):
+            connection = await self._connect()
+            taken = False
+            try:
+                delay = _FIRST_POLL
+                while True:
+                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                    row = await cursor.fetchone()
+                    taken = row is not None and row[0] is True
+                    if taken:
+                        return PostgresLock(
+                            name,
+                            connection,
+                            check_interval=self._check_interval,
+                            check_timeout=self._check_timeout,
+                        )
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    await asyncio.sleep(min(delay, remaining))
+                    delay = min(delay * 2, self._max_poll)
+            finally:
+                if not taken:
+                    await connection.close()
+
+
+async def _resolve(setting: Any) -> Any:
+    """A pool setting's value: the pool accepts plain values and (async) callables."""
+    if callable(setting):
+        setting = setting()
+    if inspect.isawaitable(setting):
+        setting = await setting
+    return setting

@@ -1,0 +1,137 @@
+"""PostgresSubscriberStateStore: who is alive, in ``{schema}.subscribers``.
+
+Every time is the database's ``now()``, and ages are compared with it in SQL, so nodes
+whose clocks disagree still agree on who is alive. Each method is one statement.
+Requests are stored as a JSON array; ``list`` decodes each distinct array once, so the
+many instances of a group share one requests tuple.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from psycopg.types.json import Jsonb
+
+from eventmill.backends.base import (
+    SubscriberRecord,
+    SubscriberStateStore,
+    check_age,
+    check_requests,
+)
+from eventmill.events import EventSourceIdentifier, check_name, identifier_from_json
+
+if TYPE_CHECKING:
+    from eventmill.backends.postgres.backend import PostgresBackend
+
+_COLUMNS = (
+    "group_name, subscriber_id, node_id, subscription_requests::text, registered_at, last_seen"
+)
+_UPSERT = (
+    "INSERT INTO {schema}.subscribers AS s (group_name, subscriber_id, node_id,"
+    " subscription_requests, registered_at, last_seen) VALUES (%s, %s, %s, %s, now(), now())"
+    " ON CONFLICT (group_name, subscriber_id) DO UPDATE SET node_id = excluded.node_id,"
+    " subscription_requests = excluded.subscription_requests, last_seen = excluded.last_seen,"
+    " registered_at = {registered_at}"
+    f" RETURNING {_COLUMNS}"
+)
+
+
+class PostgresSubscriberStateStore(SubscriberStateStore):
+    """Subscriber records of one PostgresBackend."""
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        self._backend = backend
+        sql = backend.sql
+        self._register = sql(_UPSERT.replace("{registered_at}", "excluded.registered_at"))
+        self._heartbeat = sql(_UPSERT.replace("{registered_at}", "s.registered_at"))
+        self._remove = sql(
+            "DELETE FROM {schema}.subscribers WHERE group_name = %s AND subscriber_id = %s"
+        )
+        self._list = sql(
+            f"SELECT {_COLUMNS} FROM {{schema}}.subscribers"
+            " WHERE (%(group)s::text IS NULL OR group_name = %(group)s)"
+            " AND (%(age)s::interval IS NULL OR last_seen >= now() - %(age)s::interval)"
+            ' ORDER BY group_name COLLATE "C", registered_at, subscriber_id COLLATE "C"'
+        )
+        self._purge = sql("DELETE FROM {schema}.subscribers WHERE last_seen < now() - %s::interval")
+
+    async def register(
+        self,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+    ) -> SubscriberRecord:
+        return await self._upsert(self._register, group, id, node_id, subscription_requests)
+
+    async def heartbeat(
+        self,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+    ) -> SubscriberRecord:
+        return await self._upsert(self._heartbeat, group, id, node_id, subscription_requests)
+
+    async def _upsert(
+        self,
+        statement: Any,
+        group: str,
+        id: str,
+        node_id: str,
+        subscription_requests: Sequence[EventSourceIdentifier],
+    ) -> SubscriberRecord:
+        check_name(group, "group")
+        check_name(id, "subscriber id")
+        check_name(node_id, "node id")
+        requests = check_requests(subscription_requests)
+        document = Jsonb([source.to_json() for source in requests])
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(statement, (group, id, node_id, document))
+            row = await cursor.fetchone()
+        assert row is not None  # an upsert always returns its row
+        return _record(row, requests)
+
+    async def remove(self, group: str, id: str) -> None:
+        async with self._backend.connection() as connection:
+            await connection.execute(self._remove, (group, id))
+
+    async def list(
+        self, *, group: str | None = None, max_age: timedelta | None = None
+    ) -> list[SubscriberRecord]:
+        if max_age is not None:
+            check_age(max_age, "max_age")
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._list, {"group": group, "age": max_age})
+            rows = await cursor.fetchall()
+        decoded: dict[str, tuple[EventSourceIdentifier, ...]] = {}
+        records = []
+        for row in rows:
+            requests = decoded.get(row[3])
+            if requests is None:
+                requests = decoded[row[3]] = tuple(
+                    identifier_from_json(item) for item in json.loads(row[3])
+                )
+            records.append(_record(row, requests))
+        return records
+
+    async def purge(self, max_age: timedelta) -> int:
+        check_age(max_age, "max_age")
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._purge, (max_age,))
+            return cursor.rowcount
+
+
+def _record(row: tuple[Any, ...], requests: tuple[EventSourceIdentifier, ...]) -> SubscriberRecord:
+    group, id, node_id, _, registered_at, last_seen = row
+    return SubscriberRecord(
+        group=group,
+        id=id,
+        node_id=node_id,
+        subscription_requests=requests,
+        registered_at=registered_at,
+        last_seen=last_seen,
+    )
