@@ -1,0 +1,56 @@
+"""A worker for the exactly-once test: consumes category ``work`` with a transactional
+processor that inserts one row per event into ``<schema>.applied``; prints ``batch``
+after each batch, before its commit, and ``drained`` when done. Run:
+``python -m tests.integration.exactly_once_worker DSN SCHEMA``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from psycopg import sql
+
+from eventmill import CategoryIdentifier, EventConsumerStateStore, EventSourceConsumer
+from eventmill.backends.base import ConsumerTransaction
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.consumers import ConsumerSettings, TransactionalEventProcessor
+from eventmill.events import StoredEvent
+from eventmill.sources import EventSource
+
+WORK = CategoryIdentifier("work")
+
+
+class ApplyRows(TransactionalEventProcessor):
+    def __init__(self, schema: str) -> None:
+        self.insert = sql.SQL(
+            "INSERT INTO {}.applied (sequence_number) SELECT unnest(%s::bigint[])"
+        ).format(sql.Identifier(schema))
+
+    async def process_events(
+        self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
+    ) -> None:
+        numbers = [event.sequence_number for event in events]
+        await transaction.connection.execute(self.insert, (numbers,))
+        print("batch", numbers[-1], flush=True)  # not committed yet: a kill may land here
+
+
+async def main(dsn: str, schema: str) -> None:
+    backend = await PostgresBackend.connect(dsn, schema=schema, min_size=1, max_size=2)
+    try:
+        state = EventConsumerStateStore(backend.checkpoints, "exactly-once", WORK)
+        consumer = EventSourceConsumer(
+            EventSource(backend, WORK, page_size=500),
+            ApplyRows(schema),
+            state,
+            settings=ConsumerSettings(checkpoint_every=50),
+        )
+        while await consumer.consume_all():
+            pass
+        print("drained", flush=True)
+    finally:
+        await backend.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
