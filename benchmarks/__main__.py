@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-MODULES = ["store_memory"]
+MODULES = ["store_memory", "store_postgres", "allocation", "consumers"]
 
 
 def main(names: list[str]) -> None:

@@ -33,10 +33,7 @@ from tests.postgres_support import TEST_DSN, connect, fresh_postgres_backend
 
 pytestmark = pytest.mark.postgres
 
-RAW_PUBLISH = (
-    "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::text[], %s::jsonb,"
-    " %s::jsonb, %s::timestamptz[])"
-)
+RAW_PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, NULL, %s::jsonb)"
 
 
 def events(count: int) -> list[NewEvent]:
@@ -64,23 +61,14 @@ async def raw_publish_numbered(
     count: int,
 ) -> tuple[list[str], int]:
     """``raw_publish``, also returning the last sequence number taken."""
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).isoformat()
+    batch = [["raw", {"n": number}, {}, now] for number in range(count)]
     cursor = await connection.execute(
-        backend.sql(RAW_PUBLISH),
-        (
-            category,
-            stream,
-            stream_hash(stream),
-            None,
-            ["raw"] * count,
-            Jsonb([{"n": n} for n in range(count)]),
-            Jsonb([{}] * count),
-            [now] * count,
-        ),
+        backend.sql(RAW_PUBLISH), (category, stream, stream_hash(stream), Jsonb(batch))
     )
     row = await cursor.fetchone()
     assert row is not None
-    ids: list[str] = row[3]
+    ids: list[str] = row[3].split(",")
     return ids, row[0] + count - 1
 
 

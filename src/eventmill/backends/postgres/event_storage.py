@@ -31,13 +31,13 @@ causes one to be skipped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import RowMaker
-from psycopg.types.json import Jsonb
 
 from eventmill.backends.base import EventStorage
 from eventmill.backends.postgres.driver_errors import UNMET_WRITE_CONDITION
@@ -65,10 +65,8 @@ _COLUMNS = (
 )
 _VISIBLE = "transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"
 
-_PUBLISH = (
-    "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::text[], %s::jsonb,"
-    " %s::jsonb, %s::timestamptz[])"
-)
+_PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _READ_LOG = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
     " ORDER BY sequence_number LIMIT %s"
@@ -147,18 +145,12 @@ class PostgresEventStorage(EventStorage):
         allowed = (
             None
             if condition is None
-            else [-1 if position is None else position for position in condition.allowed]
+            else "{" + ",".join(["-1" if p is None else str(p) for p in condition.allowed]) + "}"
         )
-        parameters = (
-            stream.category,
-            stream.stream,
-            stream_hash(stream.stream),
-            allowed,
-            [event.name for event in events],
-            Jsonb([event.payload for event in events]),
-            Jsonb([event.metadata for event in events]),
-            [event.occurred_at for event in events],
+        batch = _encode_json(
+            [[e.name, e.payload, e.metadata, e.occurred_at.isoformat()] for e in events]
         )
+        parameters = (stream.category, stream.stream, stream_hash(stream.stream), allowed, batch)
         async with self._backend.connection() as connection:
             try:
                 cursor = await connection.execute(self._publish, parameters, prepare=True)
@@ -174,7 +166,7 @@ class PostgresEventStorage(EventStorage):
         first_sequence_number: int = row[0]
         first_position: int = row[1]
         observed_at: datetime = row[2]
-        ids: list[str] = row[3]
+        ids: list[str] = row[3].split(",")
         category = stream.category
         name_of_stream = stream.stream
         return [

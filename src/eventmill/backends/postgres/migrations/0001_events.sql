@@ -31,24 +31,23 @@ CREATE TABLE {schema}.streams (
 
 -- Appends events to one stream; called as a single autocommit statement.
 -- p_allowed: the write condition as the allowed latest positions (-1: empty stream),
--- NULL for none. Returns the first sequence number and position (both contiguous for
--- the batch), the observed time, and the new event ids in order.
+-- NULL for none. p_events: a JSON array of [name, payload, metadata, occurred_at]
+-- (one parameter, so the client encodes a batch with one json.dumps). Returns the
+-- first sequence number and position (both contiguous for the batch), the observed
+-- time, and the new event ids, in order, joined by commas.
 CREATE FUNCTION {schema}.publish(
     p_category text,
     p_stream text,
     p_stream_hash bigint,
     p_allowed bigint[],
-    p_names text[],
-    p_payloads jsonb,
-    p_metadata jsonb,
-    p_occurred_at timestamptz[],
+    p_events jsonb,
     OUT first_sequence_number bigint,
     OUT first_position bigint,
     OUT observed timestamptz,
-    OUT event_ids text[]
+    OUT event_ids text
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    event_count integer := cardinality(p_names);
+    event_count integer := jsonb_array_length(p_events);
     lock_key integer := '{schema}.event_sequence_numbers'::regclass::oid::integer;
     locked boolean := false;
     writer_xid xid8;
@@ -107,14 +106,13 @@ BEGIN
             sequence_number, name, category, stream, position, payload, metadata,
             occurred_at, observed_at, stream_hash, transaction_id
         )
-        SELECT first_sequence_number + e.ordinal - 1, e.name, p_category, p_stream,
-               previous + e.ordinal, p_payloads -> (e.ordinal::integer - 1),
-               p_metadata -> (e.ordinal::integer - 1), e.occurred_at, observed,
-               p_stream_hash, writer_xid
-        FROM unnest(p_names, p_occurred_at) WITH ORDINALITY AS e(name, occurred_at, ordinal)
+        SELECT first_sequence_number + e.ordinal - 1, e.event ->> 0, p_category, p_stream,
+               previous + e.ordinal, e.event -> 1, e.event -> 2,
+               (e.event ->> 3)::timestamptz, observed, p_stream_hash, writer_xid
+        FROM jsonb_array_elements(p_events) WITH ORDINALITY AS e(event, ordinal)
         RETURNING sequence_number, id
     )
-    SELECT array_agg(inserted.id::text ORDER BY inserted.sequence_number)
+    SELECT string_agg(inserted.id::text, ',' ORDER BY inserted.sequence_number)
         INTO event_ids FROM inserted;
 END
 $$;
