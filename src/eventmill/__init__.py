@@ -3,6 +3,7 @@
 The names here are the public API; everything else is internal unless documented.
 """
 
+from eventmill.backends.base import LockManager
 from eventmill.conditions import WriteCondition, position_is, stream_is_empty
 from eventmill.consumers import (
     AutoCommitEventIteratorProcessor,
@@ -84,6 +85,7 @@ __all__ = [
     "IsolationMode",
     "LifecycleError",
     "LockLostError",
+    "LockManager",
     "LogIdentifier",
     "ManagedEventIteratorProcessor",
     "NewEvent",

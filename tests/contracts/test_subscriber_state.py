@@ -16,6 +16,7 @@ from eventmill import (
     InvalidSettingsError,
     LogIdentifier,
     StreamIdentifier,
+    identifier_from_json,
 )
 from eventmill.backends.base import Backend, SubscriberRecord
 
@@ -60,6 +61,18 @@ async def test_list_is_ordered_by_group_registration_and_id(backend: Backend) ->
     assert [r.group for r in records] == ["a", "b", "b"]
     assert records == sorted(records, key=lambda r: (r.group, r.registered_at, r.id))
     assert ids(await store.list(group="b")) == ids(records[1:])
+
+
+async def test_equal_requests_of_a_group_share_one_tuple(backend: Backend) -> None:
+    store = backend.subscribers
+    for number in range(3):
+        copies = tuple(identifier_from_json(source.to_json()) for source in REQUESTS)
+        await store.register("totals", f"sub-{number}", "node-a", copies)
+    await store.register("totals", "odd", "node-a", REQUESTS[:2])
+    requests = {r.id: r.subscription_requests for r in await store.list(group="totals")}
+    assert requests["odd"] == REQUESTS[:2]
+    assert requests["sub-0"] == REQUESTS
+    assert requests["sub-0"] is requests["sub-1"] is requests["sub-2"]
 
 
 async def test_heartbeat_refreshes_and_updates_and_keeps_the_registration(

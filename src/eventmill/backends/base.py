@@ -173,7 +173,8 @@ class SubscriberStateStore(ABC):
         self, *, group: str | None = None, max_age: timedelta | None = None
     ) -> list[SubscriberRecord]:
         """The records (of ``group`` if given) last seen at most ``max_age`` ago (all if
-        None), ordered by group, then registration time, then id."""
+        None), ordered by group, then registration time, then id. Records of one group
+        with equal requests share one tuple, so comparing them is cheap."""
 
     @abstractmethod
     async def purge(self, max_age: timedelta) -> int:

@@ -593,11 +593,31 @@ class InMemorySubscriberStateStore(SubscriberStateStore):
                 group=group,
                 id=id,
                 node_id=node_id,
-                subscription_requests=requests,
+                subscription_requests=self._shared(group, old, requests),
                 registered_at=old.registered_at if old and keep_registration else now,
                 last_seen=now,
             )
             return record
+
+    def _shared(
+        self,
+        group: str,
+        old: SubscriberRecord | None,
+        requests: tuple[EventSourceIdentifier, ...],
+    ) -> tuple[EventSourceIdentifier, ...]:
+        """An equal requests tuple already stored for ``group`` if there is one, else
+        ``requests``: a group's records then share one tuple, which allocation compares
+        by identity first (as records read from PostgreSQL do)."""
+        candidates = [old] if old is not None else []
+        candidates.extend(self._records.values())
+        seen: set[int] = set()
+        for record in candidates:
+            stored = record.subscription_requests
+            if record.group == group and id(stored) not in seen:
+                seen.add(id(stored))
+                if stored == requests:
+                    return stored
+        return requests
 
     async def remove(self, group: str, id: str) -> None:
         with self._lock:
