@@ -1,0 +1,238 @@
+"""Consumption through the consumer pipeline, and publish-to-processor latency.
+
+For each backend (in memory, PostgreSQL):
+
+- ``drain.checkpoint_100``: a 100,000-event category drained by an EventSourceConsumer
+  with a trivial processor, saving every 100 events; as events/s and as a ratio to a
+  plain category read (EventSource pages of 500) measured in the same run. Also the
+  backend statements per event: reads plus checkpoint saves, each one SQL statement on
+  PostgreSQL, counted at the storage ports.
+- ``drain.checkpoint_1``: the same over 10,000 events, saving after every event.
+- ``latency.push`` / ``latency.poll``: publish-to-processor time, p50 and p99, for a
+  subscriber that waits for wake-ups (push) or only polls every second (poll), one event
+  at a time; and the CPU an idle push subscriber uses (share of one core).
+
+Medians of 3 runs. PostgreSQL: ``EVENTMILL_TEST_DSN`` (default
+``postgresql://postgres@127.0.0.1:5432/test``), in a throwaway schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from benchmarks.common import median, report
+from eventmill.backends.base import Backend
+from eventmill.backends.memory import InMemoryBackend
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.consumers import (
+    ConsumerSettings,
+    EventConsumerStateStore,
+    EventProcessor,
+    EventSourceConsumer,
+    make_subscriber,
+)
+from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.sources import EventSource
+from eventmill.store import EventStore
+
+REPEATS = 3
+DRAIN_EVENTS = 100_000
+EAGER_EVENTS = 10_000
+PUSH_SAMPLES = 200
+POLL_SAMPLES = 10
+POLL_INTERVAL = timedelta(seconds=1)
+IDLE_SECONDS = 3.0
+DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+BENCH = CategoryIdentifier("bench")
+
+
+class Nothing(EventProcessor):
+    async def process_event(self, event: StoredEvent) -> None:
+        return None
+
+
+class Counting:
+    """Counts calls of the storage methods that each cost one statement on PostgreSQL
+    (by shadowing them on the instances; ``stop()`` removes the shadows)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.calls = 0
+        self.targets = ((backend.events, "read"), (backend.checkpoints, "save"))
+        for target, name in self.targets:
+            original: Callable[..., Any] = getattr(target, name)
+            setattr(target, name, self._counted(original))
+
+    def stop(self) -> None:
+        for target, name in self.targets:
+            delattr(target, name)
+
+    def _counted(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await original(*args, **kwargs)
+
+        return counted
+
+
+@asynccontextmanager
+async def postgres_backend() -> AsyncIterator[PostgresBackend]:
+    schema = f"em_bench_{secrets.token_hex(4)}"
+    backend = await PostgresBackend.connect(DSN, schema=schema, min_size=1, max_size=4)
+    try:
+        await backend.install_schema()
+        yield backend
+    finally:
+        await backend.close()
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as connection:
+            await connection.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+            )
+
+
+@asynccontextmanager
+async def memory_backend() -> AsyncIterator[InMemoryBackend]:
+    yield InMemoryBackend()
+
+
+async def fill(backend: Backend, category: str, count: int) -> None:
+    store = EventStore(backend)
+    for batch in range(count // 1_000):
+        await store.stream(category=category, stream=f"s{batch % 50}").publish(
+            [NewEvent(name="happened", payload={"n": n}) for n in range(1_000)]
+        )
+
+
+async def read_rate(backend: Backend, identifier: CategoryIdentifier) -> float:
+    started = time.perf_counter()
+    count = 0
+    async for _event in EventSource(backend, identifier).iterate():
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+async def drain_rate(
+    backend: Backend, identifier: CategoryIdentifier, group: str, every: int
+) -> tuple[float, int]:
+    consumer = EventSourceConsumer(
+        EventSource(backend, identifier),
+        Nothing(),
+        EventConsumerStateStore(backend.checkpoints, group, identifier),
+        settings=ConsumerSettings(checkpoint_every=every),
+    )
+    started = time.perf_counter()
+    count = await consumer.consume_all()
+    return count / (time.perf_counter() - started), count
+
+
+async def latency(backend: Backend, *, push: bool, samples: int) -> list[float]:
+    """Publish one event at a time; the time until the processor sees each, in ms."""
+    seen: asyncio.Queue[float] = asyncio.Queue()
+
+    async def record(event: StoredEvent) -> None:
+        sent = event.payload["sent"]
+        assert isinstance(sent, float)
+        await seen.put((time.perf_counter() - sent) * 1_000)
+
+    category = f"latency{secrets.token_hex(3)}"
+    identifier = CategoryIdentifier(category)
+    subscriber = make_subscriber(backend, group=category, sources=identifier, processor=record)
+    await subscriber.accept(identifier, 1)
+
+    async def run() -> None:
+        while True:
+            await subscriber.consume_all()
+            if push:
+                await subscriber.wait_for_new_events(within=POLL_INTERVAL)
+            else:
+                await asyncio.sleep(POLL_INTERVAL.total_seconds())
+
+    runner = asyncio.create_task(run())
+    stream = EventStore(backend).stream(category=category, stream="one")
+    chooser = random.Random(7)
+    results: list[float] = []
+    try:
+        for _ in range(samples):
+            await asyncio.sleep(chooser.random() * (0.01 if push else 1.0))
+            await stream.publish([NewEvent(name="ping", payload={"sent": time.perf_counter()})])
+            results.append(await asyncio.wait_for(seen.get(), 10))
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await subscriber.withdraw_all()
+    return results
+
+
+async def idle_cpu(backend: Backend) -> float:
+    """The share of one core an idle push subscriber uses."""
+    identifier = CategoryIdentifier(f"idle{secrets.token_hex(3)}")
+    subscriber = make_subscriber(backend, group="idle", sources=identifier, processor=Nothing())
+    await subscriber.accept(identifier, 1)
+
+    async def run() -> None:
+        while True:
+            await subscriber.consume_all()
+            await subscriber.wait_for_new_events(within=POLL_INTERVAL)
+
+    runner = asyncio.create_task(run())
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.sleep(IDLE_SECONDS)
+    share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    await subscriber.withdraw_all()
+    return share
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+async def measure(kind: str, backend: Backend) -> None:
+    await fill(backend, "bench", DRAIN_EVENTS)
+    reads: list[float] = []
+    drains: list[float] = []
+    statements: list[float] = []
+    for repeat in range(REPEATS):
+        reads.append(await read_rate(backend, BENCH))
+        counter = Counting(backend)
+        rate, count = await drain_rate(backend, BENCH, f"drain-{repeat}", 100)
+        drains.append(rate)
+        statements.append(counter.calls / count)
+        counter.stop()
+    report(f"{kind}.consumers.read.category", median(reads), "events/s", repeats=REPEATS)
+    report(f"{kind}.consumers.drain.checkpoint_100", median(drains), "events/s", repeats=REPEATS)
+    ratios = [drain / read for drain, read in zip(drains, reads, strict=True)]
+    report(f"{kind}.consumers.drain.checkpoint_100.ratio_to_read", median(ratios), "ratio")
+    report(f"{kind}.consumers.drain.checkpoint_100.statements", median(statements), "per event")
+    await fill(backend, "eager", EAGER_EVENTS)
+    eager = [
+        (await drain_rate(backend, CategoryIdentifier("eager"), f"eager-{repeat}", 1))[0]
+        for repeat in range(REPEATS)
+    ]
+    report(f"{kind}.consumers.drain.checkpoint_1", median(eager), "events/s", repeats=REPEATS)
+    pushed = await latency(backend, push=True, samples=PUSH_SAMPLES)
+    report(f"{kind}.consumers.latency.push.p50", percentile(pushed, 0.5), "ms")
+    report(f"{kind}.consumers.latency.push.p99", percentile(pushed, 0.99), "ms")
+    polled = await latency(backend, push=False, samples=POLL_SAMPLES)
+    report(f"{kind}.consumers.latency.poll_1s.p50", percentile(polled, 0.5), "ms")
+    report(f"{kind}.consumers.latency.poll_1s.p99", percentile(polled, 0.99), "ms")
+    report(f"{kind}.consumers.idle_cpu", await idle_cpu(backend) * 100, "% of a core")
+
+
+async def main() -> None:
+    async with memory_backend() as memory:
+        await measure("memory", memory)
+    async with postgres_backend() as postgres:
+        await measure("postgres", postgres)
