@@ -135,7 +135,7 @@ async def test_a_failing_background_service_surfaces_and_stops_the_others(
         Failing(ValueError("bad"), other.started), name="failing", isolation_mode=isolation
     )
     with pytest.raises(ValueError, match="bad") as raised:
-        async with manager:
+        async with manager, asyncio.timeout(10):  # the failure must end the wait
             await manager.wait()
     assert "raised by service 'failing'" in "".join(raised.value.__notes__)
     assert other.cancelled.is_set()
@@ -193,7 +193,7 @@ async def test_exit_request_stops_everything_then_raises_system_exit(
     manager.register(other, isolation_mode=IsolationMode.DEDICATED_THREAD)
     manager.register(Failing(ExitRequestedError(3), other.started), isolation_mode=isolation)
     with pytest.raises(SystemExit) as raised:
-        async with manager:
+        async with manager, asyncio.timeout(10):  # the failure must end the wait
             await manager.wait()
     assert raised.value.code == 3
     assert isinstance(raised.value.__cause__, ExitRequestedError)
