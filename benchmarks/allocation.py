@@ -76,7 +76,7 @@ async def main() -> None:
         holdings = held(records)
         fresh = [timed_round(records, []) for _ in range(REPEATS)]
         joining = records[1:]  # the first subscriber of g000 joins a settled allocation
-        settled = [h for h in held(joining)]
+        settled = held(joining)
         join = [timed_round(records, settled) for _ in range(REPEATS)]
         steady = [timed_round(records, holdings) for _ in range(REPEATS)]
         shape = f"{SUBSCRIBERS}x{SOURCES}.groups_{groups}"

@@ -107,8 +107,13 @@ async def test_revoke_release_and_reassign(backend: Backend) -> None:
 async def test_release_of_an_assigned_source_by_its_holder(backend: Backend) -> None:
     store = backend.subscriptions
     await store.apply([assign(ORDERS, "s1", 3)])
-    await store.apply([Release(group="g", source=ORDERS, subscriber_id="s1")])
+    await store.apply([Release(group="g", source=ORDERS, subscriber_id="s1", epoch=2)])
+    assert await store.list() == [holding(ORDERS, "s1", 3)]  # a late release of epoch 2
+    await store.apply([Release(group="g", source=ORDERS, subscriber_id="s1", epoch=3)])
     assert await store.list() == [holding(ORDERS, None, 3, HoldingState.RELEASED)]
+    await store.apply([assign(ORDERS, "s1", 4)])
+    await store.apply([Release(group="g", source=ORDERS, subscriber_id="s1")])  # any epoch
+    assert await store.list() == [holding(ORDERS, None, 4, HoldingState.RELEASED)]
 
 
 async def test_an_assign_must_raise_the_epoch_and_a_conflict_changes_nothing(
@@ -161,10 +166,12 @@ async def test_remove_forgets_the_record(backend: Backend) -> None:
         [assign(ORDERS, "s1", 1), Revoke(group="g", source=ORDERS)],
         [assign(ORDERS, "s1", 0)],
         [assign(ORDERS, "s1", True)],
+        [assign(ORDERS, "s1", None)],  # type: ignore[arg-type]
         [assign(ORDERS, "", 1)],
         [assign(ORDERS, "s1", 1, group="")],
         [assign(ORDERS, "s1", 1, node="")],
         [Release(group="g", source=ORDERS, subscriber_id="")],
+        [Release(group="g", source=ORDERS, subscriber_id="s1", epoch=0)],
         [Revoke(group="g", source="orders")],  # type: ignore[arg-type]
         ["assign"],
     ],

@@ -231,11 +231,13 @@ class Revoke:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Release:
-    """Mark ``source`` free if ``subscriber_id`` still holds it (else no change)."""
+    """Mark ``source`` free if ``subscriber_id`` still holds it, under ``epoch`` when one
+    is given (else no change): a late release never frees a newer assignment."""
 
     group: str
     source: EventSourceIdentifier
     subscriber_id: str
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,10 +285,13 @@ def check_changes(changes: Sequence[SubscriptionChange]) -> list[SubscriptionCha
         check_identifier(change.source)
         if isinstance(change, Assign | Release):
             check_name(change.subscriber_id, "subscriber id")
+            epoch = change.epoch
+            if (isinstance(change, Assign) or epoch is not None) and (
+                type(epoch) is not int or epoch < 1
+            ):
+                raise InvalidInputError(f"an epoch must be an int >= 1, not {epoch!r}")
         if isinstance(change, Assign):
             check_name(change.node_id, "node id")
-            if type(change.epoch) is not int or change.epoch < 1:
-                raise InvalidInputError(f"an epoch must be an int >= 1, not {change.epoch!r}")
         if (change.group, change.source) in seen:
             raise InvalidInputError(
                 f"{change.source} of group {change.group!r} changed twice in one batch"

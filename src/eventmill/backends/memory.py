@@ -693,7 +693,10 @@ class InMemorySubscriptionStateStore(SubscriptionStateStore):
                 elif isinstance(change, Revoke):
                     if old.state is HoldingState.ASSIGNED:
                         self._holdings[key] = replace(old, state=HoldingState.REVOKING)
-                elif old.subscriber_id == change.subscriber_id:
+                elif old.subscriber_id == change.subscriber_id and change.epoch in (
+                    None,
+                    old.epoch,
+                ):
                     self._holdings[key] = replace(
                         old, subscriber_id=None, node_id=None, state=HoldingState.RELEASED
                     )

@@ -2,7 +2,12 @@
 change now to get there. Pure: plain values in, decisions out; no I/O, no clock.
 
 The coordinator calls ``allocate(subscribers, holdings)`` with the live subscriber
-records and every current ``SourceHolding``, and applies each group's ``changes``.
+records (``backend.subscribers.list(max_age=...)``) and every current holding
+(``backend.subscriptions.list()``), fences each ``Assign``'s checkpoint at its epoch
+(``backend.checkpoints.fence``), then applies the changes in one
+``backend.subscriptions.apply`` (a ConflictError there means the holdings changed
+under it: read them again next round). Observers release what is REVOKING with
+``Release(..., epoch=...)``; the next round assigns it to its new holder.
 
 Rules, per group:
 
@@ -141,7 +146,12 @@ def allocate_group(
                 )
             elif holding is not None and holding.subscriber_id is not None:
                 changes.append(
-                    Release(group=group, source=source, subscriber_id=holding.subscriber_id)
+                    Release(
+                        group=group,
+                        source=source,
+                        subscriber_id=holding.subscriber_id,
+                        epoch=holding.epoch,
+                    )
                 )
         elif holding.state is HoldingState.REVOKING:
             waiting = True

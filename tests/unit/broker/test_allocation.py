@@ -76,7 +76,11 @@ class World:
                 if old is not None and old.state is HoldingState.ASSIGNED:
                     self.holdings[change.source] = replace(old, state=HoldingState.REVOKING)
             elif isinstance(change, Release):
-                if old is not None and old.subscriber_id == change.subscriber_id:
+                if (
+                    old is not None
+                    and old.subscriber_id == change.subscriber_id
+                    and change.epoch in (None, old.epoch)
+                ):
                     self.release(old)
             else:
                 assert isinstance(change, Remove)
@@ -259,7 +263,9 @@ def test_allocate_splits_groups_and_covers_groups_left_with_holdings_only() -> N
     result = allocate(live, [orphan])
     assert [a.group for a in result] == ["a", "b", "c"]
     assert [len(a.desired) for a in result] == [2, 3, 0]
-    assert result[2].changes == (Release(group="c", source=orphan.source, subscriber_id="gone"),)
+    assert result[2].changes == (
+        Release(group="c", source=orphan.source, subscriber_id="gone", epoch=3),
+    )
 
 
 def test_no_subscribers_and_no_holdings_is_settled() -> None:

@@ -59,8 +59,10 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
         self._release = sql(
             "UPDATE {schema}.subscriptions s"
             " SET subscriber_id = NULL, node_id = NULL, state = 'released'"
-            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS c(g, k, holder)"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[])"
+            " AS c(g, k, holder, epoch)"
             f" WHERE {_MATCH} AND s.subscriber_id = c.holder"
+            " AND (c.epoch IS NULL OR s.epoch = c.epoch)"
         )
         self._assign = sql(
             "WITH written AS ("
@@ -103,9 +105,11 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
                 chosen = [(g, k) for g, k, c in checked if isinstance(c, kind)]
                 if chosen:
                     await connection.execute(statement, _columns(chosen, 2))
-            releases = [(g, k, c.subscriber_id) for g, k, c in checked if isinstance(c, Release)]
+            releases = [
+                (g, k, c.subscriber_id, c.epoch) for g, k, c in checked if isinstance(c, Release)
+            ]
             if releases:
-                await connection.execute(self._release, _columns(releases, 3))
+                await connection.execute(self._release, _columns(releases, 4))
             if assigns:
                 rows = [(g, k, c.subscriber_id, c.node_id, c.epoch) for g, k, c in assigns]
                 cursor = await connection.execute(self._assign, _columns(rows, 5))
