@@ -193,6 +193,7 @@ class PostgresBackend(Backend):
         if self._closed:
             return
         self._closed = True
+        await self._events.close()
         await self._notifications.close()
         if self._owns_pool:
             await self.pool.close()

@@ -15,6 +15,14 @@ autocommit statement (one round trip, its own transaction). Inside, in this orde
 4. it inserts the events stamped with the xid and returns what Python needs to build
    the ``StoredEvent``s (first sequence number and position, time, ids).
 
+Wake-ups. After the publish has committed, the category is announced with NOTIFY on
+the channel ``<schema>_events`` by a background task that folds the categories of
+concurrent publishes into one statement. It runs in its own transaction, which has no
+transaction id and so writes no WAL: a NOTIFY inside the publishing transaction would
+hold PostgreSQL's notification lock through that transaction's WAL flush and make
+concurrent publishers commit one at a time. A lost announcement costs latency only:
+readers poll as well.
+
 Reading. The log, categories and partitions return only events whose xid is below the
 reader's snapshot xmin (``pg_snapshot_xmin(pg_current_snapshot())``), the oldest
 transaction still running. Such an event's transaction has finished, and so has every
@@ -31,7 +39,9 @@ causes one to be skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +51,7 @@ from psycopg.rows import RowMaker
 
 from eventmill.backends.base import EventStorage
 from eventmill.backends.postgres.driver_errors import UNMET_WRITE_CONDITION
+from eventmill.backends.postgres.notifications import channel_name
 from eventmill.conditions import WriteCondition
 from eventmill.errors import UnmetWriteConditionError
 from eventmill.events import (
@@ -66,6 +77,8 @@ _COLUMNS = (
 _VISIBLE = "transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
+_ANNOUNCE = "SELECT pg_notify(%s, category) FROM unnest(%s::text[]) AS category"
+logger = logging.getLogger(__name__)
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _READ_LOG = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
@@ -134,6 +147,9 @@ class PostgresEventStorage(EventStorage):
         self._latest_category = backend.sql(_LATEST_CATEGORY)
         self._latest_partition = backend.sql(_LATEST_PARTITION)
         self._latest_stream = backend.sql(_LATEST_STREAM)
+        self._channel = channel_name(backend.schema)
+        self._unannounced: set[str] = set()
+        self._announcer: asyncio.Task[None] | None = None
 
     async def publish(
         self,
@@ -163,6 +179,7 @@ class PostgresEventStorage(EventStorage):
                 raise
             row = await cursor.fetchone()
         assert row is not None
+        self._announce(stream.category)
         first_sequence_number: int = row[0]
         first_position: int = row[1]
         observed_at: datetime = row[2]
@@ -184,6 +201,29 @@ class PostgresEventStorage(EventStorage):
             )
             for offset, event in enumerate(events)
         ]
+
+    def _announce(self, category: str) -> None:
+        """Queue a NOTIFY for ``category``; the announcer task sends it without blocking."""
+        self._unannounced.add(category)
+        if self._announcer is None or self._announcer.done():
+            self._announcer = asyncio.get_running_loop().create_task(
+                self._send_announcements(), name="eventmill-announce"
+            )
+
+    async def _send_announcements(self) -> None:
+        while self._unannounced:
+            categories = sorted(self._unannounced)
+            self._unannounced.clear()
+            try:
+                async with self._backend.connection() as connection:
+                    await connection.execute(_ANNOUNCE, (self._channel, categories), prepare=True)
+            except Exception as error:  # only latency is lost: readers poll as well
+                logger.warning("eventmill: could not announce published events: %s", error)
+
+    async def close(self) -> None:
+        """Send the announcements still queued. Blocks until they are sent or failed."""
+        if self._announcer is not None:
+            await asyncio.shield(self._announcer)
 
     async def read(
         self, source: EventSourceIdentifier, *, after: int | None, limit: int

@@ -1,7 +1,8 @@
 """PostgresEventNotifications: wake-ups through LISTEN/NOTIFY.
 
-Every insert into ``{schema}.events`` notifies the channel ``<schema>_events`` with
-the category as payload (migration 0002, sent at commit). One dedicated autocommit
+After each publish commits, ``PostgresEventStorage`` notifies the channel
+``<schema>_events`` with the category as payload (see event_storage.py for why not
+inside the publishing transaction). One dedicated autocommit
 connection per backend, opened on the first ``subscribe`` (not from the pool), listens
 and wakes the watchers of that category and of the log, each on its own event loop.
 If the connection fails, every watcher is woken (notifications may have been lost)
@@ -34,7 +35,7 @@ RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 def channel_name(schema: str) -> str:
-    """The NOTIFY channel of a schema's events (as the trigger names it)."""
+    """The NOTIFY channel of a schema's events (cut so it fits PostgreSQL's 63 bytes)."""
     return f"{schema[:56]}_events"
 
 

@@ -22,19 +22,3 @@ CREATE TABLE {schema}.projections (
 );
 
 CREATE INDEX projections_state_idx ON {schema}.projections USING gin (state jsonb_path_ops);
-
--- One notification per published category, on the channel "<schema>_events" (the
--- schema name cut to 56 characters: a shared channel only costs spurious wake-ups).
--- NOTIFY is sent at commit and folds duplicates within a transaction.
-CREATE FUNCTION {schema}.notify_published() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify(left(TG_TABLE_SCHEMA, 56) || '_events', published.category)
-    FROM (SELECT DISTINCT category FROM published_events) AS published;
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER events_notify_published
-    AFTER INSERT ON {schema}.events
-    REFERENCING NEW TABLE AS published_events
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_published();
