@@ -1,0 +1,160 @@
+"""EventSubscriptionCoordinator: the elected leader deciding who holds which source.
+
+Only the holder of the coordinator lock coordinates. Each round it lists the live
+subscribers (last seen at most ``subscriber_max_age`` ago, by the storage's clock) and
+every holding, runs the pure ``allocate``, and applies the changes. Handover is
+revoke-then-assign: a source leaving a live holder is first set REVOKING; it is
+assigned to its new holder only in a later round, once the old holder's observer has
+released it or the old holder is no longer live. Before any assignment is written,
+the source's checkpoint is fenced at the new epoch (``CheckpointStorage.fence``), so a
+paused old holder that wakes up can no longer save a checkpoint of it.
+
+Leadership ends after ``leadership_max_duration`` (the lock is released so that
+another node may take it) or when the lock is lost, which ``Lock.wait_lost`` reports.
+A deposed leader that still writes is harmless: assignments carry epochs and the
+storage refuses an epoch that is not greater than the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+
+from eventmill.backends.base import Assign, Backend, Lock, SubscriptionChange
+from eventmill.broker.allocation import GroupAllocation, allocate
+from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.events import check_name
+
+logger = logging.getLogger(__name__)
+
+COORDINATOR_LOCK = "eventmill-coordinator"
+"""The name of the lock whose holder coordinates."""
+
+_FENCES_AT_ONCE = 4
+
+
+class EventSubscriptionCoordinator(BrokerLoop):
+    """Coordinates while it holds the lock ``lock_name``; otherwise waits for it.
+
+    ``rounds`` counts every round (led or not); ``terms`` how many times it became the
+    leader; ``is_leader`` whether it leads now. A round that leaves a handover waiting
+    for a release runs again after a quarter of ``distribution_interval``.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        distribution_interval: timedelta = timedelta(milliseconds=500),
+        leadership_max_duration: timedelta = timedelta(minutes=15),
+        subscriber_max_age: timedelta = timedelta(seconds=5),
+        lock_name: str = COORDINATOR_LOCK,
+    ) -> None:
+        super().__init__(distribution_interval, what="coordinator_distribution_interval")
+        self._backend = backend
+        self._max_duration = check_interval(
+            leadership_max_duration, "coordinator_leadership_max_duration"
+        )
+        self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
+        self.lock_name = check_name(lock_name, "lock name")
+        self._lock: Lock | None = None
+        self._lease_ends = 0.0
+        self._watch: asyncio.Task[None] | None = None
+        self.terms = 0
+        self.last_allocation: list[GroupAllocation] = []
+        """The allocation of the latest round led (for diagnostics)."""
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this coordinator holds the lock now (as far as it knows)."""
+        return self._lock is not None and self._lock.is_held
+
+    @property
+    def lock(self) -> Lock | None:
+        """The coordinator lock while this coordinator leads."""
+        return self._lock if self.is_leader else None
+
+    async def run_round(self) -> timedelta | None:
+        """Take the lock if free (waiting up to one interval), then coordinate one round
+        if leading. Raises StorageError, ConflictError."""
+        if not self.is_leader:
+            await self._give_up()
+            lock = await self._backend.locks.wait_for_lock(self.lock_name, self.interval)
+            if lock is None:
+                return timedelta(0)
+            self._take(lock)
+        elif time.monotonic() >= self._lease_ends:
+            logger.info("coordinator: leadership reached its maximum duration; giving it up")
+            await self._give_up()
+            return self.interval  # let another node take it
+        return await self.coordinate()
+
+    async def coordinate(self) -> timedelta | None:
+        """One allocation round (call it only while leading): list, allocate, fence the
+        new assignments, apply. Returns a short wait when a handover waits for a
+        release. Raises StorageError, ConflictError (another coordinator wrote first)."""
+        subscribers = await self._backend.subscribers.list(max_age=self._max_age)
+        holdings = await self._backend.subscriptions.list()
+        allocations = allocate(subscribers, holdings)
+        self.last_allocation = allocations
+        changes: list[SubscriptionChange] = [
+            change for allocation in allocations for change in allocation.changes
+        ]
+        if not changes or not self.is_leader:
+            return self._next_wait(allocations)
+        await self._fence([change for change in changes if isinstance(change, Assign)])
+        if not self.is_leader:
+            return None
+        await self._backend.subscriptions.apply(changes)
+        return self._next_wait(allocations, changed=True)
+
+    def _next_wait(
+        self, allocations: list[GroupAllocation], *, changed: bool = False
+    ) -> timedelta | None:
+        if changed or not all(allocation.settled for allocation in allocations):
+            return self.interval / 4
+        return None
+
+    async def _fence(self, assigns: list[Assign]) -> None:
+        """Fence each assigned source's checkpoint at its new epoch, a few at a time."""
+        checkpoints = self._backend.checkpoints
+        for start in range(0, len(assigns), _FENCES_AT_ONCE):
+            async with asyncio.TaskGroup() as group:
+                for change in assigns[start : start + _FENCES_AT_ONCE]:
+                    group.create_task(checkpoints.fence(change.group, change.source, change.epoch))
+
+    def _take(self, lock: Lock) -> None:
+        self._lock = lock
+        self.terms += 1
+        self._lease_ends = time.monotonic() + self._max_duration.total_seconds()
+        self._watch = asyncio.create_task(self._watch_lock(lock))
+        logger.info("coordinator: leading (term %d)", self.terms)
+
+    async def _watch_lock(self, lock: Lock) -> None:
+        await lock.wait_lost()
+        if self._lock is lock:
+            logger.warning("coordinator: the lock was lost; no longer coordinating")
+            self.wake()
+
+    async def _give_up(self) -> None:
+        lock, self._lock = self._lock, None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        if lock is not None:
+            await lock.release()
+
+    async def execute(self) -> None:
+        """Coordinate (or wait to) until cancelled; the lock is released on the way out."""
+        try:
+            await super().execute()
+        finally:
+            await asyncio.shield(self._give_up())
+
+    def __repr__(self) -> str:
+        return f"<EventSubscriptionCoordinator leader={self.is_leader} terms={self.terms}>"

@@ -1,0 +1,148 @@
+"""EventSubscriptionObserver: applies the coordinator's decisions to this node's
+subscribers.
+
+Each round it reads the holdings of this node and, per local subscriber:
+
+1. withdraws every source set REVOKING (``withdraw`` returns once the in-flight batch
+   is finished and its checkpoint saved) and every source it holds locally that is no
+   longer assigned to it (or under another epoch);
+2. records the releases (``Release``, checked against the epoch, so a late release
+   never frees a newer assignment), which lets the coordinator go on with the handover;
+3. accepts every source ASSIGNED to it that it does not hold under that epoch.
+
+``is_current`` tells whether the latest successful round is recent enough (younger
+than the subscriber max age) for this node's view to be trusted: a node that was
+paused or cut off longer than that may have been declared dead and its sources given
+away, so it must not process until a round has brought it up to date.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from eventmill.backends.base import Backend, HoldingState, Release
+from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.consumers.subscription_consumer import EventSubscriber
+from eventmill.errors import InvalidInputError
+from eventmill.events import EventSourceIdentifier, check_name
+
+
+class EventSubscriptionObserver(BrokerLoop):
+    """Synchronises this node's subscribers with their holdings every
+    ``synchronisation_interval``."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        node_id: str,
+        *,
+        synchronisation_interval: timedelta = timedelta(milliseconds=500),
+        subscriber_max_age: timedelta = timedelta(seconds=5),
+    ) -> None:
+        super().__init__(synchronisation_interval, what="observer_synchronisation_interval")
+        self._backend = backend
+        self.node_id = check_name(node_id, "node id")
+        self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
+        self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
+        self._accepted: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
+        self._busy = asyncio.Lock()  # rounds, removals and releases take turns
+
+    @property
+    def is_current(self) -> bool:
+        """Whether a round succeeded less than the subscriber max age ago."""
+        last = self.last_round_at
+        return last is not None and time.monotonic() - last < self._max_age.total_seconds()
+
+    def held(self, subscriber: EventSubscriber) -> dict[EventSourceIdentifier, int]:
+        """The sources this observer gave ``subscriber``, with their epochs."""
+        return dict(self._accepted.get((subscriber.group, subscriber.id), {}))
+
+    def add(self, subscriber: EventSubscriber) -> None:
+        """Start synchronising ``subscriber``. Raises InvalidInputError when another
+        subscriber of the group has this id here."""
+        key = (subscriber.group, subscriber.id)
+        known = self._subscribers.get(key)
+        if known is not None and known is not subscriber:
+            raise InvalidInputError(f"subscriber {key[1]!r} of {key[0]!r} is already observed")
+        self._subscribers[key] = subscriber
+        self._accepted.setdefault(key, {})
+
+    async def remove(self, subscriber: EventSubscriber) -> None:
+        """Withdraw and release every source of ``subscriber`` and stop synchronising
+        it. Harmless if unknown; raises StorageError (having withdrawn everything)."""
+        key = (subscriber.group, subscriber.id)
+        async with self._busy:
+            if self._subscribers.get(key) is not subscriber:
+                return
+            del self._subscribers[key]
+            await self._release_all(subscriber, self._accepted.pop(key, {}))
+
+    async def release_all(self) -> None:
+        """Withdraw and release the sources of every local subscriber (graceful stop).
+        Raises StorageError (having withdrawn everything)."""
+        async with self._busy:
+            for key, subscriber in list(self._subscribers.items()):
+                accepted = self._accepted.get(key, {})
+                held = dict(accepted)
+                accepted.clear()
+                await self._release_all(subscriber, held)
+
+    async def _release_all(
+        self, subscriber: EventSubscriber, held: dict[EventSourceIdentifier, int]
+    ) -> None:
+        for source in held:
+            await subscriber.withdraw(source)
+        await self._backend.subscriptions.apply(
+            [
+                Release(group=subscriber.group, source=source, subscriber_id=subscriber.id, epoch=e)
+                for source, e in held.items()
+            ]
+        )
+
+    async def run_round(self) -> timedelta | None:
+        """One synchronisation. Raises StorageError."""
+        async with self._busy:
+            await self._synchronise()
+        return None
+
+    async def _synchronise(self) -> None:
+        holdings = await self._backend.subscriptions.list(node_id=self.node_id)
+        assigned: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
+        revoking: list[tuple[tuple[str, str], EventSourceIdentifier, int]] = []
+        for holding in holdings:
+            if holding.subscriber_id is None:
+                continue
+            key = (holding.group, holding.subscriber_id)
+            if key not in self._subscribers:
+                continue
+            if holding.state is HoldingState.ASSIGNED:
+                assigned.setdefault(key, {})[holding.source] = holding.epoch
+            elif holding.state is HoldingState.REVOKING:
+                revoking.append((key, holding.source, holding.epoch))
+        releases: list[Release] = []
+        for key, source, epoch in revoking:
+            subscriber = self._subscribers[key]
+            self._accepted[key].pop(source, None)
+            await subscriber.withdraw(source)
+            releases.append(Release(group=key[0], source=source, subscriber_id=key[1], epoch=epoch))
+        for key, subscriber in list(self._subscribers.items()):
+            accepted = self._accepted[key]
+            wanted = assigned.get(key, {})
+            for source, epoch in list(accepted.items()):
+                if wanted.get(source) != epoch:
+                    del accepted[source]
+                    await subscriber.withdraw(source)
+        if releases:
+            await self._backend.subscriptions.apply(releases)
+        for key, wanted in assigned.items():
+            subscriber = self._subscribers[key]
+            accepted = self._accepted[key]
+            for source, epoch in wanted.items():
+                if accepted.get(source) != epoch:
+                    await subscriber.accept(source, epoch)
+                    accepted[source] = epoch
+
+    def __repr__(self) -> str:
+        return f"<EventSubscriptionObserver {self.node_id} observing {len(self._subscribers)}>"

@@ -1,0 +1,97 @@
+"""EventSubscriberManager: tells the shared subscriber state that this node's
+subscribers are alive, and forgets dead ones."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from eventmill.backends.base import Backend
+from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.consumers.subscription_consumer import EventSubscriber
+from eventmill.errors import InvalidInputError
+from eventmill.events import check_name
+
+
+class EventSubscriberManager(BrokerLoop):
+    """Registers this node's subscribers, heartbeats them every ``heartbeat_interval``
+    (which re-creates a record purged while the node was away), purges records older
+    than ``subscriber_max_age`` every ``purge_interval``, and removes its own records
+    when unregistering (so their sources move at once) or on ``remove_all()``.
+
+    ``on_membership_change`` (if given) is called after a register or unregister.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        node_id: str,
+        *,
+        heartbeat_interval: timedelta = timedelta(seconds=1),
+        purge_interval: timedelta = timedelta(seconds=5),
+        subscriber_max_age: timedelta = timedelta(seconds=5),
+        on_membership_change: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(heartbeat_interval, what="subscriber_manager_heartbeat_interval")
+        self._backend = backend
+        self.node_id = check_name(node_id, "node id")
+        self._purge_interval = check_interval(purge_interval, "subscriber_manager_purge_interval")
+        self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
+        self._on_change = on_membership_change
+        self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
+        self._next_purge = 0.0
+        self.last_heartbeat_at: float | None = None
+        """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
+
+    @property
+    def subscribers(self) -> list[EventSubscriber]:
+        """The registered local subscribers."""
+        return list(self._subscribers.values())
+
+    async def register(self, subscriber: EventSubscriber) -> None:
+        """Add ``subscriber`` and record it alive now. Raises InvalidInputError when
+        another subscriber of the group has this id here, StorageError."""
+        key = (subscriber.group, subscriber.id)
+        known = self._subscribers.get(key)
+        if known is not None and known is not subscriber:
+            raise InvalidInputError(f"subscriber {key[1]!r} of {key[0]!r} is already registered")
+        await self._backend.subscribers.register(
+            subscriber.group, subscriber.id, self.node_id, subscriber.subscription_requests
+        )
+        self._subscribers[key] = subscriber
+        if self._on_change is not None:
+            self._on_change()
+
+    async def unregister(self, subscriber: EventSubscriber) -> None:
+        """Forget ``subscriber`` and delete its record. Harmless if not registered;
+        raises StorageError."""
+        key = (subscriber.group, subscriber.id)
+        if self._subscribers.get(key) is not subscriber:
+            return
+        del self._subscribers[key]
+        await self._backend.subscribers.remove(subscriber.group, subscriber.id)
+        if self._on_change is not None:
+            self._on_change()
+
+    async def remove_all(self) -> None:
+        """Delete the record of every local subscriber (graceful stop); they stay known
+        here. Raises StorageError."""
+        for group, id in list(self._subscribers):
+            await self._backend.subscribers.remove(group, id)
+
+    async def run_round(self) -> timedelta | None:
+        """Heartbeat every local subscriber, then purge when due. Raises StorageError."""
+        started = time.monotonic()
+        for subscriber in list(self._subscribers.values()):
+            await self._backend.subscribers.heartbeat(
+                subscriber.group, subscriber.id, self.node_id, subscriber.subscription_requests
+            )
+        self.last_heartbeat_at = started
+        if started >= self._next_purge:
+            await self._backend.subscribers.purge(self._max_age)
+            self._next_purge = started + self._purge_interval.total_seconds()
+        return None
+
+    def __repr__(self) -> str:
+        return f"<EventSubscriberManager {self.node_id} with {len(self._subscribers)}>"
