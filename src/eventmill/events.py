@@ -153,6 +153,17 @@ def stream_hash(stream: str) -> int:
     return zlib.crc32(stream.encode("utf-8"))
 
 
+PARTITION_BUCKETS = 64
+"""Streams fall into this many fixed buckets, ``stream_hash(stream) % PARTITION_BUCKETS``;
+a partition is a set of whole buckets, which storage indexes (see
+CategoryPartitionIdentifier)."""
+
+
+def stream_bucket(stream: str) -> int:
+    """The bucket of a stream, 0 to ``PARTITION_BUCKETS - 1``."""
+    return stream_hash(stream) % PARTITION_BUCKETS
+
+
 @dataclass(frozen=True, slots=True)
 class LogIdentifier:
     """Every event in the store, in sequence-number order."""
@@ -201,7 +212,13 @@ class StreamIdentifier:
 @dataclass(frozen=True, slots=True)
 class CategoryPartitionIdentifier:
     """The events of the streams of a category whose ``stream_hash(stream) % partitions``
-    equals ``partition``, in sequence-number order. A stream's events share one partition."""
+    equals ``partition``, in sequence-number order. A stream's events share one partition.
+
+    ``partitions`` is a power of two from 1 to ``PARTITION_BUCKETS`` (64). Then a
+    partition is exactly the buckets ``partition, partition + partitions, ...`` (see
+    ``buckets``), so storage reads it as a merge of a few indexed, ordered bucket scans
+    and a read costs what it returns. Raises InvalidIdentifierError otherwise.
+    """
 
     category: str
     partition: int
@@ -212,12 +229,21 @@ class CategoryPartitionIdentifier:
         for what, value in (("partition", self.partition), ("partitions", self.partitions)):
             if type(value) is not int:
                 raise InvalidIdentifierError(f"{what} must be an int, not {type(value).__name__}")
-        if not 1 <= self.partitions <= 1024:
-            raise InvalidIdentifierError(f"partitions must be 1 to 1024, not {self.partitions}")
+        count = self.partitions
+        if not 1 <= count <= PARTITION_BUCKETS or count & (count - 1):
+            raise InvalidIdentifierError(
+                f"partitions must be a power of two from 1 to {PARTITION_BUCKETS} "
+                f"(1, 2, 4, ...), not {count}"
+            )
         if not 0 <= self.partition < self.partitions:
             raise InvalidIdentifierError(
                 f"partition must be 0 to {self.partitions - 1}, not {self.partition}"
             )
+
+    @property
+    def buckets(self) -> range:
+        """The stream buckets (``stream_bucket``) that make up this partition."""
+        return range(self.partition, PARTITION_BUCKETS, self.partitions)
 
     def contains(self, stream: str) -> bool:
         return stream_hash(stream) % self.partitions == self.partition

@@ -54,6 +54,7 @@ from eventmill.errors import (
     UnmetWriteConditionError,
 )
 from eventmill.events import (
+    PARTITION_BUCKETS,
     CategoryIdentifier,
     CategoryPartitionIdentifier,
     EventSourceIdentifier,
@@ -65,6 +66,7 @@ from eventmill.events import (
     check_name,
     new_event_id,
     source_key,
+    stream_bucket,
 )
 
 
@@ -73,7 +75,8 @@ def _sequence_number(event: StoredEvent) -> int:
 
 
 class InMemoryEventStorage(EventStorage):
-    """Events in lists: the log, one list per category, one per stream."""
+    """Events in lists: the log, one list per category, one per stream, and one per
+    category and stream bucket (a partition reads a merge of its buckets' lists)."""
 
     def __init__(self, notifications: InMemoryEventNotifications | None = None) -> None:
         self._lock = threading.Lock()
@@ -81,6 +84,7 @@ class InMemoryEventStorage(EventStorage):
         self._log: list[StoredEvent] = []
         self._categories: dict[str, list[StoredEvent]] = {}
         self._streams: dict[str, dict[str, list[StoredEvent]]] = {}
+        self._buckets: dict[str, list[list[StoredEvent]]] = {}
 
     async def publish(
         self,
@@ -120,6 +124,10 @@ class InMemoryEventStorage(EventStorage):
             self._log.extend(stored)
             category.extend(stored)
             existing.extend(stored)
+            buckets = self._buckets.get(stream.category)
+            if buckets is None:
+                buckets = self._buckets[stream.category] = [[] for _ in range(PARTITION_BUCKETS)]
+            buckets[stream_bucket(stream.stream)].extend(stored)
         if self._notifications is not None:
             self._notifications.registry.wake(stream.category)
         return stored
@@ -129,11 +137,9 @@ class InMemoryEventStorage(EventStorage):
     ) -> list[StoredEvent]:
         with self._lock:
             if isinstance(source, CategoryPartitionIdentifier):
-                streams = self._streams.get(source.category, {})
                 pages = [
                     _page_after_sequence_number(events, after, limit)
-                    for name, events in streams.items()
-                    if source.contains(name)
+                    for events in self._bucket_lists(source)
                 ]
                 return list(itertools.islice(heapq.merge(*pages, key=_sequence_number), limit))
             events = self._events_of(source)
@@ -148,11 +154,17 @@ class InMemoryEventStorage(EventStorage):
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
         with self._lock:
             if isinstance(source, CategoryPartitionIdentifier):
-                streams = self._streams.get(source.category, {})
-                lasts = [events[-1] for name, events in streams.items() if source.contains(name)]
+                lasts = [events[-1] for events in self._bucket_lists(source) if events]
                 return max(lasts, key=_sequence_number, default=None)
             events = self._events_of(source)
             return events[-1] if events else None
+
+    def _bucket_lists(self, source: CategoryPartitionIdentifier) -> list[list[StoredEvent]]:
+        """The lists of the buckets of a partition (the category's list for one of one)."""
+        if source.partitions == 1:
+            return [self._categories.get(source.category, [])]
+        buckets = self._buckets.get(source.category)
+        return [] if buckets is None else [buckets[bucket] for bucket in source.buckets]
 
     def _events_of(
         self, source: LogIdentifier | CategoryIdentifier | StreamIdentifier

@@ -31,6 +31,14 @@ a gap-free prefix of what will ever commit: a reader resuming after sequence num
 never misses a later commit below N. Stream reads need no such filter: positions are
 taken under the stream's row lock, held until commit, so they commit in order.
 
+Partitions. A stream's bucket is ``stream_hash % 64`` (``PARTITION_BUCKETS``), indexed
+with the category and sequence number (migration 0004, an expression index on the hash
+written at publish). A partition ``p`` of ``N`` (a power of two) is the buckets ``p,
+p + N, ...``: its read is a UNION ALL of one ordered index scan per bucket under a
+Merge Append, which pulls only the rows it returns plus one per bucket (64 / N scans;
+one partition of one is the category). Measured on a category of 200,000 events: a read
+of 1,000 events of a partition of 16 touches about 800 buffers.
+
 Cost: a reader does not see an event until every transaction that took an xid before
 it has ended, anywhere in the database cluster. A long transaction that has written
 anything (not only eventmill's) delays delivery of later events until it ends; it never
@@ -55,6 +63,7 @@ from eventmill.backends.postgres.notifications import channel_name
 from eventmill.conditions import WriteCondition
 from eventmill.errors import UnmetWriteConditionError
 from eventmill.events import (
+    PARTITION_BUCKETS,
     CategoryIdentifier,
     CategoryPartitionIdentifier,
     EventSourceIdentifier,
@@ -88,10 +97,6 @@ _READ_CATEGORY = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND sequence_number > %s"
     f" AND {_VISIBLE} ORDER BY sequence_number LIMIT %s"
 )
-_READ_PARTITION = (
-    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND sequence_number > %s"
-    f" AND stream_hash %% %s = %s AND {_VISIBLE} ORDER BY sequence_number LIMIT %s"
-)
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
     " AND position > %s ORDER BY position LIMIT %s"
@@ -104,14 +109,30 @@ _LATEST_CATEGORY = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND {_VISIBLE}"
     " ORDER BY sequence_number DESC LIMIT 1"
 )
-_LATEST_PARTITION = (
-    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s"
-    f" AND stream_hash %% %s = %s AND {_VISIBLE} ORDER BY sequence_number DESC LIMIT 1"
-)
 _LATEST_STREAM = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
     " ORDER BY position DESC LIMIT 1"
 )
+
+
+def _partition_query(partitions: int, *, latest: bool) -> str:
+    """The read (or, with ``latest``, the latest-event) query of a partition of
+    ``partitions``: a merge of the ordered scans of its buckets. Parameters: category,
+    b0, b1, ... (the buckets) and, for reads, after and limit."""
+    if latest:
+        after, direction, limit = "", "DESC", "1"
+    else:
+        after, direction, limit = " AND sequence_number > %(after)s", "", "%(limit)s"
+    scans = [
+        f"(SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %(category)s"
+        f" AND stream_hash %% {PARTITION_BUCKETS} = %(b{number})s{after} AND {_VISIBLE}"
+        f" ORDER BY sequence_number {direction} LIMIT {limit})"
+        for number in range(PARTITION_BUCKETS // partitions)
+    ]
+    return (
+        f"SELECT * FROM ({' UNION ALL '.join(scans)}) AS partition_events"
+        f" ORDER BY sequence_number {direction} LIMIT {limit}"
+    )
 
 
 def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
@@ -129,6 +150,13 @@ def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
     )
 
 
+def _partition_parameters(source: CategoryPartitionIdentifier) -> dict[str, object]:
+    parameters: dict[str, object] = {"category": source.category}
+    for number, bucket in enumerate(source.buckets):
+        parameters[f"b{number}"] = bucket
+    return parameters
+
+
 def _stored_event_rows(cursor: AsyncCursor[Any]) -> RowMaker[StoredEvent]:
     return _make_stored_event
 
@@ -141,11 +169,10 @@ class PostgresEventStorage(EventStorage):
         self._publish = backend.sql(_PUBLISH)
         self._read_log = backend.sql(_READ_LOG)
         self._read_category = backend.sql(_READ_CATEGORY)
-        self._read_partition = backend.sql(_READ_PARTITION)
         self._read_stream = backend.sql(_READ_STREAM)
         self._latest_log = backend.sql(_LATEST_LOG)
         self._latest_category = backend.sql(_LATEST_CATEGORY)
-        self._latest_partition = backend.sql(_LATEST_PARTITION)
+        self._partition_queries: dict[tuple[int, bool], Any] = {}
         self._latest_stream = backend.sql(_LATEST_STREAM)
         self._channel = channel_name(backend.schema)
         self._unannounced: set[str] = set()
@@ -241,11 +268,13 @@ class PostgresEventStorage(EventStorage):
             start = 0 if after is None else after
             if isinstance(source, LogIdentifier):
                 query, parameters = self._read_log, (start, limit)
-            elif isinstance(source, CategoryIdentifier):
+            elif isinstance(source, CategoryIdentifier) or source.partitions == 1:
                 query, parameters = self._read_category, (source.category, start, limit)
             else:
-                query = self._read_partition
-                parameters = (source.category, start, source.partitions, source.partition, limit)
+                query = self._partition_query(source.partitions, latest=False)
+                return await self._fetch(
+                    query, {**_partition_parameters(source), "after": start, "limit": limit}
+                )
         return await self._fetch(query, parameters)
 
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
@@ -256,14 +285,29 @@ class PostgresEventStorage(EventStorage):
         elif isinstance(source, CategoryIdentifier):
             query, parameters = self._latest_category, (source.category,)
         elif isinstance(source, CategoryPartitionIdentifier):
-            query = self._latest_partition
-            parameters = (source.category, source.partitions, source.partition)
+            if source.partitions == 1:
+                query, parameters = self._latest_category, (source.category,)
+            else:
+                query = self._partition_query(source.partitions, latest=True)
+                found = await self._fetch(query, _partition_parameters(source))
+                return found[0] if found else None
         else:
             query, parameters = self._latest_stream, (source.category, source.stream)
         found = await self._fetch(query, parameters)
         return found[0] if found else None
 
-    async def _fetch(self, query: Any, parameters: tuple[object, ...]) -> list[StoredEvent]:
+    def _partition_query(self, partitions: int, *, latest: bool) -> Any:
+        key = (partitions, latest)
+        query = self._partition_queries.get(key)
+        if query is None:
+            query = self._partition_queries[key] = self._backend.sql(
+                _partition_query(partitions, latest=latest)
+            )
+        return query
+
+    async def _fetch(
+        self, query: Any, parameters: tuple[object, ...] | dict[str, object]
+    ) -> list[StoredEvent]:
         async with (
             self._backend.connection() as connection,
             connection.cursor(row_factory=_stored_event_rows) as cursor,

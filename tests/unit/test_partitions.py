@@ -1,0 +1,98 @@
+"""Partition identifiers: the stable stream hash, the allowed partition counts, buckets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from eventmill import CategoryPartitionIdentifier, InvalidIdentifierError
+from eventmill.events import (
+    PARTITION_BUCKETS,
+    identifier_from_json,
+    stream_bucket,
+    stream_hash,
+)
+
+# stream name, stream_hash, partition for 1, 2, 4, 16 and 64 partitions. Fixed here so a
+# change of hash (which would move streams between partitions under running consumers)
+# fails this test. Values are CRC-32 of the UTF-8 name.
+HASHES = [
+    ("order-1", 3769860079, (0, 1, 3, 15, 47)),
+    ("order-2", 2042244693, (0, 1, 1, 5, 21)),
+    ("order-3", 247275203, (0, 1, 3, 3, 3)),
+    ("customer-42", 1241360405, (0, 1, 1, 5, 21)),
+    ("a", 3904355907, (0, 1, 3, 3, 3)),
+    ("b", 1908338681, (0, 1, 1, 9, 57)),
+    ("ünïcødé-✓", 2531232385, (0, 1, 1, 1, 1)),
+    ("Stream With Spaces", 293765829, (0, 1, 1, 5, 5)),
+    ("stream-5", 4260282124, (0, 0, 0, 12, 12)),
+    ("order-10", 3297678263, (0, 1, 3, 7, 55)),
+]
+COUNTS = (1, 2, 4, 16, 64)
+
+
+@pytest.mark.parametrize(("stream", "hashed", "partitions"), HASHES)
+def test_the_stream_hash_and_partitions_are_fixed(
+    stream: str, hashed: int, partitions: tuple[int, ...]
+) -> None:
+    assert stream_hash(stream) == hashed
+    assert stream_bucket(stream) == hashed % 64
+    for count, expected in zip(COUNTS, partitions, strict=True):
+        owners = [
+            part
+            for part in range(count)
+            if CategoryPartitionIdentifier("c", part, count).contains(stream)
+        ]
+        assert owners == [expected]
+
+
+def test_the_hash_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    names = [stream for stream, _, _ in HASHES]
+    script = (
+        "import sys\nfrom eventmill.events import stream_hash\n"
+        "print(','.join(str(stream_hash(n)) for n in sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.stdout.strip() == ",".join(str(hashed) for _, hashed, _ in HASHES)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 8, 16, 32, 64])
+def test_a_partition_is_exactly_its_buckets(count: int) -> None:
+    partitions = [CategoryPartitionIdentifier("c", part, count) for part in range(count)]
+    assert sorted(b for p in partitions for b in p.buckets) == list(range(PARTITION_BUCKETS))
+    for number in range(300):
+        stream = f"s-{number}"
+        (owner,) = [p for p in partitions if p.contains(stream)]
+        assert stream_bucket(stream) in owner.buckets
+
+
+@pytest.mark.parametrize("count", [0, -2, 3, 6, 12, 48, 128, 1024])
+def test_partition_counts_other_than_powers_of_two_up_to_64_are_refused(count: int) -> None:
+    with pytest.raises(InvalidIdentifierError, match="power of two from 1 to 64"):
+        CategoryPartitionIdentifier("c", 0, count)
+
+
+@pytest.mark.parametrize(
+    ("partition", "partitions", "message"),
+    [(4, 4, "partition must be 0 to 3"), (-1, 4, "partition must be 0 to 3"), (0, 2.0, "int")],
+)
+def test_bad_partition_numbers_are_refused(
+    partition: int, partitions: object, message: str
+) -> None:
+    with pytest.raises(InvalidIdentifierError, match=message):
+        CategoryPartitionIdentifier("c", partition, partitions)  # type: ignore[arg-type]
+
+
+def test_partition_identifiers_round_trip_and_are_validated_from_json() -> None:
+    identifier = CategoryPartitionIdentifier("orders", 5, 16)
+    assert identifier_from_json(identifier.to_json()) == identifier
+    with pytest.raises(InvalidIdentifierError, match="power of two"):
+        identifier_from_json({**identifier.to_json(), "partitions": 24})
