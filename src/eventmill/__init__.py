@@ -4,6 +4,8 @@ The names here are the public API; everything else is internal unless documented
 """
 
 from eventmill.backends.base import LockManager
+from eventmill.broker.base import EventBroker
+from eventmill.broker.singleton import SingletonEventBroker
 from eventmill.conditions import WriteCondition, position_is, stream_is_empty
 from eventmill.consumers import (
     AutoCommitEventIteratorProcessor,
@@ -65,6 +67,7 @@ __all__ = [
     "ConflictError",
     "ContinueErrorHandler",
     "ErrorHandlingService",
+    "EventBroker",
     "EventCategory",
     "EventConsumerStateStore",
     "EventLog",
@@ -97,6 +100,7 @@ __all__ = [
     "SchemaError",
     "Service",
     "ServiceManager",
+    "SingletonEventBroker",
     "StaleEpochError",
     "StopTimeoutError",
     "StorageError",
