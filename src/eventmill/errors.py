@@ -11,6 +11,7 @@ through untouched.
     │   ├── InvalidEventError        event name, payload, metadata or time
     │   ├── InvalidIdentifierError   category, stream, identifier or its JSON form
     │   └── InvalidSettingsError     a setting out of range or of the wrong type
+    │       └── PartitioningChangedError  partitions unlike the group's checkpoints
     ├── UnmetWriteConditionError     a write condition did not hold; nothing written
     ├── ConflictError                optimistic concurrency lost (checkpoints, state)
     │   └── StaleEpochError          a save from a holder whose source moved away
@@ -45,6 +46,11 @@ class InvalidIdentifierError(InvalidInputError):
 
 class InvalidSettingsError(InvalidInputError):
     """A setting is out of range or of the wrong type."""
+
+
+class PartitioningChangedError(InvalidSettingsError):
+    """A group asks for a category in another number of partitions than its stored
+    checkpoints; see ``eventmill.partitions`` for why and how to reset."""
 
 
 class UnmetWriteConditionError(EventmillError):

@@ -7,9 +7,22 @@ import sys
 
 import pytest
 
-from eventmill import CategoryPartitionIdentifier, InvalidIdentifierError
+from eventmill import (
+    CategoryIdentifier,
+    CategoryPartitionIdentifier,
+    InvalidIdentifierError,
+    InvalidInputError,
+    LogIdentifier,
+    PartitioningChangedError,
+    StoredEvent,
+    StreamIdentifier,
+    make_subscriber,
+)
+from eventmill.backends.memory import InMemoryBackend
+from eventmill.broker.subscriber_manager import EventSubscriberManager
 from eventmill.events import (
     PARTITION_BUCKETS,
+    EventSourceIdentifier,
     identifier_from_json,
     stream_bucket,
     stream_hash,
@@ -96,3 +109,140 @@ def test_partition_identifiers_round_trip_and_are_validated_from_json() -> None:
     assert identifier_from_json(identifier.to_json()) == identifier
     with pytest.raises(InvalidIdentifierError, match="power of two"):
         identifier_from_json({**identifier.to_json(), "partitions": 24})
+
+
+# --- Partitioned subscriptions and the guard against changing the partition count ---
+
+
+async def handle(event: StoredEvent) -> None:
+    """A processor that does nothing."""
+
+
+def test_make_subscriber_asks_for_each_partition_of_each_category() -> None:
+    subscriber = make_subscriber(
+        InMemoryBackend(),
+        group="g",
+        sources=[CategoryIdentifier("a"), CategoryIdentifier("b")],
+        processor=handle,
+        partitions=4,
+    )
+    assert list(subscriber.subscription_requests) == [
+        *(CategoryPartitionIdentifier("a", n, 4) for n in range(4)),
+        *(CategoryPartitionIdentifier("b", n, 4) for n in range(4)),
+    ]
+    plain = make_subscriber(InMemoryBackend(), group="g", sources=LogIdentifier(), processor=handle)
+    assert list(plain.subscription_requests) == [LogIdentifier()]
+
+
+def test_make_subscriber_refuses_bad_partitioning() -> None:
+    with pytest.raises(InvalidIdentifierError, match="power of two"):
+        make_subscriber(
+            InMemoryBackend(),
+            group="g",
+            sources=CategoryIdentifier("a"),
+            processor=handle,
+            partitions=3,
+        )
+    with pytest.raises(InvalidInputError, match="only a category can be partitioned"):
+        make_subscriber(
+            InMemoryBackend(),
+            group="g",
+            sources=StreamIdentifier("a", "s"),
+            processor=handle,
+            partitions=2,
+        )
+    with pytest.raises(InvalidInputError, match="reset_repartitioned must be a bool"):
+        make_subscriber(
+            InMemoryBackend(),
+            group="g",
+            sources=CategoryIdentifier("a"),
+            processor=handle,
+            reset_repartitioned=1,  # type: ignore[arg-type]
+        )
+
+
+async def save(
+    backend: InMemoryBackend, group: str, source: EventSourceIdentifier, after: int | None
+) -> None:
+    current = await backend.checkpoints.get(group, source)
+    await backend.checkpoints.save(
+        group, source, after, expected_version=None if current is None else current.version
+    )
+
+
+async def test_a_changed_partition_count_is_refused_while_the_group_has_progress() -> None:
+    backend = InMemoryBackend()
+    for number in range(8):
+        await save(backend, "g", CategoryPartitionIdentifier("orders", number, 8), 10 + number)
+    await save(backend, "other-group", CategoryPartitionIdentifier("orders", 0, 2), 5)
+    await save(backend, "g", CategoryIdentifier("customers"), 7)
+    same = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle, partitions=8
+    )
+    await same.check_partitioning()
+    changed = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle, partitions=16
+    )
+    with pytest.raises(PartitioningChangedError, match=r"'orders' in 16 partition\(s\).* in 8"):
+        await changed.check_partitioning()
+    unpartitioned = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle
+    )
+    with pytest.raises(PartitioningChangedError, match="in 1 partition"):
+        await unpartitioned.check_partitioning()
+    now_partitioned = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("customers"), processor=handle, partitions=2
+    )
+    with pytest.raises(PartitioningChangedError, match="'customers' in 2"):
+        await now_partitioned.check_partitioning()
+    assert (
+        await backend.checkpoints.get("g", CategoryPartitionIdentifier("orders", 3, 8))
+    ).after == 13  # type: ignore[union-attr]
+
+
+async def test_a_reset_processes_the_category_again_from_the_start_under_the_new_count() -> None:
+    backend = InMemoryBackend()
+    for number in range(4):
+        await save(backend, "g", CategoryPartitionIdentifier("orders", number, 4), 10)
+    await save(backend, "g", CategoryPartitionIdentifier("orders", 1, 2), 3)  # an older change
+    await save(backend, "g", CategoryIdentifier("customers"), 7)
+    resetting = make_subscriber(
+        backend,
+        group="g",
+        sources=CategoryIdentifier("orders"),
+        processor=handle,
+        partitions=2,
+        reset_repartitioned=True,
+    )
+    await resetting.check_partitioning()
+    kept = {str(c.source): c.after for c in await backend.checkpoints.list("g")}
+    assert kept == {
+        **{str(CategoryPartitionIdentifier("orders", n, 4)): None for n in range(4)},
+        str(CategoryPartitionIdentifier("orders", 1, 2)): None,
+        "category:customers": 7,
+    }
+    await save(backend, "g", CategoryPartitionIdentifier("orders", 1, 2), 20)
+    # A second instance asking for a reset finds nothing to reset: progress stays.
+    await resetting.check_partitioning()
+    after = await backend.checkpoints.get("g", CategoryPartitionIdentifier("orders", 1, 2))
+    assert after is not None and after.after == 20
+    await make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle, partitions=2
+    ).check_partitioning()
+
+
+async def test_registration_refuses_a_changed_partition_count_and_records_nothing() -> None:
+    backend = InMemoryBackend()
+    await save(backend, "g", CategoryPartitionIdentifier("orders", 0, 4), 1)
+    manager = EventSubscriberManager(backend, "node-1")
+    changed = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle, partitions=8
+    )
+    with pytest.raises(PartitioningChangedError):
+        await manager.register(changed)
+    assert await backend.subscribers.list() == [] and manager.subscribers == []
+    kept = make_subscriber(
+        backend, group="g", sources=CategoryIdentifier("orders"), processor=handle, partitions=4
+    )
+    await manager.register(kept)
+    assert [record.id for record in await backend.subscribers.list()] == [kept.id]

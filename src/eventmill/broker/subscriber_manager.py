@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from eventmill.backends.base import Backend
 from eventmill.broker.loop import BrokerLoop, check_interval
-from eventmill.consumers.subscription_consumer import EventSubscriber
+from eventmill.consumers.subscription_consumer import EventSubscriber, EventSubscriptionConsumer
 from eventmill.errors import InvalidInputError
 from eventmill.events import check_name
 
@@ -51,11 +51,14 @@ class EventSubscriberManager(BrokerLoop):
 
     async def register(self, subscriber: EventSubscriber) -> None:
         """Add ``subscriber`` and record it alive now. Raises InvalidInputError when
-        another subscriber of the group has this id here, StorageError."""
+        another subscriber of the group has this id here, PartitioningChangedError when
+        it partitions a category otherwise than the group's checkpoints, StorageError."""
         key = (subscriber.group, subscriber.id)
         known = self._subscribers.get(key)
         if known is not None and known is not subscriber:
             raise InvalidInputError(f"subscriber {key[1]!r} of {key[0]!r} is already registered")
+        if isinstance(subscriber, EventSubscriptionConsumer):
+            await subscriber.check_partitioning()
         await self._backend.subscribers.register(
             subscriber.group, subscriber.id, self.node_id, subscriber.subscription_requests
         )

@@ -34,6 +34,7 @@ from eventmill.consumers.source_consumer import (
 from eventmill.consumers.state import EventConsumerStateStore
 from eventmill.errors import InvalidInputError, StaleEpochError
 from eventmill.events import EventSourceIdentifier, check_identifier, check_name
+from eventmill.partitions import check_partitioning, partition_requests
 from eventmill.services.service import Service
 from eventmill.services.status import ProcessStatus
 from eventmill.sources import EventSource
@@ -87,7 +88,7 @@ class EventSubscriptionConsumer(Service[int]):
     """A subscriber consuming each source it holds with its own delegate consumer.
 
     ``processor_factory(source)`` makes the processor of a newly accepted source.
-    Construction does no I/O.
+    ``reset_repartitioned``: see ``check_partitioning``. Construction does no I/O.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class EventSubscriptionConsumer(Service[int]):
         processor_factory: Callable[[EventSourceIdentifier], Processor],
         settings: ConsumerSettings | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
+        reset_repartitioned: bool = False,
     ) -> None:
         if not isinstance(backend, Backend):
             raise InvalidInputError(f"a subscriber needs a Backend, not {backend!r:.80}")
@@ -124,6 +126,11 @@ class EventSubscriptionConsumer(Service[int]):
         self._processor_factory = processor_factory
         self.settings = settings or ConsumerSettings()
         self.page_size = check_page_size(page_size)
+        if type(reset_repartitioned) is not bool:
+            raise InvalidInputError(
+                f"reset_repartitioned must be a bool, not {reset_repartitioned!r:.80}"
+            )
+        self.reset_repartitioned = reset_repartitioned
         self._holdings: dict[EventSourceIdentifier, _Holding] = {}
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._tokens = itertools.count()
@@ -146,6 +153,16 @@ class EventSubscriptionConsumer(Service[int]):
     def sources(self) -> Mapping[EventSourceIdentifier, int]:
         """The held sources and the epoch of each (a read-only snapshot)."""
         return MappingProxyType({source: h.epoch for source, h in self._holdings.items()})
+
+    async def check_partitioning(self) -> None:
+        """Brokers call this at registration: raise PartitioningChangedError when the
+        requests partition a category otherwise than the group's stored checkpoints,
+        or, with ``reset_repartitioned``, reset those checkpoints (the category is
+        processed again from the start). See ``eventmill.partitions``. Blocks for a
+        checkpoint listing; raises StorageError."""
+        await check_partitioning(
+            self.backend.checkpoints, self._group, self._requests, reset=self.reset_repartitioned
+        )
 
     def consumer_of(self, source: EventSourceIdentifier) -> EventSourceConsumer | None:
         """The delegate consumer of a held source, or None."""
@@ -279,11 +296,17 @@ def make_subscriber(
     id: str | None = None,
     checkpoint_every: int = 100,
     page_size: int = DEFAULT_PAGE_SIZE,
+    partitions: int | None = None,
+    reset_repartitioned: bool = False,
 ) -> EventSubscriptionConsumer:
     """A subscriber of ``group`` asking for ``sources``, feeding every source it is
     given to the one ``processor`` (passes run one source at a time). ``id`` defaults
-    to the group plus a random suffix. Raises InvalidInputError for bad arguments."""
+    to the group plus a random suffix. With ``partitions=N`` each category source is
+    asked for as its N partitions, which the group's instances share (N a power of two
+    up to 64; changing it later is refused unless ``reset_repartitioned``, see
+    ``eventmill.partitions``). Raises InvalidInputError for bad arguments."""
     requests = [sources] if not isinstance(sources, Sequence) else list(sources)
+    requests = partition_requests(requests, partitions)
     chosen = check_processor(processor)
     return EventSubscriptionConsumer(
         backend,
@@ -293,4 +316,5 @@ def make_subscriber(
         processor_factory=lambda _source: chosen,
         settings=ConsumerSettings(checkpoint_every=checkpoint_every),
         page_size=page_size,
+        reset_repartitioned=reset_repartitioned,
     )
