@@ -33,7 +33,7 @@ from eventmill.backends.base import (
 )
 from eventmill.broker.allocation import allocate
 from eventmill.broker.base import EventBroker
-from eventmill.consumers.subscription_consumer import EventSubscriber
+from eventmill.consumers.subscription_consumer import EventSubscriber, EventSubscriptionConsumer
 from eventmill.errors import InvalidInputError, LifecycleError, StorageError
 from eventmill.events import EventSourceIdentifier
 from eventmill.services.status import ProcessStatus
@@ -91,10 +91,14 @@ class SingletonEventBroker(EventBroker):
 
     async def register(self, subscriber: EventSubscriber) -> None:
         """Add ``subscriber``; the next round gives it its share. Never blocks for long.
-        Raises InvalidInputError for a (group, id) already registered."""
+        Raises InvalidInputError for a (group, id) already registered,
+        PartitioningChangedError when it partitions a category otherwise than the
+        group's checkpoints."""
         if not isinstance(subscriber, EventSubscriber):
             raise InvalidInputError(f"not an EventSubscriber: {subscriber!r:.80}")
         key = (subscriber.group, subscriber.id)
+        if isinstance(subscriber, EventSubscriptionConsumer) and key not in self._members:
+            await subscriber.check_partitioning()
         async with self._lock:
             if key in self._members:
                 raise InvalidInputError(
