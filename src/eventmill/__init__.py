@@ -18,6 +18,7 @@ from eventmill.consumers import (
     make_subscriber,
 )
 from eventmill.errors import (
+    CatchUpTimeoutError,
     ConflictError,
     EventmillError,
     ExitRequestedError,
@@ -44,6 +45,7 @@ from eventmill.events import (
     StreamIdentifier,
     identifier_from_json,
 )
+from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
 from eventmill.services import (
     ContinueErrorHandler,
     ErrorHandlingService,
@@ -63,6 +65,7 @@ from eventmill.store import EventCategory, EventLog, EventStore, EventStream
 
 __all__ = [
     "AutoCommitEventIteratorProcessor",
+    "CatchUpTimeoutError",
     "CategoryIdentifier",
     "CategoryPartitionIdentifier",
     "ConflictError",
@@ -72,6 +75,7 @@ __all__ = [
     "EventCategory",
     "EventConsumerStateStore",
     "EventLog",
+    "EventProcessingNode",
     "EventProcessor",
     "EventSourceConsumer",
     "EventSourceIdentifier",
@@ -93,6 +97,8 @@ __all__ = [
     "LogIdentifier",
     "ManagedEventIteratorProcessor",
     "NewEvent",
+    "NodeMode",
+    "NodeSettings",
     "PartitioningChangedError",
     "PollingService",
     "Process",

@@ -19,6 +19,7 @@ through untouched.
     ├── LockLostError                a held lock is gone (its connection died)
     ├── ExitRequestedError           a service asked for an orderly exit (ExitDecision)
     ├── StopTimeoutError             services still running when a stop timed out
+    ├── CatchUpTimeoutError          a node did not catch up within the time given
     └── StorageError                 the backend failed (database down, timeout...)
         └── SchemaError              schema missing or of another version
 """
@@ -102,6 +103,10 @@ class StopTimeoutError(EventmillError, TimeoutError):
     def __init__(self, names: list[str]) -> None:
         self.names = names
         super().__init__(f"services still running after the stop timeout: {', '.join(names)}")
+
+
+class CatchUpTimeoutError(EventmillError, TimeoutError):
+    """``EventProcessingNode.wait_caught_up`` ran out of time."""
 
 
 class StorageError(EventmillError):
