@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-MODULES = ["store_memory", "store_postgres", "allocation", "consumers"]
+MODULES = ["store_memory", "store_postgres", "allocation", "consumers", "partitions"]
 
 
 def main(names: list[str]) -> None:
