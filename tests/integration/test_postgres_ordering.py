@@ -204,6 +204,19 @@ async def test_an_open_transaction_hides_later_events_until_it_ends() -> None:
         assert (await store.log().latest()) == later[0]
 
 
+async def test_an_open_transaction_that_does_not_publish_delays_nothing() -> None:
+    """Only publishers in flight hold the watermark back: a checkpoint transaction or a
+    user's own long transaction, holding a transaction id, does not."""
+    async with fresh_postgres_backend() as backend, await connect() as holder:
+        store = EventStore(backend)
+        async with holder.transaction():
+            await holder.execute("SELECT pg_current_xact_id()")  # holds an xid, open
+            published = await store.stream(category="c", stream="s").publish(events(2))
+            assert await store.log().read() == published
+            assert await store.category("c").read() == published
+            assert await store.log().latest() == published[-1]
+
+
 async def test_a_rolled_back_publish_is_never_seen_and_does_not_block() -> None:
     async with fresh_postgres_backend() as backend, await connect() as holder:
         store = EventStore(backend)

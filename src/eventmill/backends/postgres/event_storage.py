@@ -17,32 +17,27 @@ autocommit statement (one round trip, its own transaction). Inside, in this orde
 
 Wake-ups. After the publish has committed, the category is announced with NOTIFY on
 the channel ``<schema>_events`` by a background task that folds the categories of
-concurrent publishes into one statement. It runs in its own transaction, which has no
-transaction id and so writes no WAL: a NOTIFY inside the publishing transaction would
-hold PostgreSQL's notification lock through that transaction's WAL flush and make
-concurrent publishers commit one at a time. A lost announcement costs latency only:
-readers poll as well.
+publishes within a few milliseconds into one statement. It runs in a short
+transaction of its own: a NOTIFY inside the publishing transaction would hold
+PostgreSQL's notification lock through that transaction's commit and make concurrent
+publishers commit one at a time. A lost announcement costs latency only: readers poll
+as well.
 
-Reading. The log, categories and partitions return only events whose xid is below the
-reader's snapshot xmin (``pg_snapshot_xmin(pg_current_snapshot())``), the oldest
-transaction still running. Such an event's transaction has finished, and so has every
-publisher with a lower sequence number (its xid is lower still), so each read returns
-a gap-free prefix of what will ever commit: a reader resuming after sequence number N
-never misses a later commit below N. Stream reads need no such filter: positions are
-taken under the stream's row lock, held until commit, so they commit in order.
+Reading. The log, categories and partitions return only events below a visibility
+watermark: the oldest transaction id among publishers still in flight (each holds a
+shared advisory lock from before it takes its xid until it ends, found in
+``pg_locks``), or the snapshot's xmax when none is. The watermark is taken by one
+statement and the events read by the next (pipelined, one round trip), so the read's
+snapshot sees every publisher that had ended when the watermark was taken. An event
+below the watermark has finished publishing, and so has every publisher with a lower
+sequence number (its xid is lower still), so each read returns a gap-free prefix of
+what will ever commit: a reader resuming after sequence number N never misses a later
+commit below N. Stream reads need no watermark: positions are taken under the
+stream's row lock, held until commit, so a stream's events commit in order.
 
-Partitions. A stream's bucket is ``stream_hash % 64`` (``PARTITION_BUCKETS``), indexed
-with the category and sequence number (migration 0004, an expression index on the hash
-written at publish). A partition ``p`` of ``N`` (a power of two) is the buckets ``p,
-p + N, ...``: its read is a UNION ALL of one ordered index scan per bucket under a
-Merge Append, which pulls only the rows it returns plus one per bucket (64 / N scans;
-one partition of one is the category). Measured on a category of 200,000 events: a read
-of 1,000 events of a partition of 16 touches about 800 buffers.
-
-Cost: a reader does not see an event until every transaction that took an xid before
-it has ended, anywhere in the database cluster. A long transaction that has written
-anything (not only eventmill's) delays delivery of later events until it ends; it never
-causes one to be skipped.
+Cost: a reader does not see an event until every publisher that took its xid earlier
+has ended. Other transactions (consumers' checkpoint transactions, your own work in
+the same database) never delay delivery.
 """
 
 from __future__ import annotations
@@ -51,7 +46,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -83,11 +78,18 @@ _COLUMNS = (
     "sequence_number, id::text, name, category, stream, position, payload, metadata,"
     " occurred_at, observed_at"
 )
-_VISIBLE = "transaction_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))"
+_VISIBLE = "transaction_id < current_setting('eventmill.watermark')::xid8"
+_SET_WATERMARK = (
+    "SELECT set_config('eventmill.watermark', {schema}.publication_watermark()::text, false)"
+)
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
 _ANNOUNCE = "SELECT pg_notify(%s, category) FROM unnest(%s::text[]) AS category"
 logger = logging.getLogger(__name__)
+
+# Publishes within this window of an announcement share the next one: a burst costs a
+# NOTIFY per window, not per publish, and delays wake-ups by at most the window.
+ANNOUNCE_WINDOW = timedelta(milliseconds=3)
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _READ_LOG = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
@@ -174,6 +176,7 @@ class PostgresEventStorage(EventStorage):
         self._latest_category = backend.sql(_LATEST_CATEGORY)
         self._partition_queries: dict[tuple[int, bool], Any] = {}
         self._latest_stream = backend.sql(_LATEST_STREAM)
+        self._set_watermark = backend.sql(_SET_WATERMARK)
         self._channel = channel_name(backend.schema)
         self._unannounced: set[str] = set()
         self._announcer: asyncio.Task[None] | None = None
@@ -238,6 +241,7 @@ class PostgresEventStorage(EventStorage):
             )
 
     async def _send_announcements(self) -> None:
+        """Announce at once, then at most once per ANNOUNCE_WINDOW while publishes go on."""
         while self._unannounced:
             categories = sorted(self._unannounced)
             self._unannounced.clear()
@@ -246,6 +250,7 @@ class PostgresEventStorage(EventStorage):
                     await connection.execute(_ANNOUNCE, (self._channel, categories), prepare=True)
             except Exception as error:  # only latency is lost: readers poll as well
                 logger.warning("eventmill: could not announce published events: %s", error)
+            await asyncio.sleep(ANNOUNCE_WINDOW.total_seconds())
 
     async def close(self) -> None:
         """Send the announcements still queued. Blocks until they are sent or failed."""
@@ -264,6 +269,7 @@ class PostgresEventStorage(EventStorage):
                 -1 if after is None else after,
                 limit,
             )
+            return await self._fetch(query, parameters, watermark=False)
         else:
             start = 0 if after is None else after
             if isinstance(source, LogIdentifier):
@@ -292,7 +298,9 @@ class PostgresEventStorage(EventStorage):
                 found = await self._fetch(query, _partition_parameters(source))
                 return found[0] if found else None
         else:
-            query, parameters = self._latest_stream, (source.category, source.stream)
+            stream = (source.category, source.stream)
+            found = await self._fetch(self._latest_stream, stream, watermark=False)
+            return found[0] if found else None
         found = await self._fetch(query, parameters)
         return found[0] if found else None
 
@@ -306,11 +314,21 @@ class PostgresEventStorage(EventStorage):
         return query
 
     async def _fetch(
-        self, query: Any, parameters: tuple[object, ...] | dict[str, object]
+        self,
+        query: Any,
+        parameters: tuple[object, ...] | dict[str, object],
+        *,
+        watermark: bool = True,
     ) -> list[StoredEvent]:
+        """Run a read; with ``watermark``, first set the visibility watermark (same trip)."""
         async with (
             self._backend.connection() as connection,
             connection.cursor(row_factory=_stored_event_rows) as cursor,
         ):
-            await cursor.execute(query, parameters, prepare=True)
+            if not watermark:
+                await cursor.execute(query, parameters, prepare=True)
+                return await cursor.fetchall()
+            async with connection.pipeline():
+                await connection.execute(self._set_watermark, prepare=True)
+                await cursor.execute(query, parameters, prepare=True)
             return await cursor.fetchall()

@@ -58,6 +58,9 @@ BEGIN
         RAISE EXCEPTION 'publish must be the first write of its transaction'
             USING ERRCODE = 'EM002';
     END IF;
+    -- Mark this transaction as a publisher in flight until it ends: readers take the
+    -- oldest xid among the holders of this shared lock as their visibility watermark.
+    PERFORM pg_advisory_xact_lock_shared(1162690869, lock_key);
     -- (b) xid and sequence numbers in one short critical section: xid order equals
     -- sequence-number order for every publisher. The session lock is released here,
     -- long before commit; the handler releases it if anything fails in between.
@@ -115,4 +118,35 @@ BEGIN
     SELECT string_agg(inserted.id::text, ',' ORDER BY inserted.sequence_number)
         INTO event_ids FROM inserted;
 END
+$$;
+
+-- The visibility watermark for reads: every event whose transaction id is below it
+-- has committed or rolled back for good. It is the oldest transaction id among the
+-- publishers in flight (holders of the shared advisory lock that publish takes before
+-- its xid), or, when there is none, the snapshot's xmax (every later publisher's xid
+-- is at least that). Readers must take it in a statement BEFORE the one that reads, so
+-- the read's snapshot sees every publisher that ended before the watermark was taken.
+-- pg_locks reports 32-bit xids; they are widened with the epoch of the snapshot's
+-- xmax (a running xid may be above xmax, but never by 2^31 or more).
+CREATE FUNCTION {schema}.publication_watermark() RETURNS xid8 LANGUAGE sql VOLATILE AS $$
+    WITH horizon AS (
+        SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS next
+    ), publishers AS (
+        SELECT (horizon.next & ~4294967295::bigint) | own.transactionid::text::bigint AS xid
+        FROM pg_locks AS marker
+        JOIN pg_locks AS own ON own.pid = marker.pid AND own.locktype = 'transactionid'
+            AND own.mode = 'ExclusiveLock' AND own.granted
+        CROSS JOIN horizon
+        WHERE marker.locktype = 'advisory' AND marker.granted
+            AND marker.classid = 1162690869
+            AND marker.objid = '{schema}.event_sequence_numbers'::regclass::oid
+            AND marker.objsubid = 2
+            AND marker.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    )
+    SELECT least(
+        horizon.next,
+        (SELECT min(CASE WHEN xid > horizon.next + 2147483648 THEN xid - 4294967296 ELSE xid END)
+         FROM publishers)
+    )::text::xid8
+    FROM horizon
 $$;
