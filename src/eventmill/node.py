@@ -388,13 +388,17 @@ class EventProcessingNode:
         isolation_mode: IsolationMode | None = None,
         id: str | None = None,
         partitions: int | None = None,
+        reset_repartitioned: bool = False,
     ) -> SubscriberHandle:
         """Add a subscriber of ``group`` asking for ``source`` (one identifier or a
         list), feeding what it is given to ``processor``; the other arguments override
         the node's settings. ``id`` defaults to ``group@node_id``; ``partitions=N``
         asks for each category as its N partitions (see ``make_subscriber``), so the
-        group's instances can share one category. Before ``run()`` it starts with the
-        node; while the node runs it starts at once (``wait_ready()`` waits for it).
+        group's instances can share one category; a changed N is refused at
+        registration (PartitioningChangedError) unless ``reset_repartitioned``
+        processes the category again from the start (see ``eventmill.partitions``).
+        Before ``run()`` it starts with the node; while the node runs it starts at once
+        (``wait_ready()`` waits for it).
 
         Raises InvalidInputError / InvalidSettingsError for bad arguments (nothing is
         registered then), InvalidSettingsError on a COORDINATOR node, LifecycleError
@@ -438,6 +442,7 @@ class EventProcessingNode:
             checkpoint_every=every,
             page_size=settings.page_size,
             partitions=partitions,
+            reset_repartitioned=reset_repartitioned,
         )
         passes = _SubscriberPasses(subscriber, self._may_process)
         polling = PollingService(

@@ -10,9 +10,13 @@ import pytest
 from eventmill import (
     CategoryIdentifier,
     CategoryPartitionIdentifier,
+    EventProcessingNode,
+    EventStore,
     InvalidIdentifierError,
     InvalidInputError,
     LogIdentifier,
+    NewEvent,
+    NodeMode,
     PartitioningChangedError,
     StoredEvent,
     StreamIdentifier,
@@ -246,3 +250,35 @@ async def test_registration_refuses_a_changed_partition_count_and_records_nothin
     )
     await manager.register(kept)
     assert [record.id for record in await backend.subscribers.list()] == [kept.id]
+
+
+async def test_a_node_refuses_to_start_a_repartitioned_subscriber_unless_reset() -> None:
+    backend = InMemoryBackend()
+    await save(backend, "g", CategoryPartitionIdentifier("orders", 0, 8), 3)
+    store = EventStore(backend)
+    await store.stream(category="orders", stream="order-1").publish([NewEvent(name="placed")])
+    refused = EventProcessingNode(backend, mode=NodeMode.BOTH, node_id="n1")
+    refused.register_subscriber(
+        group="g", source=CategoryIdentifier("orders"), processor=handle, partitions=16
+    )
+    with pytest.raises(PartitioningChangedError, match="in 8"):
+        async with refused:
+            pass
+    seen: list[int] = []
+
+    async def record(event: StoredEvent) -> None:
+        seen.append(event.sequence_number)
+
+    node = EventProcessingNode(backend, mode=NodeMode.BOTH, node_id="n2")
+    node.register_subscriber(
+        group="g",
+        source=CategoryIdentifier("orders"),
+        processor=record,
+        partitions=16,
+        reset_repartitioned=True,
+    )
+    async with node:
+        await node.wait_caught_up(timeout=10)
+    assert seen == [1]
+    old = await backend.checkpoints.get("g", CategoryPartitionIdentifier("orders", 0, 8))
+    assert old is not None and old.after is None
