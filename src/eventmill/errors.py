@@ -115,3 +115,13 @@ class StorageError(EventmillError):
 
 class SchemaError(StorageError):
     """The database schema is missing or of a version this code does not know."""
+
+
+def describe(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages; never raises
+    (an int too long to print, or an object whose ``__repr__`` fails, is named by type)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

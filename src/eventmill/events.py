@@ -8,7 +8,10 @@ through JSON (``to_json()`` / ``identifier_from_json()``).
 Validation happens here, at construction, so a bad event fails before anything is
 written: names are non-empty strings of at most ``MAX_NAME_LENGTH`` characters with no
 NUL or unpaired surrogate; payload and metadata are JSON objects made of ``dict`` (with
-``str`` keys), ``list``, ``str``, ``int``, finite ``float``, ``bool`` and ``None``.
+``str`` keys), ``list``, ``str``, ``int`` (below ``2**MAX_INT_BITS`` in size), finite
+``float``, ``bool`` and ``None``, nested at most ``MAX_JSON_DEPTH`` containers deep.
+``occurred_at`` must be timezone-aware and is kept in UTC (the same instant), within
+years 1 to 9999 there.
 A payload is copied when the event is made, so changing your dict afterwards does not
 change what is stored. Payloads read back are plain dicts; treat them as read-only.
 """
@@ -24,12 +27,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
-from eventmill.errors import InvalidEventError, InvalidIdentifierError
+from eventmill.errors import InvalidEventError, InvalidIdentifierError, describe
 
 JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
 JsonObject: TypeAlias = dict[str, JsonValue]
 
 MAX_NAME_LENGTH = 255
+MAX_JSON_DEPTH = 100
+"""How many lists and objects deep a payload or metadata may nest."""
+MAX_INT_BITS = 4096
+"""JSON integers must be below ``2**MAX_INT_BITS`` in absolute value (text and PostgreSQL
+``jsonb`` round trips stay exact and cheap)."""
 
 
 def _text_problem(value: object) -> str | None:
@@ -57,11 +65,14 @@ def check_name(value: object, what: str, error: type[Exception] = InvalidIdentif
             problem = f"must be at most {MAX_NAME_LENGTH} characters, not {len(value)}"
         else:
             return value
-    raise error(f"{what} {problem}: {value!r:.80}")
+    raise error(f"{what} {problem}: {describe(value)}")
 
 
-def _copy_json(value: Any, where: str) -> JsonValue:
-    """A deep copy of ``value`` if it is JSON; raise InvalidEventError naming the place if not."""
+def _copy_json(value: Any, where: str, depth: int = 0) -> JsonValue:
+    """A deep copy of ``value`` if it is JSON; raise InvalidEventError naming the place if not.
+
+    ``depth`` counts the lists and objects around ``value``.
+    """
     if value is None or value is True or value is False:
         return value
     kind = type(value)
@@ -71,25 +82,34 @@ def _copy_json(value: Any, where: str) -> JsonValue:
             raise InvalidEventError(f"{where}: a string {problem}")
         return value  # type: ignore[no-any-return]
     if kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            raise InvalidEventError(f"{where}: integers must be below 2**{MAX_INT_BITS} in size")
         return value  # type: ignore[no-any-return]
     if kind is float:
         if not math.isfinite(value):
-            raise InvalidEventError(f"{where}: {value!r} is not valid JSON (NaN or infinity)")
+            raise InvalidEventError(
+                f"{where}: {describe(value)} is not valid JSON (NaN or infinity)"
+            )
         return value  # type: ignore[no-any-return]
+    if (kind is dict or kind is list) and depth >= MAX_JSON_DEPTH:
+        raise InvalidEventError(
+            f"{where}: nested more than {MAX_JSON_DEPTH} lists and objects deep"
+        )
     if kind is dict:
         copied: dict[str, JsonValue] = {}
         for key, item in value.items():
             if type(key) is not str:
                 raise InvalidEventError(
-                    f"{where}: object keys must be str, not {type(key).__name__} ({key!r:.40})"
+                    f"{where}: object keys must be str,"
+                    f" not {type(key).__name__} ({describe(key, 40)})"
                 )
             problem = _text_problem(key)
             if problem is not None:
                 raise InvalidEventError(f"{where}: an object key {problem}")
-            copied[key] = _copy_json(item, f"{where}.{key}")
+            copied[key] = _copy_json(item, f"{where}.{key}", depth + 1)
         return copied
     if kind is list:
-        return [_copy_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_copy_json(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)]
     raise InvalidEventError(
         f"{where}: {kind.__name__} is not JSON (use dict, list, str, int, float, bool or None)"
     )
@@ -102,12 +122,18 @@ def copy_json_object(value: object, where: str) -> JsonObject:
     return _copy_json(dict(value), where)  # type: ignore[return-value]
 
 
-def _check_time(value: object, what: str) -> datetime:
+def _utc_time(value: object, what: str) -> datetime:
+    """``value`` as a UTC datetime; raise InvalidEventError if it is naive or out of range."""
     if not isinstance(value, datetime):
         raise InvalidEventError(f"{what} must be a datetime, not {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidEventError(f"{what} must be timezone-aware: {value!r}")
-    return value
+        raise InvalidEventError(f"{what} must be timezone-aware: {describe(value)}")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidEventError(
+            f"{what} is outside years 1 to 9999 in UTC: {describe(value)}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +149,7 @@ class NewEvent:
         check_name(self.name, "event name", InvalidEventError)
         object.__setattr__(self, "payload", copy_json_object(self.payload, "payload"))
         object.__setattr__(self, "metadata", copy_json_object(self.metadata, "metadata"))
-        _check_time(self.occurred_at, "occurred_at")
+        object.__setattr__(self, "occurred_at", _utc_time(self.occurred_at, "occurred_at"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -268,7 +294,7 @@ EventSourceIdentifier: TypeAlias = (
 def identifier_from_json(value: object) -> EventSourceIdentifier:
     """The identifier a ``to_json()`` produced. Raises InvalidIdentifierError otherwise."""
     if not isinstance(value, Mapping):
-        raise InvalidIdentifierError(f"an identifier must be a JSON object, not {value!r:.80}")
+        raise InvalidIdentifierError(f"an identifier must be a JSON object, not {describe(value)}")
     data: Mapping[str, Any] = value
     kind = data.get("type")
     fields = {key: item for key, item in data.items() if key != "type"}
@@ -282,7 +308,7 @@ def identifier_from_json(value: object) -> EventSourceIdentifier:
         ),
     }
     if not isinstance(kind, str) or kind not in expected:
-        raise InvalidIdentifierError(f"unknown identifier type {kind!r:.80}")
+        raise InvalidIdentifierError(f"unknown identifier type {describe(kind)}")
     cls, names = expected[kind]
     if set(fields) != names:
         raise InvalidIdentifierError(
@@ -297,7 +323,7 @@ def check_identifier(value: object) -> EventSourceIdentifier:
         value, LogIdentifier | CategoryIdentifier | StreamIdentifier | CategoryPartitionIdentifier
     ):
         return value
-    raise InvalidIdentifierError(f"not an event source identifier: {value!r:.80}")
+    raise InvalidIdentifierError(f"not an event source identifier: {describe(value)}")
 
 
 def source_key(identifier: EventSourceIdentifier) -> str:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from eventmill.backends.base import Backend
 from eventmill.conditions import WriteCondition, check_condition
-from eventmill.errors import InvalidEventError, InvalidInputError
+from eventmill.errors import InvalidEventError, InvalidInputError, describe
 from eventmill.events import (
     CategoryIdentifier,
     EventSourceIdentifier,
@@ -36,14 +36,16 @@ MAX_EVENTS_PER_PUBLISH = 10_000
 def check_page_size(value: object, what: str = "page_size") -> int:
     """Return ``value`` if it is an int from 1 to MAX_PAGE_SIZE; raise InvalidInputError."""
     if type(value) is not int or not 1 <= value <= MAX_PAGE_SIZE:
-        raise InvalidInputError(f"{what} must be an int from 1 to {MAX_PAGE_SIZE}, not {value!r}")
+        raise InvalidInputError(
+            f"{what} must be an int from 1 to {MAX_PAGE_SIZE}, not {describe(value)}"
+        )
     return value
 
 
 def _check_after(value: object) -> int | None:
     if value is None or (type(value) is int and value >= 0):
         return value
-    raise InvalidInputError(f"after must be None or an int >= 0, not {value!r:.80}")
+    raise InvalidInputError(f"after must be None or an int >= 0, not {describe(value)}")
 
 
 class EventSourceHandle:
@@ -81,7 +83,7 @@ class EventSourceHandle:
     ) -> list[StoredEvent]:
         """The events after ``after`` as a list (at most ``limit``). Raises StorageError."""
         if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidInputError(f"limit must be None or an int >= 0, not {limit!r:.80}")
+            raise InvalidInputError(f"limit must be None or an int >= 0, not {describe(limit)}")
         events: list[StoredEvent] = []
         if limit == 0:
             return events
@@ -128,7 +130,7 @@ class EventStream(EventSourceHandle):
         the backend fails. In every failure case nothing is written.
         """
         if isinstance(events, NewEvent) or not isinstance(events, Sequence):
-            raise InvalidEventError(f"publish takes a sequence of NewEvent, not {events!r:.80}")
+            raise InvalidEventError(f"publish takes a sequence of NewEvent, not {describe(events)}")
         if not events:
             raise InvalidEventError("publish needs at least one event")
         if len(events) > MAX_EVENTS_PER_PUBLISH:
@@ -137,7 +139,7 @@ class EventStream(EventSourceHandle):
             )
         for event in events:
             if type(event) is not NewEvent:
-                raise InvalidEventError(f"publish takes NewEvent items, not {event!r:.80}")
+                raise InvalidEventError(f"publish takes NewEvent items, not {describe(event)}")
         check_condition(condition)
         return await self._backend.events.publish(self.identifier, events, condition)
 
@@ -150,7 +152,7 @@ class EventStore:
 
     def __init__(self, backend: Backend) -> None:
         if not isinstance(backend, Backend):
-            raise InvalidInputError(f"EventStore needs a Backend, not {backend!r:.80}")
+            raise InvalidInputError(f"EventStore needs a Backend, not {describe(backend)}")
         self.backend = backend
 
     def log(self) -> EventLog:
