@@ -1,73 +1,508 @@
-"""The ``eventmill`` command. ``eventmill demo`` publishes and reads events on the
-in-memory backend, printing what it did."""
+"""The ``eventmill`` command.
+
+- ``eventmill demo [--dsn DSN] [--events N] [--nodes K]``: an order workflow processed
+  by a projection and a reactor, with live progress and a self-checking summary;
+- ``eventmill run MODULE:ATTRIBUTE [--dsn DSN] [--mode MODE] [--node-id ID]``: run a
+  node made by ``ATTRIBUTE(backend, mode=..., node_id=...)`` until SIGINT/SIGTERM;
+- ``eventmill migrate --dsn DSN``: install or upgrade the schema;
+- ``eventmill status --dsn DSN [--json]``: nodes, subscribers, holdings and lag.
+
+Errors (bad arguments, an unreachable database, a missing schema) print one line on
+stderr and exit with a non-zero code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib
+import inspect
+import json
+import secrets
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
-from eventmill.conditions import position_is, stream_is_empty
+from eventmill.conditions import stream_is_empty
+from eventmill.consumers.processors import EventProcessor
 from eventmill.errors import EventmillError, UnmetWriteConditionError
-from eventmill.events import NewEvent
-from eventmill.store import EventStore
+from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent, identifier_from_json
+from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
+from eventmill.sources import EventSource
+from eventmill.store import MAX_PAGE_SIZE, EventStore
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
-async def demo(events: int, streams: int) -> int:
-    """Publish an order workflow over ``streams`` streams and read it back; 0 when it checks."""
-    store = EventStore(InMemoryBackend())
-    started = time.perf_counter()
-    total = 0
-    per_stream = max(events // streams, 1)
-    for number in range(streams):
+class CommandError(Exception):
+    """A problem to report in one line (never a traceback)."""
+
+
+# --- demo ---------------------------------------------------------------------------
+
+
+@dataclass
+class OrderFigures:
+    """What the published workflow implies, and what the projection must find."""
+
+    orders: int = 0
+    items: int = 0
+    revenue: int = 0
+    paid: int = 0
+
+    def as_text(self) -> str:
+        return f"{self.orders} orders, {self.items} items, revenue {self.revenue}, {self.paid} paid"
+
+
+class OrderProjection(EventProcessor):
+    """Order totals per order, and the figures over all orders."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.paid: set[str] = set()
+        self.items = 0
+        self.processed = 0
+
+    async def process_event(self, event: StoredEvent) -> None:
+        if event.name == "order-placed":
+            self.totals.setdefault(event.stream, 0)
+        elif event.name == "item-added":
+            price = event.payload["price"]
+            assert isinstance(price, int)
+            self.totals[event.stream] = self.totals.get(event.stream, 0) + price
+            self.items += 1
+        elif event.name == "order-paid":
+            self.paid.add(event.stream)
+        self.processed += 1
+
+    def figures(self) -> OrderFigures:
+        return OrderFigures(
+            orders=len(self.totals),
+            items=self.items,
+            revenue=sum(self.totals.values()),
+            paid=len(self.paid),
+        )
+
+
+class ShippingReactor(EventProcessor):
+    """Requests one shipment per paid order (idempotent: a stream per shipment)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.processed = 0
+
+    async def process_event(self, event: StoredEvent) -> None:
+        if event.name == "order-paid":
+            # A replay after a crash finds the shipment requested already.
+            with contextlib.suppress(UnmetWriteConditionError):
+                await self.store.stream(category="shipments", stream=event.stream).publish(
+                    [NewEvent(name="shipment-requested", payload={"order": event.stream})],
+                    condition=stream_is_empty(),
+                )
+        self.processed += 1
+
+
+async def publish_orders(store: EventStore, events: int, figures: OrderFigures) -> None:
+    """Publish about ``events`` events: orders of 1 placed, 3 items and (mostly) paid."""
+    number = 0
+    published = 0
+    while published < events:
         stream = store.stream(category="orders", stream=f"order-{number}")
-        await stream.publish(
-            [NewEvent(name="order-placed", payload={"order": number, "total": number % 97})],
-            condition=stream_is_empty(),
-        )
-        for line in range(per_stream - 1):
-            await stream.publish(
-                [NewEvent(name="line-added", payload={"line": line})],
-                condition=position_is(line),
-            )
-        total += per_stream
-    published = time.perf_counter() - started
-    print(f"published {total} events to {streams} streams in {published:.2f}s")
+        batch = [NewEvent(name="order-placed", payload={"customer": number % 37})]
+        for item in range(3):
+            price = (number * 7 + item * 13) % 50 + 1
+            batch.append(NewEvent(name="item-added", payload={"price": price}))
+            figures.revenue += price
+            figures.items += 1
+        if number % 4 != 3:
+            batch.append(NewEvent(name="order-paid"))
+            figures.paid += 1
+        for event in batch:
+            await stream.publish([event])
+        figures.orders += 1
+        published += len(batch)
+        number += 1
+        if number % 50 == 0:
+            await asyncio.sleep(0)  # let the node run meanwhile
+
+
+@dataclass
+class _Rate:
+    last: int = 0
+    at: float = field(default_factory=time.perf_counter)
+
+    def update(self, count: int) -> float:
+        now = time.perf_counter()
+        rate = (count - self.last) / max(now - self.at, 1e-9)
+        self.last, self.at = count, now
+        return rate
+
+
+async def demo(dsn: str | None, events: int, nodes: int, schema: str | None) -> int:
+    """Run the demo; return the exit code (0 when the summary checks out)."""
+    if dsn is None:
+        backend: Backend = InMemoryBackend()
+        where = "the in-memory backend"
+    else:
+        schema = schema or f"eventmill_demo_{secrets.token_hex(4)}"
+        backend = await connect(dsn, schema, install=True)
+        where = f"PostgreSQL (schema {schema})"
     try:
-        await store.stream(category="orders", stream="order-0").publish(
-            [NewEvent(name="order-placed")], condition=stream_is_empty()
+        return await _demo(backend, where, events, nodes)
+    finally:
+        if dsn is not None:
+            from eventmill.backends.postgres import PostgresBackend
+
+            assert isinstance(backend, PostgresBackend)
+            async with backend.connection() as connection:
+                await connection.execute(backend.sql("DROP SCHEMA {schema} CASCADE"))
+        await backend.close()
+
+
+async def _demo(backend: Backend, where: str, events: int, nodes: int) -> int:
+    store = EventStore(backend)
+    projection, reactor = OrderProjection(), ShippingReactor(store)
+    distributed = nodes > 1 or not isinstance(backend, InMemoryBackend)
+    settings = NodeSettings(poll_interval=timedelta(milliseconds=200), distributed=distributed)
+    members = [
+        EventProcessingNode(backend, node_id=f"demo-node-{n + 1}", settings=settings)
+        for n in range(nodes)
+    ]
+    orders = CategoryIdentifier("orders")
+    for node in members:
+        node.register_subscriber(
+            group="order-projection", source=orders, processor=projection, partitions=8
         )
-    except UnmetWriteConditionError as error:
-        print(f"a second 'order-placed' on order-0 was refused: {error}")
-    read = 0
-    previous = 0
-    async for event in store.category("orders").iterate():
-        assert event.sequence_number > previous
-        previous = event.sequence_number
-        read += 1
-    print(f"read {read} events of category 'orders' back in order")
-    if read != total:
-        print(f"FAILED: published {total}, read {read}")
-        return 1
-    print("OK")
+        node.register_subscriber(
+            group="shipping-reactor", source=orders, processor=reactor, partitions=8
+        )
+    print(f"eventmill demo on {where}: {events} events, {nodes} node(s)")
+    figures = OrderFigures()
+    started = time.perf_counter()
+    rates = {"order-projection": _Rate(), "shipping-reactor": _Rate()}
+    stopped_one = False
+    async with _running(members):
+        publisher = asyncio.create_task(publish_orders(store, events, figures))
+        while True:
+            await asyncio.sleep(0.25)
+            published = figures.orders + figures.items + figures.paid
+            done = publisher.done()
+            line = [f"{time.perf_counter() - started:5.1f}s published {published:>6}"]
+            for group, count in (
+                ("order-projection", projection.processed),
+                ("shipping-reactor", reactor.processed),
+            ):
+                rate = rates[group].update(count)
+                line.append(f"{group}: {count:>6} done, lag {published - count:>5}, {rate:>7.0f}/s")
+            if nodes > 1 and published >= events // 2 and not stopped_one:
+                stopped_one = True
+                members[-1].stop()  # its sources move to the other nodes
+                print(f"stopping {members[-1].node_id}: its sources move to the others")
+            if nodes > 1:
+                held = [
+                    sum(len(h.subscriber.sources) for h in node.subscribers) for node in members
+                ]
+                line.append("sources per node " + "/".join(map(str, held)))
+            print(" | ".join(line), flush=True)
+            if done:
+                publisher.result()
+                if projection.processed == reactor.processed == published:
+                    break
+    elapsed = time.perf_counter() - started
+    total = figures.orders + figures.items + figures.paid
+    shipments = 0
+    async for _ in store.category("shipments").iterate():
+        shipments += 1
+    found = projection.figures()
+    print(
+        f"summary: {total} events in {elapsed:.2f}s ({total / elapsed:,.0f} events/s "
+        f"published and processed by 2 groups)"
+    )
+    print(f"  published:  {figures.as_text()}")
+    print(f"  projection: {found.as_text()}")
+    print(f"  reactor:    {shipments} shipments requested")
+    if found != figures or shipments != figures.paid:
+        print("FAILED: the projection or the reactor disagrees with what was published")
+        return EXIT_FAILED
+    print("OK: every figure matches the published events")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eventmill", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="publish and read events in memory")
-    demo_parser.add_argument("--events", type=int, default=20_000)
-    demo_parser.add_argument("--streams", type=int, default=200)
-    arguments = parser.parse_args(argv)
+class _running:
+    """Run several nodes; ``async with`` returns once all are ready."""
+
+    def __init__(self, nodes: list[EventProcessingNode]) -> None:
+        self.nodes = nodes
+
+    async def __aenter__(self) -> None:
+        for node in self.nodes:
+            await node.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        for node in self.nodes:
+            node.stop()
+        for node in reversed(self.nodes):
+            await node.__aexit__(*exc_info)
+
+
+# --- run ----------------------------------------------------------------------------
+
+
+NodeFactory = Callable[..., Any]
+
+
+def load_factory(target: str) -> NodeFactory:
+    """The callable named by ``MODULE:ATTRIBUTE``; raises CommandError."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise CommandError(f"expected MODULE:ATTRIBUTE, got {target!r}")
     try:
-        return asyncio.run(demo(arguments.events, arguments.streams))
-    except EventmillError as error:
-        print(f"eventmill: {error}", file=sys.stderr)
-        return 2
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CommandError(f"cannot import {module_name!r}: {error}") from None
+    value: Any = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise CommandError(f"{module_name!r} has no attribute {attribute!r}") from None
+    if not callable(value):
+        raise CommandError(f"{target} is not callable: it must make the node")
+    return value  # type: ignore[no-any-return]
+
+
+async def run(
+    target: str, dsn: str | None, schema: str, mode: NodeMode, node_id: str | None
+) -> int:
+    """Make the node with the factory and run it until SIGINT/SIGTERM; return 0."""
+    factory = load_factory(target)
+    backend: Backend = InMemoryBackend() if dsn is None else await connect(dsn, schema)
+    try:
+        node = factory(backend, mode=mode, node_id=node_id)
+        if inspect.isawaitable(node):
+            node = await node
+        if not isinstance(node, EventProcessingNode):
+            raise CommandError(f"{target} returned {node!r:.80}, not an EventProcessingNode")
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, node.stop)
+        print(f"node {node.node_id} ({node.mode.name}) running; SIGINT or SIGTERM stops it")
+        sys.stdout.flush()
+        await node.run()
+        print(f"node {node.node_id} stopped")
+        return 0
+    finally:
+        await backend.close()
+
+
+# --- migrate and status -------------------------------------------------------------
+
+
+async def connect(dsn: str, schema: str, *, install: bool = False) -> Backend:
+    """A PostgreSQL backend (small pool), with its schema installed if ``install``."""
+    from eventmill.backends.postgres import PostgresBackend
+
+    backend = await PostgresBackend.connect(
+        dsn, schema=schema, max_size=4, connect_timeout=timedelta(seconds=5)
+    )
+    if install:
+        try:
+            await backend.install_schema()
+        except BaseException:
+            await backend.close()
+            raise
+    return backend
+
+
+async def migrate(dsn: str, schema: str) -> int:
+    """Install or upgrade the schema; print what was applied."""
+    from eventmill.backends.postgres import PostgresBackend
+
+    backend = await connect(dsn, schema)
+    try:
+        assert isinstance(backend, PostgresBackend)
+        applied = await backend.install_schema()
+    finally:
+        await backend.close()
+    if applied:
+        print(f"schema {schema!r}: applied migrations {', '.join(map(str, applied))}")
+    else:
+        print(f"schema {schema!r} is up to date")
+    return 0
+
+
+async def gather_status(backend: Backend) -> dict[str, Any]:
+    """Nodes, groups, subscribers with their holdings (epoch, checkpoint, lag)."""
+    now = datetime.now(UTC)
+    records = await backend.subscribers.list()
+    holdings = await backend.subscriptions.list()
+    checkpoints = {(c.group, c.source): c for c in await backend.checkpoints.list()}
+    subscribers: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        subscribers[(record.group, record.id)] = {
+            "group": record.group,
+            "id": record.id,
+            "node_id": record.node_id,
+            "last_seen": record.last_seen.isoformat(),
+            "seconds_since_heartbeat": round((now - record.last_seen).total_seconds(), 3),
+            "requests": len(record.subscription_requests),
+            "sources": [],
+        }
+    released = []
+    for holding in holdings:
+        checkpoint = checkpoints.get((holding.group, holding.source))
+        after = None if checkpoint is None else checkpoint.after
+        reader = EventSource(backend, holding.source, page_size=MAX_PAGE_SIZE)
+        entry = {
+            "source": holding.source.to_json(),
+            "epoch": holding.epoch,
+            "state": holding.state.value,
+            "checkpoint": after,
+            "lag": len(await reader.read(after=after)),
+        }
+        owner = subscribers.get((holding.group, holding.subscriber_id or ""))
+        if owner is None:
+            released.append({"group": holding.group, **entry})
+        else:
+            owner["sources"].append(entry)
+    nodes: dict[str, list[str]] = {}
+    for (group, id), subscriber in subscribers.items():
+        nodes.setdefault(subscriber["node_id"], []).append(f"{group}/{id}")
+    return {
+        "nodes": [{"node_id": n, "subscribers": s} for n, s in sorted(nodes.items())],
+        "groups": sorted({group for group, _ in subscribers} | {h.group for h in holdings}),
+        "subscribers": list(subscribers.values()),
+        "unheld": released,
+    }
+
+
+def print_status(status: dict[str, Any]) -> None:
+    """The status as tables."""
+    print(f"{len(status['nodes'])} nodes, {len(status['groups'])} groups")
+    for subscriber in status["subscribers"]:
+        lag = sum(source["lag"] for source in subscriber["sources"])
+        print(
+            f"{subscriber['group']:<24} {subscriber['id']:<40} node {subscriber['node_id']} "
+            f"heartbeat {subscriber['seconds_since_heartbeat']:.1f}s ago, "
+            f"{len(subscriber['sources'])} sources, lag {lag}"
+        )
+        for source in subscriber["sources"]:
+            print(
+                f"    {identifier_from_json(source['source'])!s:<40} epoch {source['epoch']:<4} "
+                f"{source['state']:<9} checkpoint {source['checkpoint']} lag {source['lag']}"
+            )
+    for source in status["unheld"]:
+        print(
+            f"{source['group']:<24} unheld {identifier_from_json(source['source'])!s} "
+            f"epoch {source['epoch']} checkpoint {source['checkpoint']} lag {source['lag']}"
+        )
+
+
+async def status(dsn: str, schema: str, as_json: bool) -> int:
+    """Print the cluster's state read from the database."""
+    backend = await connect(dsn, schema)
+    try:
+        found = await gather_status(backend)
+    finally:
+        await backend.close()
+    if as_json:
+        print(json.dumps(found, indent=2))
+    else:
+        print_status(found)
+    return 0
+
+
+# --- arguments ----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports bad arguments in one line and exits with code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"eventmill: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _mode(text: str) -> NodeMode:
+    try:
+        return NodeMode[text.upper()]
+    except KeyError:
+        choices = ", ".join(mode.name.lower() for mode in NodeMode)
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {choices}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    main_parser = _Parser(prog="eventmill", description="eventmill: event store and processing")
+    commands = main_parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo_parser = commands.add_parser("demo", help="process an order workflow and check it")
+    demo_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")
+    demo_parser.add_argument("--schema", help="PostgreSQL schema (default: a new one, dropped)")
+    demo_parser.add_argument("--events", type=_positive, default=20_000)
+    demo_parser.add_argument("--nodes", type=_positive, default=1, help="nodes (in-process)")
+    run_parser = commands.add_parser("run", help="run a node made by MODULE:ATTRIBUTE")
+    run_parser.add_argument("target", metavar="MODULE:ATTRIBUTE")
+    run_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")
+    run_parser.add_argument("--schema", default="eventmill")
+    run_parser.add_argument("--mode", type=_mode, default=NodeMode.BOTH)
+    run_parser.add_argument("--node-id")
+    migrate_parser = commands.add_parser("migrate", help="install or upgrade the schema")
+    migrate_parser.add_argument("--dsn", required=True)
+    migrate_parser.add_argument("--schema", default="eventmill")
+    status_parser = commands.add_parser("status", help="nodes, subscribers, sources and lag")
+    status_parser.add_argument("--dsn", required=True)
+    status_parser.add_argument("--schema", default="eventmill")
+    status_parser.add_argument("--json", action="store_true", help="print JSON")
+    return main_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; return the exit code."""
+    arguments = parser().parse_args(argv)
+    try:
+        if arguments.command == "demo":
+            if arguments.schema is not None and arguments.dsn is None:
+                raise CommandError("--schema needs --dsn")
+            return asyncio.run(
+                demo(arguments.dsn, arguments.events, arguments.nodes, arguments.schema)
+            )
+        if arguments.command == "run":
+            return asyncio.run(
+                run(
+                    arguments.target,
+                    arguments.dsn,
+                    arguments.schema,
+                    arguments.mode,
+                    arguments.node_id,
+                )
+            )
+        if arguments.command == "migrate":
+            return asyncio.run(migrate(arguments.dsn, arguments.schema))
+        return asyncio.run(status(arguments.dsn, arguments.schema, arguments.json))
+    except (CommandError, EventmillError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"eventmill: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("eventmill: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
