@@ -1,6 +1,6 @@
 """Partitioned consumption: one group sharing a category among 1, 2 and 4 instances.
 
-A category of 200 streams (16 events each, 3,200 events) on PostgreSQL is consumed by
+A category of 200 streams (32 events each, 6,400 events) on PostgreSQL is consumed by
 a group asking for it in 16 partitions, with an I/O-bound processor (an awaited 2 ms
 sleep per event). Each instance is a separate process running a
 DistributedEventBroker and one subscriber. For each instance count (a group of its
@@ -40,7 +40,7 @@ from eventmill.store import EventStore
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 CATEGORY = CategoryIdentifier("bench")
 STREAMS = 200
-EVENTS_PER_STREAM = 16
+EVENTS_PER_STREAM = 32
 PARTITIONS = 16
 WORK = 0.002  # seconds awaited per event
 INSTANCES = (1, 2, 4)
