@@ -286,9 +286,16 @@ async def run(
     factory = load_factory(target)
     backend: Backend = InMemoryBackend() if dsn is None else await connect(dsn, schema)
     try:
-        node = factory(backend, mode=mode, node_id=node_id)
-        if inspect.isawaitable(node):
-            node = await node
+        try:
+            node = factory(backend, mode=mode, node_id=node_id)
+            if inspect.isawaitable(node):
+                node = await node
+        except EventmillError:
+            raise
+        except Exception as error:
+            raise CommandError(
+                f"{target}(backend, mode=..., node_id=...) failed: {error!r}"
+            ) from error
         if not isinstance(node, EventProcessingNode):
             raise CommandError(f"{target} returned {node!r:.80}, not an EventProcessingNode")
         loop = asyncio.get_running_loop()
