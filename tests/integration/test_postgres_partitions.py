@@ -13,7 +13,11 @@ from psycopg import sql
 
 from eventmill import CategoryPartitionIdentifier, NewEvent
 from eventmill.backends.postgres import PostgresBackend
-from eventmill.backends.postgres.event_storage import _partition_parameters, _partition_query
+from eventmill.backends.postgres.event_storage import (
+    _SET_WATERMARK,
+    _partition_parameters,
+    _partition_query,
+)
 from eventmill.events import stream_hash
 from eventmill.store import EventStore
 from tests.postgres_support import connect, fresh_postgres_backend
@@ -77,6 +81,7 @@ async def explain(
             "limit": limit,
         }
         await connection.execute(sql.SQL("SET plan_cache_mode = {}").format(sql.Identifier(mode)))
+        await connection.execute(backend.sql(_SET_WATERMARK))  # as the storage does
         await connection.execute(sql.SQL("PREPARE partition_read AS ") + sql.SQL(prepared))
         arguments = sql.SQL(", ").join(sql.Literal(values[name]) for name in names)
         cursor = await connection.execute(
