@@ -30,7 +30,7 @@ from eventmill.consumers.processors import (
     TransactionalEventProcessor,
 )
 from eventmill.consumers.state import EventConsumerStateStore
-from eventmill.errors import ConflictError, InvalidInputError, InvalidSettingsError
+from eventmill.errors import ConflictError, InvalidInputError, InvalidSettingsError, describe
 from eventmill.events import StoredEvent
 from eventmill.sources import EventSource
 
@@ -50,11 +50,12 @@ class ConsumerSettings:
     def __post_init__(self) -> None:
         if type(self.checkpoint_every) is not int or not 1 <= self.checkpoint_every <= 10_000:
             raise InvalidSettingsError(
-                f"checkpoint_every must be an int from 1 to 10000, not {self.checkpoint_every!r}"
+                "checkpoint_every must be an int from 1 to 10000,"
+                f" not {describe(self.checkpoint_every)}"
             )
         if type(self.checkpoint_at_end) is not bool:
             raise InvalidSettingsError(
-                f"checkpoint_at_end must be a bool, not {self.checkpoint_at_end!r}"
+                f"checkpoint_at_end must be a bool, not {describe(self.checkpoint_at_end)}"
             )
 
 

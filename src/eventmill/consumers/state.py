@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from eventmill.backends.base import Checkpoint, CheckpointStorage, ConsumerTransaction
-from eventmill.errors import ConflictError
+from eventmill.conditions import MAX_POSITION
+from eventmill.errors import ConflictError, InvalidInputError, InvalidSettingsError, describe
 from eventmill.events import EventSourceIdentifier, check_identifier, check_name
 
 
@@ -31,6 +32,10 @@ class EventConsumerStateStore:
         self.checkpoints = checkpoints
         self.group = check_name(group, "group")
         self.source = check_identifier(source)
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_POSITION):
+            raise InvalidSettingsError(
+                f"epoch must be None or an int from 0 to {MAX_POSITION}, not {describe(epoch)}"
+            )
         self.epoch = epoch
         self._known: Checkpoint | None = None
         self._pending: Checkpoint | None = None
@@ -52,8 +57,13 @@ class EventConsumerStateStore:
 
         Inside ``transaction`` (from ``self.transaction()``) the save becomes known only
         when it commits. Raises ConflictError or StaleEpochError (having re-read the
-        stored checkpoint), or StorageError.
+        stored checkpoint), InvalidInputError for an ``after`` that is not a place, or
+        StorageError.
         """
+        if after is not None and (type(after) is not int or not 0 <= after <= MAX_POSITION):
+            raise InvalidInputError(
+                f"after must be None or an int from 0 to {MAX_POSITION}, not {describe(after)}"
+            )
         expected = None if self._known is None else self._known.version
         try:
             if transaction is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random as random_module
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, Never, TypeAlias, TypeVar, overload
 
-from eventmill.errors import ExitRequestedError, InvalidSettingsError
+from eventmill.errors import ExitRequestedError, InvalidSettingsError, describe
 from eventmill.services.service import Service
 
 T = TypeVar("T")
@@ -129,8 +130,8 @@ class ConstantBackoff(RetryBackoff):
     """The same wait before every retry."""
 
     def __init__(self, wait: timedelta = timedelta(0)) -> None:
-        if wait < timedelta(0):
-            raise InvalidSettingsError(f"wait must not be negative, got {wait}")
+        if not isinstance(wait, timedelta) or wait < timedelta(0):
+            raise InvalidSettingsError(f"wait must not be negative, got {describe(wait)}")
         self._wait = wait
 
     def delay(self, attempt: int) -> timedelta:
@@ -155,12 +156,19 @@ class ExponentialBackoff(RetryBackoff):
         jitter: float = 0.1,
         random: Callable[[], float] = random_module.random,
     ) -> None:
-        if initial <= timedelta(0) or maximum < initial:
-            raise InvalidSettingsError("need 0 < initial <= maximum")
-        if multiplier < 1:
-            raise InvalidSettingsError(f"multiplier must be at least 1, got {multiplier}")
-        if not 0 <= jitter <= 1:
-            raise InvalidSettingsError(f"jitter must be between 0 and 1, got {jitter}")
+        if (
+            not isinstance(initial, timedelta)
+            or not isinstance(maximum, timedelta)
+            or initial <= timedelta(0)
+            or maximum < initial
+        ):
+            raise InvalidSettingsError("need timedeltas with 0 < initial <= maximum")
+        if type(multiplier) not in (int, float) or not 1 <= multiplier < math.inf:
+            raise InvalidSettingsError(
+                f"multiplier must be a finite number >= 1, got {describe(multiplier)}"
+            )
+        if type(jitter) not in (int, float) or not 0 <= jitter <= 1:
+            raise InvalidSettingsError(f"jitter must be between 0 and 1, got {describe(jitter)}")
         self._initial = initial
         self._maximum = maximum
         self._multiplier = multiplier
@@ -194,8 +202,10 @@ class RetryErrorHandler(ErrorHandler[T_co]):
         retry_on: ExceptionTypes = Exception,
         never_retry_on: ExceptionTypes = (),
     ) -> None:
-        if max_attempts is not None and max_attempts < 1:
-            raise InvalidSettingsError(f"max_attempts must be at least 1, got {max_attempts}")
+        if max_attempts is not None and (type(max_attempts) is not int or max_attempts < 1):
+            raise InvalidSettingsError(
+                f"max_attempts must be at least 1, got {describe(max_attempts)}"
+            )
         self._backoff = backoff if backoff is not None else ExponentialBackoff()
         self._max_attempts = max_attempts
         self._fallback: ErrorHandler[T_co] = (

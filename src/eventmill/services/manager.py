@@ -34,6 +34,7 @@ from eventmill.errors import (
     InvalidSettingsError,
     LifecycleError,
     StopTimeoutError,
+    describe,
 )
 from eventmill.services.service import Service
 from eventmill.services.status import Process, ProcessStatus, combine_statuses
@@ -185,8 +186,10 @@ class ServiceManager:
     """
 
     def __init__(self, *, stop_timeout: timedelta = timedelta(seconds=10)) -> None:
-        if stop_timeout <= timedelta(0):
-            raise InvalidSettingsError(f"stop_timeout must be positive, got {stop_timeout}")
+        if not isinstance(stop_timeout, timedelta) or stop_timeout <= timedelta(0):
+            raise InvalidSettingsError(
+                f"stop_timeout must be positive, got {describe(stop_timeout)}"
+            )
         self._stop_timeout = stop_timeout
         self._runs: dict[str, _ServiceRun] = {}
         self._threads: list[_LoopThread] = []

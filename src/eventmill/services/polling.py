@@ -6,7 +6,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from eventmill.errors import InvalidSettingsError
+from eventmill.errors import InvalidSettingsError, describe
 from eventmill.services.service import Service
 from eventmill.services.status import ProcessStatus
 
@@ -21,8 +21,10 @@ class PollingService(Service[None]):
     """
 
     def __init__(self, service: Service[Any], poll_interval: timedelta) -> None:
-        if poll_interval < timedelta(0):
-            raise InvalidSettingsError(f"poll_interval must not be negative, got {poll_interval}")
+        if not isinstance(poll_interval, timedelta) or poll_interval < timedelta(0):
+            raise InvalidSettingsError(
+                f"poll_interval must not be negative, got {describe(poll_interval)}"
+            )
         self._service = service
         self._poll_interval = poll_interval
         self._status = ProcessStatus.INITIALISED

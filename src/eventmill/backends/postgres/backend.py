@@ -35,7 +35,7 @@ from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
-from eventmill.errors import InvalidSettingsError, LifecycleError, StorageError
+from eventmill.errors import InvalidSettingsError, LifecycleError, StorageError, describe
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -46,7 +46,7 @@ def check_schema_name(value: object) -> str:
         return value
     raise InvalidSettingsError(
         f"schema must match {_SCHEMA_NAME.pattern} (lower-case letters, digits and _, "
-        f"at most 63 characters), not {value!r:.80}"
+        f"at most 63 characters), not {describe(value)}"
     )
 
 
@@ -89,13 +89,14 @@ class PostgresBackend(Backend):
         check_schema_name(schema)
         if type(min_size) is not int or type(max_size) is not int or not 0 <= min_size <= max_size:
             raise InvalidSettingsError(
-                f"need ints with 0 <= min_size <= max_size, not {min_size!r}, {max_size!r}"
+                f"need ints with 0 <= min_size <= max_size,"
+                f" not {describe(min_size)}, {describe(max_size)}"
             )
         if max_size < 1:
-            raise InvalidSettingsError(f"max_size must be at least 1, not {max_size}")
+            raise InvalidSettingsError(f"max_size must be at least 1, not {describe(max_size)}")
         if not isinstance(connect_timeout, timedelta) or connect_timeout <= timedelta(0):
             raise InvalidSettingsError(
-                f"connect_timeout must be a positive timedelta, not {connect_timeout!r}"
+                f"connect_timeout must be a positive timedelta, not {describe(connect_timeout)}"
             )
         seconds = connect_timeout.total_seconds()
         try:
