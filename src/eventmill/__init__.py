@@ -5,7 +5,15 @@ The names here are the public API; everything else is internal unless documented
 
 from eventmill.backends.base import LockManager
 from eventmill.broker.base import EventBroker
+from eventmill.broker.coordinator import EventSubscriptionCoordinator
+from eventmill.broker.distributed import (
+    DistributedEventBroker,
+    DistributedEventBrokerSettings,
+    make_event_broker,
+)
+from eventmill.broker.observer import EventSubscriptionObserver
 from eventmill.broker.singleton import SingletonEventBroker
+from eventmill.broker.subscriber_manager import EventSubscriberManager
 from eventmill.conditions import WriteCondition, position_is, stream_is_empty
 from eventmill.consumers import (
     AutoCommitEventIteratorProcessor,
@@ -70,6 +78,8 @@ __all__ = [
     "CategoryPartitionIdentifier",
     "ConflictError",
     "ContinueErrorHandler",
+    "DistributedEventBroker",
+    "DistributedEventBrokerSettings",
     "ErrorHandlingService",
     "EventBroker",
     "EventCategory",
@@ -81,7 +91,10 @@ __all__ = [
     "EventSourceIdentifier",
     "EventStore",
     "EventStream",
+    "EventSubscriberManager",
     "EventSubscriptionConsumer",
+    "EventSubscriptionCoordinator",
+    "EventSubscriptionObserver",
     "EventmillError",
     "ExecutionMode",
     "ExitErrorHandler",
@@ -119,6 +132,7 @@ __all__ = [
     "UnmetWriteConditionError",
     "WriteCondition",
     "identifier_from_json",
+    "make_event_broker",
     "make_subscriber",
     "position_is",
     "stream_is_empty",
