@@ -1,0 +1,228 @@
+"""A broker node process for multi-node tests (``NodeSet`` starts it).
+
+Run ``python -m eventmill.testing.node_process CONFIG_JSON``. The node connects to
+PostgreSQL, runs a ``DistributedEventBroker`` and one ``EventSubscriptionConsumer`` per
+configured group, and records into its schema:
+
+- ``processed``: one row per processed event (group, source key, event id, sequence
+  number, subscriber id, node id, epoch, ``clock_timestamp()``). Groups with
+  ``"transactional": true`` insert it in the batch's checkpoint transaction
+  (exactly-once); the others insert it before the checkpoint is saved (at-least-once);
+- ``node_log``: a row each time the node starts or stops leading.
+
+Each subscriber is polled by a ``PollingService`` inside an ``ErrorHandlingService``
+(retry with backoff); a pass is skipped while the broker is not current (after a
+pause longer than the subscriber max age, until the observer caught up). On SIGTERM
+the node stops polling, unregisters its subscribers (their sources move at once),
+stops the broker and exits with code 0. It prints ``ready`` once running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from eventmill.backends.base import ConsumerTransaction
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.broker.distributed import DistributedEventBroker, DistributedEventBrokerSettings
+from eventmill.consumers.processors import (
+    EventProcessor,
+    Processor,
+    TransactionalEventProcessor,
+)
+from eventmill.consumers.source_consumer import ConsumerSettings
+from eventmill.consumers.subscription_consumer import EventSubscriptionConsumer
+from eventmill.errors import StorageError
+from eventmill.events import (
+    CategoryPartitionIdentifier,
+    EventSourceIdentifier,
+    StoredEvent,
+    source_key,
+)
+from eventmill.services.error_handlers import (
+    ErrorHandlingService,
+    ExponentialBackoff,
+    RetryErrorHandler,
+)
+from eventmill.services.polling import PollingService
+from eventmill.services.service import CallableService
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS {schema}.processed (
+    group_name text NOT NULL, source_key text NOT NULL, event_id text NOT NULL,
+    sequence_number bigint NOT NULL, subscriber_id text NOT NULL, node_id text NOT NULL,
+    epoch bigint NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE TABLE IF NOT EXISTS {schema}.node_log (
+    node_id text NOT NULL, is_leader boolean NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp())
+"""
+"""The tables the nodes record into (``{schema}`` is filled in by ``backend.sql``)."""
+
+_INSERT = (
+    "INSERT INTO {schema}.processed (group_name, source_key, event_id, sequence_number,"
+    " subscriber_id, node_id, epoch)"
+    " SELECT %s, %s, unnest(%s::text[]), unnest(%s::bigint[]), %s, %s, %s"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupConfig:
+    """A subscriber group: ``partitions`` partitions of ``category``."""
+
+    group: str
+    category: str
+    partitions: int
+    transactional: bool = True
+
+    def requests(self) -> list[EventSourceIdentifier]:
+        """The group's sources."""
+        return [
+            CategoryPartitionIdentifier(self.category, partition, self.partitions)
+            for partition in range(self.partitions)
+        ]
+
+
+class _Recorder:
+    """Inserts the ``processed`` rows of one source of one subscriber."""
+
+    def __init__(
+        self,
+        backend: PostgresBackend,
+        subscriber: EventSubscriptionConsumer,
+        source: EventSourceIdentifier,
+        node_id: str,
+    ) -> None:
+        self.backend = backend
+        self.subscriber = subscriber
+        self.source = source
+        self.key = source_key(source)
+        self.node_id = node_id
+        self.insert = backend.sql(_INSERT)
+
+    def row(self, events: Sequence[StoredEvent]) -> tuple[Any, ...]:
+        return (
+            self.subscriber.group,
+            self.key,
+            [event.id for event in events],
+            [event.sequence_number for event in events],
+            self.subscriber.id,
+            self.node_id,
+            self.subscriber.sources.get(self.source, 0),
+        )
+
+
+class TransactionalRecorder(_Recorder, TransactionalEventProcessor):
+    """Records a batch in its checkpoint transaction."""
+
+    async def process_events(
+        self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
+    ) -> None:
+        await transaction.connection.execute(self.insert, self.row(events))
+
+
+class AtLeastOnceRecorder(_Recorder, EventProcessor):
+    """Records each event at once, before its checkpoint is saved."""
+
+    async def process_event(self, event: StoredEvent) -> None:
+        async with self.backend.connection() as connection:
+            await connection.execute(self.insert, self.row([event]))
+
+
+async def run_node(config: dict[str, Any]) -> None:
+    """Run one node as ``config`` says until SIGTERM (or cancellation)."""
+    node_id: str = config["node_id"]
+    settings = DistributedEventBrokerSettings(
+        **{name: timedelta(seconds=value) for name, value in config["settings"].items()}
+    )
+    groups = [GroupConfig(**group) for group in config["groups"]]
+    poll_interval = timedelta(seconds=config.get("poll_interval", 1.0))
+    backend = await PostgresBackend.connect(
+        config["dsn"], schema=config["schema"], min_size=1, max_size=config.get("pool_size", 3)
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        broker = DistributedEventBroker(backend, node_id=node_id, settings=settings)
+        subscribers = [_subscriber(backend, group, node_id, config) for group in groups]
+        async with asyncio.TaskGroup() as tasks:
+            broker_task = tasks.create_task(broker.execute())
+            log_task = tasks.create_task(_log_leadership(backend, broker))
+            polling = [
+                tasks.create_task(_poll(subscriber, broker, poll_interval))
+                for subscriber in subscribers
+            ]
+            for subscriber in subscribers:
+                await broker.register(subscriber)
+            await broker.wait_ready()
+            print("ready", flush=True)
+            await stop.wait()
+            for task in polling:  # stop polling new work; in-flight passes end here
+                task.cancel()
+            await asyncio.gather(*polling, return_exceptions=True)
+            for subscriber in subscribers:  # withdraw, release, forget: sources move now
+                await broker.unregister(subscriber)
+            broker_task.cancel()
+            log_task.cancel()
+    finally:
+        await backend.close()
+
+
+def _subscriber(
+    backend: PostgresBackend, group: GroupConfig, node_id: str, config: dict[str, Any]
+) -> EventSubscriptionConsumer:
+    subscriber: EventSubscriptionConsumer
+
+    def make_processor(source: EventSourceIdentifier) -> Processor:
+        kind = TransactionalRecorder if group.transactional else AtLeastOnceRecorder
+        return kind(backend, subscriber, source, node_id)
+
+    subscriber = EventSubscriptionConsumer(
+        backend,
+        group=group.group,
+        id=f"{group.group}@{node_id}",
+        subscription_requests=group.requests(),
+        processor_factory=make_processor,
+        settings=ConsumerSettings(checkpoint_every=config.get("checkpoint_every", 10)),
+    )
+    return subscriber
+
+
+async def _poll(
+    subscriber: EventSubscriptionConsumer, broker: DistributedEventBroker, interval: timedelta
+) -> None:
+    async def guarded_pass() -> int:
+        return await subscriber.consume_all() if broker.is_current else 0
+
+    handler: RetryErrorHandler[int] = RetryErrorHandler(
+        backoff=ExponentialBackoff(initial=timedelta(milliseconds=50), maximum=timedelta(seconds=2))
+    )
+    polling = PollingService(ErrorHandlingService(CallableService(guarded_pass), handler), interval)
+    remove = subscriber.on_new_events(polling.wake)
+    try:
+        await polling.execute()
+    finally:
+        remove()
+
+
+async def _log_leadership(backend: PostgresBackend, broker: DistributedEventBroker) -> None:
+    insert = backend.sql("INSERT INTO {schema}.node_log (node_id, is_leader) VALUES (%s, %s)")
+    leading = False
+    while True:
+        if broker.is_leader != leading:
+            leading = broker.is_leader
+            with contextlib.suppress(StorageError):
+                async with backend.connection() as connection:
+                    await connection.execute(insert, (broker.node_id, leading))
+        await asyncio.sleep(0.02)
+
+
+if __name__ == "__main__":
+    asyncio.run(run_node(json.loads(sys.argv[1])))
