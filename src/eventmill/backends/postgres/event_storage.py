@@ -90,7 +90,37 @@ logger = logging.getLogger(__name__)
 # Publishes within this window of an announcement share the next one: a burst costs a
 # NOTIFY per window, not per publish, and delays wake-ups by at most the window.
 ANNOUNCE_WINDOW = timedelta(milliseconds=3)
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_encode_fast = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_encode_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _encode_json(value: object) -> str:
+    """JSON for jsonb that keeps floats floats.
+
+    jsonb keeps a number's written scale: ``1e+16`` (how Python writes floats of 1e16
+    and more) would be stored with scale 0 and read back as an int. Such floats are
+    written with a ``.0`` instead. The fast encoder's output shows them as ``e+``; only
+    then (or when a string happens to contain ``e+``) is the slower walk taken.
+    """
+    text = _encode_fast(value)
+    return _encode_keeping_floats(value) if "e+" in text else text
+
+
+def _encode_keeping_floats(value: object) -> str:
+    if type(value) is float:
+        text = repr(value)
+        return format(value, ".1f") if "e+" in text else text
+    if type(value) is dict:
+        return (
+            "{"
+            + ",".join(f"{_encode_text(k)}:{_encode_keeping_floats(v)}" for k, v in value.items())
+            + "}"
+        )
+    if type(value) is list:
+        return "[" + ",".join(_encode_keeping_floats(item) for item in value) + "]"
+    return _encode_text(value)
+
+
 _READ_LOG = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
     " ORDER BY sequence_number LIMIT %s"
