@@ -34,9 +34,10 @@ class BrokerLoop(Service[None], ABC):
     """Runs ``run_round()`` every ``interval`` until cancelled.
 
     A round that raises StorageError or ConflictError is logged; the loop then reports
-    ERRORED and waits ``interval`` doubled per consecutive failure (capped at 10 s, with
-    jitter) before the next round, and recovers by itself after one that succeeds. Any
-    other exception ends the loop. ``wake()`` starts the next round at once.
+    ERRORED (also during the rounds that retry) and waits ``interval`` doubled per
+    consecutive failure (capped at 10 s, with jitter) before the next round, and
+    recovers by itself after one that succeeds. Any other exception ends the loop.
+    ``wake()`` starts the next round at once.
     """
 
     def __init__(self, interval: timedelta, *, what: str) -> None:
@@ -63,8 +64,8 @@ class BrokerLoop(Service[None], ABC):
 
     @property
     def status(self) -> ProcessStatus:
-        """RUNNING during a round, WAITING between rounds, ERRORED while backing off
-        after a failed round, STOPPED once cancelled."""
+        """RUNNING during a round, WAITING between rounds, ERRORED from a failed round
+        until a round succeeds, STOPPED once cancelled."""
         return self._status
 
     def wake(self) -> None:
@@ -108,7 +109,8 @@ class BrokerLoop(Service[None], ABC):
             while True:
                 woken.clear()
                 started = time.monotonic()
-                self._status = ProcessStatus.RUNNING
+                if not self._failures:
+                    self._status = ProcessStatus.RUNNING
                 try:
                     wait = await self.run_round()
                 except (StorageError, ConflictError) as error:

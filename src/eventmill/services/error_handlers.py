@@ -27,6 +27,7 @@ from typing import Any, Generic, Never, TypeAlias, TypeVar, overload
 
 from eventmill.errors import ExitRequestedError, InvalidSettingsError, describe
 from eventmill.services.service import Service
+from eventmill.services.status import ProcessStatus
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -274,7 +275,8 @@ class ErrorHandlingService(Service[T_co]):
     ``sleep`` (seconds -> awaitable) waits before retries; inject it in tests.
     ``execute()`` returns the service's result or a ``ContinueDecision``'s value;
     raises the exception on ``RaiseDecision`` and ``ExitRequestedError`` on
-    ``ExitDecision``. Cancellation passes through untouched.
+    ``ExitDecision``. Cancellation passes through untouched. Its ``status`` is ERRORED
+    from a failure it retries until an execution succeeds (a poller's health shows it).
     """
 
     def __init__(
@@ -287,28 +289,44 @@ class ErrorHandlingService(Service[T_co]):
         self._service = service
         self._error_handler = error_handler
         self._sleep = sleep
+        self._retrying = False
+        self._executing = False
 
     @property
     def service(self) -> Service[T_co]:
         """The wrapped service."""
         return self._service
 
+    @property
+    def status(self) -> ProcessStatus:
+        """ERRORED while retrying after a failure (until an execution succeeds or the
+        handler decides otherwise), RUNNING while executing, WAITING otherwise."""
+        if self._retrying:
+            return ProcessStatus.ERRORED
+        return ProcessStatus.RUNNING if self._executing else ProcessStatus.WAITING
+
     async def execute(self) -> T_co:
         """Run the service, retrying as decided; blocks while it runs and between tries."""
         attempt = 0
-        while True:
-            try:
-                return await self._service.execute()
-            except Exception as raised:
-                attempt += 1
-                exception = raised
-                decision = self._error_handler.handle(raised, attempt)
-            if isinstance(decision, ContinueDecision):
-                return decision.value
-            if isinstance(decision, RetryDecision):
-                if decision.after is not None and decision.after > timedelta(0):
-                    await self._sleep(decision.after.total_seconds())
-                continue
-            if isinstance(decision, ExitDecision):
-                raise ExitRequestedError(decision.code) from exception
-            raise exception
+        self._executing = True
+        try:
+            while True:
+                try:
+                    return await self._service.execute()
+                except Exception as raised:
+                    attempt += 1
+                    exception = raised
+                    decision = self._error_handler.handle(raised, attempt)
+                if isinstance(decision, ContinueDecision):
+                    return decision.value
+                if isinstance(decision, RetryDecision):
+                    self._retrying = True
+                    if decision.after is not None and decision.after > timedelta(0):
+                        await self._sleep(decision.after.total_seconds())
+                    continue
+                if isinstance(decision, ExitDecision):
+                    raise ExitRequestedError(decision.code) from exception
+                raise exception
+        finally:
+            self._executing = False
+            self._retrying = False

@@ -8,7 +8,7 @@ from typing import Any
 
 from eventmill.errors import InvalidSettingsError, describe
 from eventmill.services.service import Service
-from eventmill.services.status import ProcessStatus
+from eventmill.services.status import Process, ProcessStatus
 
 
 class PollingService(Service[None]):
@@ -43,7 +43,15 @@ class PollingService(Service[None]):
 
     @property
     def status(self) -> ProcessStatus:
-        """RUNNING while the service runs, WAITING between runs, STOPPED or ERRORED after."""
+        """RUNNING while the service runs (ERRORED when the service is a Process that
+        reports ERRORED, e.g. an ErrorHandlingService retrying), WAITING between runs,
+        STOPPED or ERRORED after."""
+        if (
+            self._status is ProcessStatus.RUNNING
+            and isinstance(self._service, Process)
+            and self._service.status is ProcessStatus.ERRORED
+        ):
+            return ProcessStatus.ERRORED
         return self._status
 
     def wake(self) -> None:
