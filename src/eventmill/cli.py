@@ -1,7 +1,8 @@
 """The ``eventmill`` command.
 
 - ``eventmill demo [--dsn DSN] [--events N] [--nodes K]``: an order workflow processed
-  by a projection and a reactor, with live progress and a self-checking summary;
+  by a projection and a reactor, with live progress and a self-checking summary; with
+  a DSN, in K node processes that the sources move between (``eventmill.demo``);
 - ``eventmill run MODULE:ATTRIBUTE [--dsn DSN] [--mode MODE] [--node-id ID]``: run a
   node made by ``ATTRIBUTE(backend, mode=..., node_id=...)`` until SIGINT/SIGTERM;
 - ``eventmill migrate --dsn DSN``: install or upgrade the schema;
@@ -15,28 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import inspect
 import json
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
-from eventmill.conditions import stream_is_empty
-from eventmill.consumers.processors import EventProcessor
-from eventmill.errors import EventmillError, UnmetWriteConditionError
-from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent, identifier_from_json
-from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
+from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
+from eventmill.errors import EventmillError
+from eventmill.events import identifier_from_json
+from eventmill.node import EventProcessingNode, NodeMode
 from eventmill.sources import EventSource
-from eventmill.store import MAX_PAGE_SIZE, EventStore
+from eventmill.store import MAX_PAGE_SIZE
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -49,208 +46,35 @@ class CommandError(Exception):
 # --- demo ---------------------------------------------------------------------------
 
 
-@dataclass
-class OrderFigures:
-    """What the published workflow implies, and what the projection must find."""
-
-    orders: int = 0
-    items: int = 0
-    revenue: int = 0
-    paid: int = 0
-
-    def as_text(self) -> str:
-        return f"{self.orders} orders, {self.items} items, revenue {self.revenue}, {self.paid} paid"
-
-
-class OrderProjection(EventProcessor):
-    """Order totals per order, and the figures over all orders."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, int] = {}
-        self.paid: set[str] = set()
-        self.items = 0
-        self.processed = 0
-
-    async def process_event(self, event: StoredEvent) -> None:
-        if event.name == "order-placed":
-            self.totals.setdefault(event.stream, 0)
-        elif event.name == "item-added":
-            price = event.payload["price"]
-            assert isinstance(price, int)
-            self.totals[event.stream] = self.totals.get(event.stream, 0) + price
-            self.items += 1
-        elif event.name == "order-paid":
-            self.paid.add(event.stream)
-        self.processed += 1
-
-    def figures(self) -> OrderFigures:
-        return OrderFigures(
-            orders=len(self.totals),
-            items=self.items,
-            revenue=sum(self.totals.values()),
-            paid=len(self.paid),
-        )
-
-
-class ShippingReactor(EventProcessor):
-    """Requests one shipment per paid order (idempotent: a stream per shipment)."""
-
-    def __init__(self, store: EventStore) -> None:
-        self.store = store
-        self.processed = 0
-
-    async def process_event(self, event: StoredEvent) -> None:
-        if event.name == "order-paid":
-            # A replay after a crash finds the shipment requested already.
-            with contextlib.suppress(UnmetWriteConditionError):
-                await self.store.stream(category="shipments", stream=event.stream).publish(
-                    [NewEvent(name="shipment-requested", payload={"order": event.stream})],
-                    condition=stream_is_empty(),
-                )
-        self.processed += 1
-
-
-async def publish_orders(store: EventStore, events: int, figures: OrderFigures) -> None:
-    """Publish about ``events`` events: orders of 1 placed, 3 items and (mostly) paid."""
-    number = 0
-    published = 0
-    while published < events:
-        stream = store.stream(category="orders", stream=f"order-{number}")
-        batch = [NewEvent(name="order-placed", payload={"customer": number % 37})]
-        for item in range(3):
-            price = (number * 7 + item * 13) % 50 + 1
-            batch.append(NewEvent(name="item-added", payload={"price": price}))
-            figures.revenue += price
-            figures.items += 1
-        if number % 4 != 3:
-            batch.append(NewEvent(name="order-paid"))
-            figures.paid += 1
-        for event in batch:
-            await stream.publish([event])
-        figures.orders += 1
-        published += len(batch)
-        number += 1
-        if number % 50 == 0:
-            await asyncio.sleep(0)  # let the node run meanwhile
-
-
-@dataclass
-class _Rate:
-    last: int = 0
-    at: float = field(default_factory=time.perf_counter)
-
-    def update(self, count: int) -> float:
-        now = time.perf_counter()
-        rate = (count - self.last) / max(now - self.at, 1e-9)
-        self.last, self.at = count, now
-        return rate
-
-
 async def demo(dsn: str | None, events: int, nodes: int, schema: str | None) -> int:
-    """Run the demo; return the exit code (0 when the summary checks out)."""
+    """Run the demo (see ``eventmill.demo``); return the exit code (0 when the summary
+    checks out). On PostgreSQL, in a fresh schema dropped at the end."""
     if dsn is None:
-        backend: Backend = InMemoryBackend()
-        where = "the in-memory backend"
-    else:
-        schema = schema or f"eventmill_demo_{secrets.token_hex(4)}"
-        backend = await connect(dsn, schema, install=True)
-        where = f"PostgreSQL (schema {schema})"
+        return await run_in_memory(events, nodes)
+    if nodes > MAX_NODE_PROCESSES:
+        raise CommandError(f"--nodes with --dsn is at most {MAX_NODE_PROCESSES}, not {nodes}")
+    from eventmill.backends.postgres import PostgresBackend
+
+    schema = schema or f"eventmill_demo_{secrets.token_hex(4)}"
+    backend = await connect(dsn, schema)
+    assert isinstance(backend, PostgresBackend)
     try:
-        return await _demo(backend, where, events, nodes)
-    finally:
-        if dsn is not None:
-            from eventmill.backends.postgres import PostgresBackend
-
-            assert isinstance(backend, PostgresBackend)
-            async with backend.connection() as connection:
-                await connection.execute(backend.sql("DROP SCHEMA {schema} CASCADE"))
+        async with backend.connection() as connection:
+            cursor = await connection.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+            )
+            if (await cursor.fetchone()) != (0,):
+                raise CommandError(f"schema {schema!r} exists: the demo needs a new one")
+    except BaseException:
         await backend.close()
-
-
-async def _demo(backend: Backend, where: str, events: int, nodes: int) -> int:
-    store = EventStore(backend)
-    projection, reactor = OrderProjection(), ShippingReactor(store)
-    distributed = nodes > 1 or not isinstance(backend, InMemoryBackend)
-    settings = NodeSettings(poll_interval=timedelta(milliseconds=200), distributed=distributed)
-    members = [
-        EventProcessingNode(backend, node_id=f"demo-node-{n + 1}", settings=settings)
-        for n in range(nodes)
-    ]
-    orders = CategoryIdentifier("orders")
-    for node in members:
-        node.register_subscriber(
-            group="order-projection", source=orders, processor=projection, partitions=8
-        )
-        node.register_subscriber(
-            group="shipping-reactor", source=orders, processor=reactor, partitions=8
-        )
-    print(f"eventmill demo on {where}: {events} events, {nodes} node(s)")
-    figures = OrderFigures()
-    started = time.perf_counter()
-    rates = {"order-projection": _Rate(), "shipping-reactor": _Rate()}
-    stopped_one = False
-    async with _running(members):
-        publisher = asyncio.create_task(publish_orders(store, events, figures))
-        while True:
-            await asyncio.sleep(0.25)
-            published = figures.orders + figures.items + figures.paid
-            done = publisher.done()
-            line = [f"{time.perf_counter() - started:5.1f}s published {published:>6}"]
-            for group, count in (
-                ("order-projection", projection.processed),
-                ("shipping-reactor", reactor.processed),
-            ):
-                rate = rates[group].update(count)
-                line.append(f"{group}: {count:>6} done, lag {published - count:>5}, {rate:>7.0f}/s")
-            if nodes > 1 and published >= events // 2 and not stopped_one:
-                stopped_one = True
-                members[-1].stop()  # its sources move to the other nodes
-                print(f"stopping {members[-1].node_id}: its sources move to the others")
-            if nodes > 1:
-                held = [
-                    sum(len(h.subscriber.sources) for h in node.subscribers) for node in members
-                ]
-                line.append("sources per node " + "/".join(map(str, held)))
-            print(" | ".join(line), flush=True)
-            if done:
-                publisher.result()
-                if projection.processed == reactor.processed == published:
-                    break
-    elapsed = time.perf_counter() - started
-    total = figures.orders + figures.items + figures.paid
-    shipments = 0
-    async for _ in store.category("shipments").iterate():
-        shipments += 1
-    found = projection.figures()
-    print(
-        f"summary: {total} events in {elapsed:.2f}s ({total / elapsed:,.0f} events/s "
-        f"published and processed by 2 groups)"
-    )
-    print(f"  published:  {figures.as_text()}")
-    print(f"  projection: {found.as_text()}")
-    print(f"  reactor:    {shipments} shipments requested")
-    if found != figures or shipments != figures.paid:
-        print("FAILED: the projection or the reactor disagrees with what was published")
-        return EXIT_FAILED
-    print("OK: every figure matches the published events")
-    return 0
-
-
-class _running:
-    """Run several nodes; ``async with`` returns once all are ready."""
-
-    def __init__(self, nodes: list[EventProcessingNode]) -> None:
-        self.nodes = nodes
-
-    async def __aenter__(self) -> None:
-        for node in self.nodes:
-            await node.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        for node in self.nodes:
-            node.stop()
-        for node in reversed(self.nodes):
-            await node.__aexit__(*exc_info)
+        raise
+    try:
+        await backend.install_schema()
+        return await run_on_postgres(backend, dsn, schema, events, nodes)
+    finally:
+        async with backend.connection() as connection:
+            await connection.execute(backend.sql("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        await backend.close()
 
 
 # --- run ----------------------------------------------------------------------------
@@ -461,9 +285,18 @@ def parser() -> argparse.ArgumentParser:
     commands = main_parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo_parser = commands.add_parser("demo", help="process an order workflow and check it")
     demo_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")
-    demo_parser.add_argument("--schema", help="PostgreSQL schema (default: a new one, dropped)")
+    demo_parser.add_argument(
+        "--schema", help="a new PostgreSQL schema, dropped at the end (default: a random name)"
+    )
     demo_parser.add_argument("--events", type=_positive, default=20_000)
-    demo_parser.add_argument("--nodes", type=_positive, default=1, help="nodes (in-process)")
+    demo_parser.add_argument(
+        "--nodes",
+        type=_positive,
+        default=1,
+        help=f"with --dsn: node processes (`eventmill run`, at most {MAX_NODE_PROCESSES}); one "
+        "stops partway and a new one replaces it, so sources move. Without --dsn: nodes "
+        "inside this process on the in-memory backend, the last one stopping halfway",
+    )
     run_parser = commands.add_parser("run", help="run a node made by MODULE:ATTRIBUTE")
     run_parser.add_argument("target", metavar="MODULE:ATTRIBUTE")
     run_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")

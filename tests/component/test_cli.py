@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
+from tests.postgres_support import TEST_DSN, connect, drop_schema, unique_schema_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,46 @@ def test_demo_with_several_nodes_moves_sources() -> None:
     assert "OK: every figure matches" in result.stdout
 
 
+@pytest.mark.postgres
+def test_demo_with_node_processes_moves_sources_and_checks_itself() -> None:
+    result = eventmill("demo", "--dsn", TEST_DSN, "--nodes", "3", "--events", "1500")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: every figure matches" in result.stdout
+    total = re.search(r"summary: (\d+) events", result.stdout)
+    assert total is not None and int(total.group(1)) >= 1500
+    assert f"folded in each of the {total.group(1)} events exactly once" in result.stdout
+    assert "stopping demo-node-3 gracefully" in result.stdout
+    holdings = [
+        {node: int(count) for node, count in re.findall(r"(demo-node-\d) (\d+)", line)}
+        for line in result.stdout.splitlines()
+        if "sources held:" in line
+    ]
+    assert any(sum(count > 0 for count in held.values()) == 3 for held in holdings)
+    assert holdings[-1]["demo-node-3"] == 0 and holdings[-1]["demo-node-4"] > 0
+    moves = re.findall(r"demo-node-\d -> (demo-node-\d) x\d+", result.stdout)
+    assert "demo-node-4" in moves and len(set(moves)) > 1
+    schema = re.search(r"schema (eventmill_demo_\w+)", result.stdout)
+    assert schema is not None
+    assert not asyncio.run(schema_exists(schema.group(1)))
+
+
+@pytest.mark.postgres
+def test_demo_refuses_an_existing_schema() -> None:
+    result = eventmill("demo", "--dsn", TEST_DSN, "--schema", "public", "--events", "10")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "eventmill: schema 'public' exists: the demo needs a new one"
+    assert asyncio.run(schema_exists("public"))
+
+
+async def schema_exists(name: str) -> bool:
+    async with await connect() as connection:
+        cursor = await connection.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (name,)
+        )
+        row = await cursor.fetchone()
+    return row is not None and row[0] == 1
+
+
 @pytest.mark.parametrize(
     ("arguments", "fragment"),
     [
@@ -48,6 +89,7 @@ def test_demo_with_several_nodes_moves_sources() -> None:
         (("demo", "--events", "0"), "at least 1"),
         (("demo", "--events", "many"), "not a number"),
         (("demo", "--schema", "x"), "--schema needs --dsn"),
+        (("demo", "--dsn", "postgresql://postgres@127.0.0.1:1/none", "--nodes", "9"), "at most 8"),
         (("run", "nowhere_module:make"), "cannot import"),
         (("run", "eventmill.cli"), "MODULE:ATTRIBUTE"),
         (("run", "eventmill.cli:nothing"), "no attribute"),
