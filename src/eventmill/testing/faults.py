@@ -430,6 +430,9 @@ class NodeProcess:
     process: asyncio.subprocess.Process = field(repr=False)
     started: float = field(default_factory=time.monotonic)
     reports: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """The latest status lines (at most 200)."""
+    first: dict[str, Any] | None = field(default=None, repr=False)
+    """The first status line."""
     log_lines: list[tuple[float, str]] = field(default_factory=list, repr=False)
     """Each stderr line with the monotonic time it arrived."""
     readers: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
@@ -561,6 +564,7 @@ class FaultCluster:
             with contextlib.suppress(ValueError):
                 node.reports.append(json.loads(line))
                 del node.reports[:-200]
+                node.first = node.first or node.reports[0]
 
     async def _read_log(self, node: NodeProcess) -> None:
         assert node.process.stderr is not None
@@ -852,13 +856,15 @@ class FaultCluster:
         return found
 
     def resources(self) -> dict[str, dict[str, Any]]:
-        """Per running node: first and latest thread, task and memory figures."""
+        """Per running node: its process's age in seconds and its first and latest
+        thread, task and memory figures."""
         result = {}
         for node_id, node in self.nodes.items():
-            if node.reports:
-                first, latest = node.reports[0], node.reports[-1]
+            first, latest = node.first, node.latest
+            if first is not None and latest is not None:
                 result[node_id] = {
-                    key: [first[key], latest[key]] for key in ("threads", "tasks", "rss_kb")
+                    "seconds": round(time.monotonic() - node.started),
+                    **{key: [first[key], latest[key]] for key in ("threads", "tasks", "rss_kb")},
                 }
         return result
 
@@ -887,16 +893,20 @@ class Publisher:
     async def run(self) -> None:
         """Publish until cancelled."""
         while True:
-            stream = self.rng.choice(self.streams)
-            try:
-                async with asyncio.timeout(5):
-                    await self.store.stream(category=self.category, stream=stream).publish(
-                        [NewEvent(name="tick", payload={"n": self.published})]
-                    )
-                self.published += 1
-            except (StorageError, TimeoutError):
-                self.failed += 1
+            await self.publish_one()
             await asyncio.sleep(self.interval)
+
+    async def publish_one(self) -> None:
+        """Publish one event (at most 5 s); count it as published or failed."""
+        stream = self.rng.choice(self.streams)
+        try:
+            async with asyncio.timeout(5):
+                await self.store.stream(category=self.category, stream=stream).publish(
+                    [NewEvent(name="tick", payload={"n": self.published})]
+                )
+            self.published += 1
+        except (StorageError, TimeoutError):
+            self.failed += 1
 
 
 if __name__ == "__main__":
