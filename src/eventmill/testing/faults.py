@@ -307,8 +307,10 @@ def _cluster_command(action: str) -> None:
 
 
 async def stop_postgres() -> None:
-    """Stop the local PostgreSQL server (fast shutdown). Blocks until it is down."""
-    await asyncio.to_thread(_cluster_command, "stop")
+    """Stop the local PostgreSQL server (fast shutdown). Blocks until it is down;
+    harmless when it is down already."""
+    with contextlib.suppress(subprocess.CalledProcessError):
+        await asyncio.to_thread(_cluster_command, "stop")
 
 
 async def start_postgres(dsn: str) -> None:
