@@ -11,13 +11,22 @@ connection in autocommit mode (each statement is its own transaction unless the 
 opens one with ``connection.transaction()``) and turns driver errors into eventmill
 errors. SQL is written with a ``{schema}`` placeholder and composed by ``backend.sql``,
 which inserts the validated, quoted schema name; user text never becomes SQL.
+
+Event loops: a psycopg pool serves only the loop it was opened on (the backend's home
+loop: the one ``connect`` ran on, or for a user's pool the one the backend was made or
+first used on). A backend made by ``connect`` also serves every other loop (services in
+SHARED_THREAD or DEDICATED_THREAD isolation, other threads) from a small
+``LoopConnectionPool`` per loop, opened on first use, closed when that loop shuts down
+or by ``close()``. A backend on a user's pool refuses other loops with LifecycleError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -31,6 +40,7 @@ from eventmill.backends.postgres.checkpoints import PostgresCheckpointStorage
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.backends.postgres.event_storage import PostgresEventStorage
 from eventmill.backends.postgres.locks import PostgresLockManager
+from eventmill.backends.postgres.loop_pools import LoopConnectionPool
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
@@ -61,7 +71,14 @@ class PostgresBackend(Backend):
         self.schema = check_schema_name(schema)
         self._identifier = sql.Identifier(self.schema)
         self._owns_pool = False
+        self._closing = False
         self._closed = False
+        self._home: asyncio.AbstractEventLoop | None = _running_loop()
+        self._dsn: str | None = None
+        self._per_loop_max_size = 0
+        self._timeout = 0.0
+        self._loop_pools_lock = threading.Lock()
+        self._loop_pools: dict[asyncio.AbstractEventLoop, LoopConnectionPool] = {}
         self._events = PostgresEventStorage(self)
         self._notifications = PostgresEventNotifications(self)
         self._checkpoints = PostgresCheckpointStorage(self)
@@ -79,8 +96,10 @@ class PostgresBackend(Backend):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: timedelta = timedelta(seconds=30),
+        per_loop_max_size: int = 4,
     ) -> PostgresBackend:
-        """A backend on a pool of its own, opened now.
+        """A backend on a pool of its own, opened now on the running loop; on any other
+        loop it uses a pool of at most ``per_loop_max_size`` connections of that loop.
 
         Blocks until ``min_size`` connections work (at most ``connect_timeout``). Raises
         InvalidSettingsError for bad arguments, StorageError when the database cannot be
@@ -94,6 +113,10 @@ class PostgresBackend(Backend):
             )
         if max_size < 1:
             raise InvalidSettingsError(f"max_size must be at least 1, not {describe(max_size)}")
+        if type(per_loop_max_size) is not int or per_loop_max_size < 1:
+            raise InvalidSettingsError(
+                f"per_loop_max_size must be an int of at least 1, not {describe(per_loop_max_size)}"
+            )
         if not isinstance(connect_timeout, timedelta) or connect_timeout <= timedelta(0):
             raise InvalidSettingsError(
                 f"connect_timeout must be a positive timedelta, not {describe(connect_timeout)}"
@@ -122,6 +145,9 @@ class PostgresBackend(Backend):
             raise StorageError(f"cannot open a connection pool: {error}") from error
         backend = cls(pool, schema=schema)
         backend._owns_pool = True
+        backend._dsn = dsn
+        backend._per_loop_max_size = per_loop_max_size
+        backend._timeout = seconds
         return backend
 
     @property
@@ -159,17 +185,30 @@ class PostgresBackend(Backend):
         """
         return sql.SQL(text).format(schema=self._identifier)
 
+    @property
+    def home_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the backend's own pool serves (None until known)."""
+        return self._home
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """A pool connection in autocommit mode, given back afterwards.
+        """A connection in autocommit mode, given back afterwards, from the pool of the
+        running event loop (see the module docstring).
 
         Blocks until the pool has one. psycopg errors raised inside become eventmill
-        errors (StorageError, SchemaError); LifecycleError once the backend is closed.
+        errors (StorageError, SchemaError); LifecycleError once the backend is closed,
+        or on a loop other than the home loop of a backend on a user's pool.
         """
         if self._closed:
             raise LifecycleError("this PostgresBackend is closed")
+        loop = asyncio.get_running_loop()
+        if self._home is None:
+            self._home = loop
         with translate_driver_errors(self.schema):
-            async with self.pool.connection() as connection:
+            borrowed: AbstractAsyncContextManager[AsyncConnection[Any]] = (
+                self.pool.connection() if loop is self._home else self._loop_pool(loop)
+            )
+            async with borrowed as connection:
                 if connection.autocommit:
                     yield connection
                     return
@@ -179,6 +218,47 @@ class PostgresBackend(Backend):
                 finally:
                     if not connection.closed and not connection.broken:
                         await connection.set_autocommit(False)
+
+    def _loop_pool(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """The connection context of ``loop``'s own pool, opened now if need be."""
+        if self._dsn is None:
+            raise LifecycleError(
+                "this PostgresBackend was made on your connection pool, which serves only "
+                "the event loop it was opened on; to use the backend from other threads' "
+                "loops (SHARED_THREAD or DEDICATED_THREAD isolation) make it with "
+                "PostgresBackend.connect(dsn), or run its users in MAIN_THREAD isolation"
+            )
+        with self._loop_pools_lock:
+            if self._closed:
+                raise LifecycleError("this PostgresBackend is closed")
+            pool = self._loop_pools.get(loop)
+            if pool is None:
+                pool = self._loop_pools[loop] = LoopConnectionPool(
+                    self._connect_for_loop,
+                    max_size=self._per_loop_max_size,
+                    timeout=self._timeout,
+                    on_closed=self._forget_loop_pool,
+                )
+        return pool.connection()
+
+    async def _connect_for_loop(self) -> AsyncConnection[Any]:
+        assert self._dsn is not None
+        return await AsyncConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=max(1, round(self._timeout))
+        )
+
+    def _forget_loop_pool(self, pool: LoopConnectionPool) -> None:
+        with self._loop_pools_lock:
+            if self._loop_pools.get(pool.loop) is pool:
+                del self._loop_pools[pool.loop]
+
+    @property
+    def loop_pool_count(self) -> int:
+        """How many event loops other than the home loop have a pool open now."""
+        with self._loop_pools_lock:
+            return len(self._loop_pools)
 
     async def install_schema(self) -> list[int]:
         """Create or upgrade the schema; safe to call from many processes at once.
@@ -190,14 +270,29 @@ class PostgresBackend(Backend):
             return await schema_installer.install(connection, self.schema)
 
     async def close(self) -> None:
-        """Close the pool if this backend made it; a user's pool stays open. Idempotent."""
-        if self._closed:
+        """Send queued announcements, then close the pools this backend made (the other
+        loops' idle connections at once, those in use when given back); a user's pool
+        stays open. Idempotent."""
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         await self._events.close()
         await self._notifications.close()
+        with self._loop_pools_lock:
+            self._closed = True
+            loop_pools = list(self._loop_pools.values())
+            self._loop_pools.clear()
+        for loop_pool in loop_pools:
+            await loop_pool.close()
         if self._owns_pool:
             await self.pool.close()
 
     def __repr__(self) -> str:
         return f"<PostgresBackend schema={self.schema!r}>"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -208,8 +209,9 @@ class PostgresEventStorage(EventStorage):
         self._latest_stream = backend.sql(_LATEST_STREAM)
         self._set_watermark = backend.sql(_SET_WATERMARK)
         self._channel = channel_name(backend.schema)
-        self._unannounced: set[str] = set()
-        self._announcer: asyncio.Task[None] | None = None
+        # Per event loop publishing here: the categories to announce, and its announcer.
+        self._announcers_lock = threading.Lock()
+        self._announcers: dict[asyncio.AbstractEventLoop, tuple[set[str], asyncio.Task[None]]] = {}
 
     async def publish(
         self,
@@ -263,29 +265,50 @@ class PostgresEventStorage(EventStorage):
         ]
 
     def _announce(self, category: str) -> None:
-        """Queue a NOTIFY for ``category``; the announcer task sends it without blocking."""
-        self._unannounced.add(category)
-        if self._announcer is None or self._announcer.done():
-            self._announcer = asyncio.get_running_loop().create_task(
-                self._send_announcements(), name="eventmill-announce"
+        """Queue a NOTIFY for ``category``; the running loop's announcer task sends it
+        without blocking."""
+        loop = asyncio.get_running_loop()
+        with self._announcers_lock:
+            announcer = self._announcers.get(loop)
+            if announcer is not None and not announcer[1].done():
+                announcer[0].add(category)
+                return
+            unannounced = {category}
+            task = loop.create_task(
+                self._send_announcements(loop, unannounced), name="eventmill-announce"
             )
+            self._announcers[loop] = (unannounced, task)
 
-    async def _send_announcements(self) -> None:
-        """Announce at once, then at most once per ANNOUNCE_WINDOW while publishes go on."""
-        while self._unannounced:
-            categories = sorted(self._unannounced)
-            self._unannounced.clear()
-            try:
-                async with self._backend.connection() as connection:
-                    await connection.execute(_ANNOUNCE, (self._channel, categories), prepare=True)
-            except Exception as error:  # only latency is lost: readers poll as well
-                logger.warning("eventmill: could not announce published events: %s", error)
-            await asyncio.sleep(ANNOUNCE_WINDOW.total_seconds())
+    async def _send_announcements(
+        self, loop: asyncio.AbstractEventLoop, unannounced: set[str]
+    ) -> None:
+        """Announce at once, then at most once per ANNOUNCE_WINDOW while publishes on
+        ``loop`` go on."""
+        try:
+            while unannounced:  # only this loop's thread touches this set
+                categories = sorted(unannounced)
+                unannounced.clear()
+                try:
+                    async with self._backend.connection() as connection:
+                        await connection.execute(
+                            _ANNOUNCE, (self._channel, categories), prepare=True
+                        )
+                except Exception as error:  # only latency is lost: readers poll as well
+                    logger.warning("eventmill: could not announce published events: %s", error)
+                await asyncio.sleep(ANNOUNCE_WINDOW.total_seconds())
+        finally:
+            with self._announcers_lock:
+                current = self._announcers.get(loop)
+                if current is not None and current[0] is unannounced:
+                    del self._announcers[loop]
 
     async def close(self) -> None:
-        """Send the announcements still queued. Blocks until they are sent or failed."""
-        if self._announcer is not None:
-            await asyncio.shield(self._announcer)
+        """Send the announcements still queued on the running loop (other loops' announcers
+        send theirs). Blocks until they are sent or failed."""
+        with self._announcers_lock:
+            announcer = self._announcers.get(asyncio.get_running_loop())
+        if announcer is not None:
+            await asyncio.shield(announcer[1])
 
     async def read(
         self, source: EventSourceIdentifier, *, after: int | None, limit: int

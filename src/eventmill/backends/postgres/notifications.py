@@ -5,6 +5,9 @@ After each publish commits, ``PostgresEventStorage`` notifies the channel
 inside the publishing transaction). One dedicated autocommit
 connection per backend, opened on the first ``subscribe`` (not from the pool), listens
 and wakes the watchers of that category and of the log, each on its own event loop.
+The listening task runs on the backend's home loop while that loop runs (so it outlives
+the threads of SHARED_THREAD and DEDICATED_THREAD services), else on the subscriber's
+loop; if that loop ends, the next ``subscribe`` starts a new listener.
 If the connection fails, every watcher is woken (notifications may have been lost)
 and it reconnects with a growing delay; meanwhile readers rely on polling, which a
 lost notification only delays, never breaks.
@@ -13,9 +16,10 @@ lost notification only delays, never breaks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,33 +52,82 @@ async def _resolved(setting: Any) -> Any:
     return setting
 
 
+def _resolve(future: concurrent.futures.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Listener:
+    """The listening task, the loop it runs on, and futures any thread may wait on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[None] | None = None
+        self.listening: concurrent.futures.Future[None] = concurrent.futures.Future()
+        """Resolved once LISTEN ran (or first failed), or the listener ended."""
+        self.stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        """Resolved once the task ended and its connection is closed."""
+
+    @property
+    def alive(self) -> bool:
+        return not self.stopped.done() and not self.loop.is_closed()
+
+
 class PostgresEventNotifications(EventNotifications):
     """LISTEN on one dedicated connection; wake-ups dispatched to each watcher's loop."""
 
     def __init__(self, backend: PostgresBackend) -> None:
         self._backend = backend
         self.registry = WakeupRegistry()
-        self._listener: asyncio.Task[None] | None = None
-        self._listening: asyncio.Event | None = None
+        self._lock = threading.Lock()
+        self._listener: _Listener | None = None
         self._closed = False
 
     async def subscribe(
         self, source: EventSourceIdentifier, wake: Callable[[], None]
     ) -> Callable[[], None]:
         remove = self.registry.add(source, wake)
-        if self._closed:
-            return remove
-        if self._listener is None or self._listener.done():
-            self._listening = asyncio.Event()
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(self._listening), name=f"eventmill-listen-{self._backend.schema}"
-            )
-        assert self._listening is not None
+        with self._lock:
+            if self._closed:
+                return remove
+            listener = self._listener
+            if listener is None or not listener.alive:
+                listener = self._listener = self._start_listener()
         # Wait for the LISTEN (or its first failure); never hang a subscriber on it.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
-                await self._listening.wait()
+        await asyncio.wait([asyncio.wrap_future(listener.listening)], timeout=10)
         return remove
+
+    def _start_listener(self) -> _Listener:
+        """A listener on the home loop if it runs, else on this one (holding the lock)."""
+        here = asyncio.get_running_loop()
+        home = self._backend.home_loop
+        if home is not None and home is not here and home.is_running():
+            listener = _Listener(home)
+            try:
+                home.call_soon_threadsafe(self._begin, listener)
+                return listener
+            except RuntimeError:
+                pass  # closed meanwhile
+        listener = _Listener(here)
+        self._begin(listener)
+        return listener
+
+    def _begin(self, listener: _Listener) -> None:
+        """On the listener's loop: start listening, unless closed meanwhile."""
+        if self._closed:
+            _resolve(listener.listening)
+            _resolve(listener.stopped)
+            return
+        task = listener.loop.create_task(
+            self._listen(listener.listening), name=f"eventmill-listen-{self._backend.schema}"
+        )
+        listener.task = task
+
+        def ended(_: asyncio.Task[None]) -> None:
+            _resolve(listener.listening)
+            _resolve(listener.stopped)
+
+        task.add_done_callback(ended)
 
     async def _connect(self) -> AsyncConnection[Any]:
         pool = self._backend.pool
@@ -87,14 +140,14 @@ class PostgresEventNotifications(EventNotifications):
         )
         return connection
 
-    async def _listen(self, listening: asyncio.Event) -> None:
+    async def _listen(self, listening: concurrent.futures.Future[None]) -> None:
         failures = 0
         while not self._closed:
             try:
                 connection = await self._connect()
             except psycopg.Error as error:
                 logger.warning("eventmill: cannot LISTEN for new events: %s", error)
-                listening.set()
+                _resolve(listening)
                 await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
                 failures += 1
                 continue
@@ -102,7 +155,7 @@ class PostgresEventNotifications(EventNotifications):
                 if failures:
                     self.registry.wake(None)
                 failures = 0
-                listening.set()
+                _resolve(listening)
                 async for notification in connection.notifies():
                     self.registry.wake(notification.payload)
             except psycopg.Error as error:
@@ -113,14 +166,21 @@ class PostgresEventNotifications(EventNotifications):
                 await connection.close()
 
     async def close(self) -> None:
-        """Stop listening and close the connection. Idempotent."""
-        self._closed = True
-        listener, self._listener = self._listener, None
-        if listener is None or listener.done():
+        """Stop listening; blocks until the connection is closed (at most 10 s if the
+        listener runs on another loop). Idempotent."""
+        with self._lock:
+            self._closed = True
+            listener, self._listener = self._listener, None
+        if listener is None or not listener.alive:
             return
-        if listener.get_loop() is not asyncio.get_running_loop():
-            listener.get_loop().call_soon_threadsafe(listener.cancel)
-            return
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        try:
+            listener.loop.call_soon_threadsafe(_cancel, listener)
+        except RuntimeError:
+            return  # its loop is closed, and the listener with it
+        await asyncio.wait([asyncio.wrap_future(listener.stopped)], timeout=10)
+
+
+def _cancel(listener: _Listener) -> None:
+    """On the listener's loop."""
+    if listener.task is not None:
+        listener.task.cancel()
