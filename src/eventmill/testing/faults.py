@@ -155,9 +155,11 @@ class FaultNodeSettings:
 # --- the node process ---------------------------------------------------------------
 
 
-def _source_of(handle: SubscriberHandle, event: StoredEvent) -> tuple[EventSourceIdentifier, int]:
-    """The held source ``event`` was read from, and its epoch (a dead source if none)."""
-    for source, epoch in handle.subscriber.sources.items():
+def _source_of(
+    known: dict[EventSourceIdentifier, int], event: StoredEvent
+) -> tuple[EventSourceIdentifier, int]:
+    """The source ``event`` was read from, and its epoch (-1 if none is known)."""
+    for source, epoch in known.items():
         if isinstance(source, CategoryPartitionIdentifier):
             if source.contains(event.stream):
                 return source, epoch
@@ -173,10 +175,14 @@ class _Recorder:
         self.node_id = node_id
         self.insert = backend.sql(_INSERT)
         self.handle: SubscriberHandle | None = None
+        self.known: dict[EventSourceIdentifier, int] = {}
+        """The sources held so far and their latest epochs: a batch still in flight
+        while its source is withdrawn is no longer among the held ones."""
 
     def rows(self, events: Sequence[StoredEvent]) -> tuple[Any, ...]:
         assert self.handle is not None
-        source, epoch = _source_of(self.handle, events[0])
+        self.known.update(self.handle.subscriber.sources)
+        source, epoch = _source_of(self.known, events[0])
         return (self.group, source_key(source), [e.id for e in events], self.node_id, epoch)
 
 
@@ -499,10 +505,8 @@ class FaultCluster:
         self._ended: list[NodeProcess] = []
 
     async def __aenter__(self) -> Self:
-        self.backend = await PostgresBackend.connect(
-            make_conninfo(self.dsn, application_name=f"{self.schema}-harness"),
-            schema=self.schema,
-            max_size=2,
+        self.backend = await _connect_backend(
+            make_conninfo(self.dsn, application_name=f"{self.schema}-harness"), self.schema, 2
         )
         await self.backend.install_schema()
         async with self.backend.connection() as connection:
