@@ -87,6 +87,12 @@ class Lock(ABC):
         """Block until the lock is no longer held: lost (e.g. its connection died) or
         released. Checks periodically that it is still held; raises nothing."""
 
+    async def confirm(self) -> bool:
+        """Check now that the lock is still held (PostgreSQL: one round trip on its
+        connection), e.g. before acting on it after a pause; False once lost or
+        released. Raises nothing."""
+        return self.is_held
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -102,19 +108,29 @@ class LockManager(ABC):
     """
 
     @abstractmethod
-    async def try_lock(self, name: str) -> Lock | None:
+    async def try_lock(self, name: str, *, lease: timedelta | None = None) -> Lock | None:
         """Take the lock ``name`` if it is free, without waiting; None if it is held.
 
-        Raises InvalidIdentifierError for a bad name, StorageError when storage fails.
+        ``lease``: when the holding process stops responding (frozen) for about this
+        long, the storage may drop the lock so that another process can take it (on
+        PostgreSQL: the server ends the lock's idle session); None: held as long as
+        what keeps it alive lives. Raises InvalidIdentifierError for a bad name,
+        InvalidSettingsError for a bad lease, StorageError when storage fails.
         """
 
     @abstractmethod
-    async def wait_for_lock(self, name: str, timeout: timedelta) -> Lock | None:  # noqa: ASYNC109
+    async def wait_for_lock(
+        self,
+        name: str,
+        timeout: timedelta,  # noqa: ASYNC109
+        *,
+        lease: timedelta | None = None,
+    ) -> Lock | None:
         """Take the lock ``name``, blocking up to ``timeout`` (any length) for it to be
-        free; None when the time ran out.
+        free; None when the time ran out. ``lease``: as for ``try_lock``.
 
-        Raises InvalidIdentifierError / InvalidSettingsError for a bad name or timeout,
-        StorageError when storage fails.
+        Raises InvalidIdentifierError / InvalidSettingsError for a bad name, timeout or
+        lease, StorageError when storage fails.
         """
 
 
@@ -163,6 +179,16 @@ class SubscriberStateStore(ABC):
     ) -> SubscriberRecord:
         """Set ``last_seen`` to now (and the node and requests to these); re-create the
         record, registered now, when it is missing (e.g. purged while the node slept)."""
+
+    async def heartbeat_all(
+        self,
+        node_id: str,
+        subscribers: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
+    ) -> None:
+        """``heartbeat`` each (group, id, subscription_requests) of ``node_id``; a
+        backend may do it in one round trip (PostgreSQL does: one statement)."""
+        for group, id, requests in subscribers:
+            await self.heartbeat(group, id, node_id, requests)
 
     @abstractmethod
     async def remove(self, group: str, id: str) -> None:
@@ -414,7 +440,9 @@ class CheckpointStorage(ABC):
     async def fence(self, group: str, source: EventSourceIdentifier, epoch: int) -> None:
         """Raise the stored epoch to ``epoch`` (creating the record with ``after=None``),
         so saves with a lower epoch are refused from now on. Never lowers it; keeps
-        ``after`` and the version of an existing record."""
+        ``after`` and the version of an existing record. Raises ConflictError, having
+        changed nothing, when the record stays locked by another transaction (e.g. of
+        a frozen holder) longer than the storage's lock timeout (PostgreSQL: 0.5 s)."""
 
     @abstractmethod
     async def reset(self, group: str, source: EventSourceIdentifier) -> None:

@@ -50,6 +50,7 @@ from eventmill.conditions import WriteCondition
 from eventmill.errors import (
     ConflictError,
     InvalidInputError,
+    InvalidSettingsError,
     StaleEpochError,
     UnmetWriteConditionError,
 )
@@ -522,20 +523,30 @@ class InMemoryLockManager(LockManager):
         self._holders: dict[str, InMemoryLock] = {}
         self.changed = _Signal()
 
-    async def try_lock(self, name: str) -> InMemoryLock | None:
+    async def try_lock(self, name: str, *, lease: timedelta | None = None) -> InMemoryLock | None:
+        """See ``LockManager.try_lock``; the lease is checked and otherwise unused (one
+        process cannot freeze apart from its locks)."""
         check_name(name, "lock name")
+        if lease is not None and check_age(lease, "lease") <= timedelta(0):
+            raise InvalidSettingsError(f"lease must be positive, not {lease}")
         with self._lock:
             if name in self._holders:
                 return None
             lock = self._holders[name] = InMemoryLock(self, name)
             return lock
 
-    async def wait_for_lock(self, name: str, timeout: timedelta) -> InMemoryLock | None:  # noqa: ASYNC109
+    async def wait_for_lock(
+        self,
+        name: str,
+        timeout: timedelta,  # noqa: ASYNC109
+        *,
+        lease: timedelta | None = None,
+    ) -> InMemoryLock | None:
         check_name(name, "lock name")
         deadline = time.monotonic() + check_age(timeout, "timeout").total_seconds()
         while True:
             waiter = self.changed.waiter()
-            lock = await self.try_lock(name)
+            lock = await self.try_lock(name, lease=lease)
             remaining = deadline - time.monotonic()
             if lock is not None or remaining <= 0:
                 self.changed.discard(waiter)

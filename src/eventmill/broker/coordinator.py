@@ -7,12 +7,20 @@ revoke-then-assign: a source leaving a live holder is first set REVOKING; it is
 assigned to its new holder only in a later round, once the old holder's observer has
 released it or the old holder is no longer live. Before any assignment is written,
 the source's checkpoint is fenced at the new epoch (``CheckpointStorage.fence``), so a
-paused old holder that wakes up can no longer save a checkpoint of it.
+paused old holder that wakes up can no longer save a checkpoint of it. A source whose
+checkpoint stays locked by another transaction (a holder frozen inside its batch) is
+not assigned this round (the fence gives up after a short lock timeout), so one such
+source does not stall the others.
 
 Leadership ends after ``leadership_max_duration`` (the lock is released so that
 another node may take it) or when the lock is lost, which ``Lock.wait_lost`` reports.
-A deposed leader that still writes is harmless: assignments carry epochs and the
-storage refuses an epoch that is not greater than the current one.
+The lock is taken with a lease of ``subscriber_max_age``: a leader frozen longer than
+that (SIGSTOP, a long pause) loses it on PostgreSQL, so a standby takes over within
+about the max age, as it does for a dead leader. Before writing any change a round
+confirms the lock (``Lock.confirm``), so a leader waking from such a pause does not
+act on a round it started before noticing. Even then a deposed leader that still
+writes is harmless: assignments carry epochs and the storage refuses an epoch that is
+not greater than the current one.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from datetime import timedelta
 from eventmill.backends.base import Assign, Backend, Lock, SubscriptionChange
 from eventmill.broker.allocation import GroupAllocation, allocate
 from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.errors import ConflictError
 from eventmill.events import check_name
 
 logger = logging.getLogger(__name__)
@@ -34,6 +43,10 @@ COORDINATOR_LOCK = "eventmill-coordinator"
 """The name of the lock whose holder coordinates."""
 
 _FENCES_AT_ONCE = 4
+
+RELEASE_TIMEOUT = timedelta(seconds=2)
+"""The longest a coordinator waits for its lock's release when giving leadership up
+(stopping included)."""
 
 
 class EventSubscriptionCoordinator(BrokerLoop):
@@ -82,7 +95,9 @@ class EventSubscriptionCoordinator(BrokerLoop):
         if leading. Raises StorageError, ConflictError."""
         if not self.is_leader:
             await self._give_up()
-            lock = await self._backend.locks.wait_for_lock(self.lock_name, self.interval)
+            lock = await self._backend.locks.wait_for_lock(
+                self.lock_name, self.interval, lease=self._max_age
+            )
             if lock is None:
                 return timedelta(0)
             self._take(lock)
@@ -105,7 +120,11 @@ class EventSubscriptionCoordinator(BrokerLoop):
         ]
         if not changes or not self.is_leader:
             return self._next_wait(allocations)
-        await self._fence([change for change in changes if isinstance(change, Assign)])
+        if self._lock is None or not await self._lock.confirm():
+            return None  # deposed (e.g. frozen past the lease): act on nothing
+        unfenced = await self._fence([change for change in changes if isinstance(change, Assign)])
+        if unfenced:
+            changes = [change for change in changes if id(change) not in unfenced]
         if not self.is_leader:
             return None
         await self._backend.subscriptions.apply(changes)
@@ -118,13 +137,25 @@ class EventSubscriptionCoordinator(BrokerLoop):
             return self.interval / 4
         return None
 
-    async def _fence(self, assigns: list[Assign]) -> None:
-        """Fence each assigned source's checkpoint at its new epoch, a few at a time."""
+    async def _fence(self, assigns: list[Assign]) -> set[int]:
+        """Fence each assigned source's checkpoint at its new epoch, a few at a time;
+        return the ``id()`` of the assignments whose checkpoint stayed locked
+        (ConflictError): they wait for a later round."""
         checkpoints = self._backend.checkpoints
+        unfenced: set[int] = set()
+
+        async def fence(change: Assign) -> None:
+            try:
+                await checkpoints.fence(change.group, change.source, change.epoch)
+            except ConflictError as error:
+                logger.warning("coordinator: %s; assigning it later", error)
+                unfenced.add(id(change))
+
         for start in range(0, len(assigns), _FENCES_AT_ONCE):
             async with asyncio.TaskGroup() as group:
                 for change in assigns[start : start + _FENCES_AT_ONCE]:
-                    group.create_task(checkpoints.fence(change.group, change.source, change.epoch))
+                    group.create_task(fence(change))
+        return unfenced
 
     def _take(self, lock: Lock) -> None:
         self._lock = lock
@@ -140,14 +171,21 @@ class EventSubscriptionCoordinator(BrokerLoop):
             self.wake()
 
     async def _give_up(self) -> None:
+        """Release the lock and end its watch, within RELEASE_TIMEOUT: a lock whose
+        release does not finish in time is left to die with its connection."""
         lock, self._lock = self._lock, None
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        if lock is not None:
-            await lock.release()
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT.total_seconds()):
+                if lock is not None:
+                    await lock.release()
+                if watch is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+        except TimeoutError:
+            logger.warning("coordinator: releasing the lock timed out")
 
     async def execute(self) -> None:
         """Coordinate (or wait to) until cancelled; the lock is released on the way out."""

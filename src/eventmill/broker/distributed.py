@@ -18,8 +18,10 @@ A frozen node (SIGSTOP, a long GC or network pause) is declared dead the same wa
 sources' checkpoints are fenced at the new epoch before anyone is given them, so when
 it wakes it cannot save a checkpoint of them, and ``is_current`` stays False until its
 observer has caught up (a consumer loop should skip passes meanwhile). A frozen
-*leader* keeps its lock (its connection stays open), so coordination pauses until it
-wakes or its connection dies; safety is unaffected.
+*leader* holds the coordinator lock under a lease of the max age: on PostgreSQL the
+server ends its idle lock session after that long, a standby takes the lock within a
+distribution interval, and the woken ex-leader confirms the lock before it writes
+anything, so it stops coordinating (budget as for a killed node).
 """
 
 from __future__ import annotations

@@ -84,12 +84,13 @@ class EventSubscriberManager(BrokerLoop):
             await self._backend.subscribers.remove(group, id)
 
     async def run_round(self) -> timedelta | None:
-        """Heartbeat every local subscriber, then purge when due. Raises StorageError."""
+        """Heartbeat every local subscriber (one ``heartbeat_all``), then purge when due.
+        Raises StorageError."""
         started = time.monotonic()
-        for subscriber in list(self._subscribers.values()):
-            await self._backend.subscribers.heartbeat(
-                subscriber.group, subscriber.id, self.node_id, subscriber.subscription_requests
-            )
+        await self._backend.subscribers.heartbeat_all(
+            self.node_id,
+            [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()],
+        )
         self.last_heartbeat_at = started
         if started >= self._next_purge:
             await self._backend.subscribers.purge(self._max_age)

@@ -14,7 +14,9 @@ Each subscriber is polled by a ``PollingService`` inside an ``ErrorHandlingServi
 (retry with backoff); a pass is skipped while the broker is not current (after a
 pause longer than the subscriber max age, until the observer caught up). On SIGTERM
 the node stops polling, unregisters its subscribers (their sources move at once),
-stops the broker and exits with code 0. It prints ``ready`` once running.
+stops the broker and exits with code 0; if that takes longer than
+``shutdown_timeout`` it prints its task stacks to stderr, stops anyway and exits
+with code 1. SIGUSR1 prints the task stacks. It prints ``ready`` once running.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from eventmill.consumers.processors import (
 )
 from eventmill.consumers.source_consumer import ConsumerSettings
 from eventmill.consumers.subscription_consumer import EventSubscriptionConsumer
-from eventmill.errors import StorageError
+from eventmill.errors import LifecycleError, StorageError
 from eventmill.events import (
     CategoryPartitionIdentifier,
     EventSourceIdentifier,
@@ -70,6 +72,10 @@ _INSERT = (
     " subscriber_id, node_id, epoch)"
     " SELECT %s, %s, unnest(%s::text[]), unnest(%s::bigint[]), %s, %s, %s"
 )
+
+
+_CLOSE_TIMEOUT = 5.0
+"""Seconds a stopping node waits for its pool to close."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,9 +152,12 @@ async def run_node(config: dict[str, Any]) -> None:
     backend = await PostgresBackend.connect(
         config["dsn"], schema=config["schema"], min_size=1, max_size=config.get("pool_size", 3)
     )
+    shutdown_timeout = config.get("shutdown_timeout", 10.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    graceful = True
     try:
         broker = DistributedEventBroker(backend, node_id=node_id, settings=settings)
         subscribers = [_subscriber(backend, group, node_id, config) for group in groups]
@@ -164,15 +173,33 @@ async def run_node(config: dict[str, Any]) -> None:
             await broker.wait_ready()
             print("ready", flush=True)
             await stop.wait()
-            for task in polling:  # stop polling new work; in-flight passes end here
-                task.cancel()
-            await asyncio.gather(*polling, return_exceptions=True)
-            for subscriber in subscribers:  # withdraw, release, forget: sources move now
-                await broker.unregister(subscriber)
+            stopping = tasks.create_task(_stop_gracefully(broker, subscribers, polling))
+            await asyncio.wait([stopping], timeout=shutdown_timeout)
+            if not stopping.done():
+                graceful = False
+                print(f"{node_id}: graceful stop timed out; tasks:", file=sys.stderr)
+                dump_tasks()
+                stopping.cancel()
             broker_task.cancel()
             log_task.cancel()
     finally:
-        await backend.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await backend.close()
+    if not graceful:
+        raise LifecycleError(f"{node_id}: graceful stop took over {shutdown_timeout}s")
+
+
+async def _stop_gracefully(
+    broker: DistributedEventBroker,
+    subscribers: Sequence[EventSubscriptionConsumer],
+    polling: Sequence[asyncio.Task[None]],
+) -> None:
+    for task in polling:  # stop polling new work; in-flight passes end here
+        task.cancel()
+    await asyncio.gather(*polling, return_exceptions=True)
+    for subscriber in subscribers:  # withdraw, release, forget: sources move now
+        await broker.unregister(subscriber)
 
 
 def _subscriber(
@@ -210,6 +237,27 @@ async def _poll(
         await polling.execute()
     finally:
         remove()
+
+
+def dump_tasks() -> None:
+    """Print where every task waits (its chain of awaited coroutines) to stderr;
+    NodeSet sends SIGUSR1 before it kills a node that did not stop in time, so a hang
+    shows where it is."""
+    for task in asyncio.all_tasks():
+        print(
+            f"task {task.get_name()}{' (cancelling)' if task.cancelling() else ''}:",
+            file=sys.stderr,
+        )
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                print(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}", file=sys.stderr)
+            else:
+                print(f"  {awaited!r:.200}", file=sys.stderr)
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    sys.stderr.flush()
 
 
 async def _log_leadership(backend: PostgresBackend, broker: DistributedEventBroker) -> None:

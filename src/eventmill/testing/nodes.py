@@ -50,6 +50,10 @@ class Node:
         return self.process.pid
 
 
+_DUMP_GRACE = 1.0
+"""Seconds a node that did not stop is given to print its task stacks."""
+
+
 class NodeSet:
     """Starts, stops, kills, freezes and replaces node processes sharing ``backend``'s
     schema (its tables are created on ``__aenter__``)."""
@@ -64,6 +68,8 @@ class NodeSet:
         checkpoint_every: int = 10,
         pool_size: int = 3,
         ready_timeout: timedelta = timedelta(seconds=30),
+        shutdown_timeout: timedelta = timedelta(seconds=10),
+        stop_timeout: timedelta = timedelta(seconds=20),
     ) -> None:
         self.backend = backend
         self.groups = list(groups)
@@ -77,8 +83,10 @@ class NodeSet:
             "poll_interval": poll_interval.total_seconds(),
             "checkpoint_every": checkpoint_every,
             "pool_size": pool_size,
+            "shutdown_timeout": shutdown_timeout.total_seconds(),
         }
         self._ready_timeout = ready_timeout.total_seconds()
+        self._stop_timeout = stop_timeout.total_seconds()
         self._numbers = itertools.count(1)
         self.nodes: list[Node] = []
         """The nodes started and not yet stopped or killed."""
@@ -128,18 +136,24 @@ class NodeSet:
 
     async def stop(self, node: Node) -> int:
         """Stop ``node`` gracefully (SIGTERM) and return its exit code. Raises
-        LifecycleError (having killed it) when it has not exited within the ready
-        timeout."""
+        LifecycleError (having made it print its task stacks to stderr and killed it)
+        when it has not exited within ``stop_timeout``."""
         self._forget(node)
         with contextlib.suppress(ProcessLookupError):
             node.process.send_signal(signal.SIGCONT)
             node.process.terminate()
         try:
-            async with asyncio.timeout(self._ready_timeout):
+            async with asyncio.timeout(self._stop_timeout):
                 return await node.process.wait()
         except TimeoutError:
-            await self.kill(node)
-            raise LifecycleError(f"{node.node_id} did not stop in time") from None
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            node.process.send_signal(signal.SIGUSR1)  # the node prints its task stacks
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_DUMP_GRACE):
+                await node.process.wait()
+        await self.kill(node)
+        raise LifecycleError(f"{node.node_id} did not stop in time")
 
     async def kill(self, node: Node) -> int:
         """Kill ``node`` (SIGKILL) and return its exit code."""

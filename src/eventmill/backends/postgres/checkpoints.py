@@ -3,7 +3,8 @@
 One row per (group, source key); a save is one conditional ``UPDATE`` (or ``INSERT ...
 ON CONFLICT DO NOTHING`` for the first) that checks the version and the epoch in the
 same statement, so the common case is a single round trip. Only when it changes no row
-is the row read again to tell a stale epoch from a lost race.
+is the row read again to tell a stale epoch from a lost race. A fence waits at most
+FENCE_LOCK_TIMEOUT for a row another transaction holds locked.
 
 ``transaction()`` opens a transaction on a pool connection: a
 ``TransactionalEventProcessor`` writes through ``transaction.connection`` and the
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
@@ -27,6 +30,10 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 _COLUMNS = "group_name, source, after_place, version, epoch, updated_at"
+
+FENCE_LOCK_TIMEOUT = timedelta(milliseconds=500)
+"""How long a fence waits for a checkpoint row locked by another transaction (a
+holder frozen inside its batch transaction would otherwise stall it indefinitely)."""
 
 
 def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
@@ -96,6 +103,8 @@ class PostgresCheckpointStorage(CheckpointStorage):
             " ON CONFLICT (group_name, source_key) DO UPDATE"
             " SET epoch = excluded.epoch, updated_at = now() WHERE c.epoch < excluded.epoch"
         )
+        milliseconds = round(FENCE_LOCK_TIMEOUT.total_seconds() * 1000)
+        self._fence_lock_timeout = f"SET LOCAL lock_timeout = {milliseconds:d}"
         self._reset = sql(
             "UPDATE {schema}.checkpoints SET after_place = NULL, version = version + 1,"
             " updated_at = now() WHERE group_name = %s AND source_key = %s"
@@ -164,10 +173,19 @@ class PostgresCheckpointStorage(CheckpointStorage):
         )
 
     async def fence(self, group: str, source: EventSourceIdentifier, epoch: int) -> None:
+        """One transaction: ``SET LOCAL lock_timeout``, then the upsert; a row locked
+        past FENCE_LOCK_TIMEOUT raises ConflictError (rolled back)."""
+        parameters = (group, source_key(source), Jsonb(source.to_json()), epoch)
         async with self._backend.connection() as connection:
-            await connection.execute(
-                self._fence, (group, source_key(source), Jsonb(source.to_json()), epoch)
-            )
+            try:
+                async with connection.transaction():
+                    await connection.execute(self._fence_lock_timeout)
+                    await connection.execute(self._fence, parameters)
+            except psycopg.errors.LockNotAvailable as error:
+                raise ConflictError(
+                    f"checkpoint of {group!r} for {source} stayed locked by another"
+                    f" transaction for {FENCE_LOCK_TIMEOUT}; not fenced"
+                ) from error
 
     async def reset(self, group: str, source: EventSourceIdentifier) -> None:
         async with self._backend.connection() as connection:

@@ -6,7 +6,13 @@ session. Closing the connection releases it; if the connection dies (server rest
 ``pg_terminate_backend``, network loss), the server drops the lock and another process
 may take it. The holder finds out through ``wait_lost()``, which runs ``SELECT 1`` on
 the lock's connection every ``check_interval`` and treats a failed or slow check (over
-``check_timeout``) as a loss.
+``check_timeout``) as a loss; ``confirm()`` runs one such check at once.
+
+A lock taken with a ``lease`` sets ``idle_session_timeout`` to it on its connection
+and is checked at least three times per lease, so a live holder's session is never
+idle that long; a frozen holder's is, and the server ends it, dropping the lock. When
+the holder wakes, its next check (or ``confirm()``) fails and it learns the lock is
+gone.
 
 A name maps to a bigint key: the first 8 bytes of SHA-256 of the schema name and the
 lock name, so backends in different schemas never share a lock, in any process or
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 _FIRST_POLL = 0.01
+_CHECKS_PER_LEASE = 3
 
 
 def lock_key(schema: str, name: str) -> int:
@@ -81,16 +88,23 @@ class PostgresLock(Lock):
             await self._connection.close()
 
     async def wait_lost(self) -> None:
-        while self._held:
-            try:
-                async with asyncio.timeout(self._check_timeout):
-                    await self._connection.execute("SELECT 1")
-            except (psycopg.Error, TimeoutError):
-                await self.release()
-                return
+        while await self.confirm():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._check_interval):
                     await self._gone.wait()
+
+    async def confirm(self) -> bool:
+        """``SELECT 1`` on the lock's session (which holds the lock while it lives);
+        a failed or slow check releases the lock and returns False."""
+        if not self._held:
+            return False
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                await self._connection.execute("SELECT 1")
+        except (psycopg.Error, TimeoutError):
+            await self.release()
+            return False
+        return self._held
 
 
 class PostgresLockManager(LockManager):
@@ -117,27 +131,50 @@ class PostgresLockManager(LockManager):
         self._check_timeout = check_timeout.total_seconds()
         self._max_poll = max_poll_interval.total_seconds()
 
-    async def try_lock(self, name: str) -> PostgresLock | None:
-        return await self._take(name, 0.0)
+    async def try_lock(self, name: str, *, lease: timedelta | None = None) -> PostgresLock | None:
+        return await self._take(name, 0.0, lease)
 
-    async def wait_for_lock(self, name: str, timeout: timedelta) -> PostgresLock | None:  # noqa: ASYNC109
-        return await self._take(name, check_age(timeout, "timeout").total_seconds())
+    async def wait_for_lock(
+        self,
+        name: str,
+        timeout: timedelta,  # noqa: ASYNC109
+        *,
+        lease: timedelta | None = None,
+    ) -> PostgresLock | None:
+        return await self._take(name, check_age(timeout, "timeout").total_seconds(), lease)
 
-    async def _connect(self) -> AsyncConnection[Any]:
-        """A new autocommit connection made the way the pool makes its own."""
+    async def _connect(self, lease: timedelta | None) -> AsyncConnection[Any]:
+        """A new autocommit connection made the way the pool makes its own; with a
+        ``lease``, the server ends its session once idle that long."""
         pool = self._backend.pool
         conninfo = await _resolve(pool.conninfo)
         kwargs = await _resolve(pool.kwargs) or {}
-        return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+        connection = await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+        if lease is not None:
+            milliseconds = max(1, round(lease.total_seconds() * 1000))
+            try:
+                await connection.execute(f"SET idle_session_timeout = {milliseconds:d}")
+            except BaseException:
+                await connection.close()
+                raise
+        return connection
 
-    async def _take(self, name: str, seconds: float) -> PostgresLock | None:
+    async def _take(
+        self, name: str, seconds: float, lease: timedelta | None
+    ) -> PostgresLock | None:
         """Try on one new connection until taken or ``seconds`` passed; close the
         connection unless a lock now lives on it."""
         check_name(name, "lock name")
+        if lease is not None and check_age(lease, "lease") <= timedelta(0):
+            raise InvalidSettingsError(f"lease must be positive, not {lease}")
         key = lock_key(self._backend.schema, name)
         deadline = time.monotonic() + seconds
+        # a held lock's session is checked (so not idle) several times per lease
+        interval = self._check_interval
+        if lease is not None:
+            interval = min(interval, lease.total_seconds() / _CHECKS_PER_LEASE)
         with translate_driver_errors(self._backend.schema):
-            connection = await self._connect()
+            connection = await self._connect(lease)
             taken = False
             try:
                 delay = _FIRST_POLL
@@ -149,7 +186,7 @@ class PostgresLockManager(LockManager):
                         return PostgresLock(
                             name,
                             connection,
-                            check_interval=self._check_interval,
+                            check_interval=interval,
                             check_timeout=self._check_timeout,
                         )
                     remaining = deadline - time.monotonic()

@@ -1,7 +1,8 @@
 """PostgresSubscriberStateStore: who is alive, in ``{schema}.subscribers``.
 
 Every time is the database's ``now()``, and ages are compared with it in SQL, so nodes
-whose clocks disagree still agree on who is alive. Each method is one statement.
+whose clocks disagree still agree on who is alive. Each method is one statement
+(``heartbeat_all`` too, for any number of subscribers).
 Requests are stored as a JSON array; ``list`` decodes each distinct array once, so the
 many instances of a group share one requests tuple.
 """
@@ -47,6 +48,15 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
         sql = backend.sql
         self._register = sql(_UPSERT.replace("{registered_at}", "excluded.registered_at"))
         self._heartbeat = sql(_UPSERT.replace("{registered_at}", "s.registered_at"))
+        self._heartbeat_all = sql(
+            "INSERT INTO {schema}.subscribers AS s (group_name, subscriber_id, node_id,"
+            " subscription_requests, registered_at, last_seen)"
+            " SELECT g, i, %s, r, now(), now()"
+            " FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u (g, i, r)"
+            " ON CONFLICT (group_name, subscriber_id) DO UPDATE SET node_id = excluded.node_id,"
+            " subscription_requests = excluded.subscription_requests,"
+            " last_seen = excluded.last_seen"
+        )
         self._remove = sql(
             "DELETE FROM {schema}.subscribers WHERE group_name = %s AND subscriber_id = %s"
         )
@@ -94,6 +104,32 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
             row = await cursor.fetchone()
         assert row is not None  # an upsert always returns its row
         return _record(row, requests)
+
+    async def heartbeat_all(
+        self,
+        node_id: str,
+        subscribers: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
+    ) -> None:
+        """One statement for every subscriber (the last entry of a repeated key wins)."""
+        check_name(node_id, "node id")
+        entries: dict[tuple[str, str], Jsonb] = {}
+        for group, id, requests in subscribers:
+            check_name(group, "group")
+            check_name(id, "subscriber id")
+            documents = [source.to_json() for source in check_requests(requests)]
+            entries[group, id] = Jsonb(documents)
+        if not entries:
+            return
+        async with self._backend.connection() as connection:
+            await connection.execute(
+                self._heartbeat_all,
+                (
+                    node_id,
+                    [group for group, _ in entries],
+                    [id for _, id in entries],
+                    list(entries.values()),
+                ),
+            )
 
     async def remove(self, group: str, id: str) -> None:
         async with self._backend.connection() as connection:
