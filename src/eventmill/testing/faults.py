@@ -467,6 +467,11 @@ class FaultReport:
     """Processing rows beyond one per event, per group."""
     duplicate_bound: dict[str, int]
     """The most duplicates the guarantees allow, per group."""
+    zombie_events: dict[str, int]
+    """Per at-least-once group, events a woken zombie processed under its old epoch
+    after the new holder had begun: its pass in flight at SIGSTOP goes on after
+    SIGCONT until its checkpoint save is refused, so at most ``checkpoint_interval``
+    per freeze (transactional groups roll such a batch back: none allowed)."""
     connections: dict[str, int]
     """Connections per node (pg_stat_activity)."""
     violations: list[str]
@@ -802,7 +807,16 @@ class FaultCluster:
                 violations.append(
                     f"{group.group}: {extra} duplicates, more than the bound {bounds[group.group]}"
                 )
-        violations += await self._check_epochs()
+        zombies = await self._check_epochs(violations)
+        for group in self.groups:
+            allowed = self.settings.checkpoint_interval * self.injected[FaultKind.FREEZE.value]
+            if group.transactional:
+                allowed = 0
+            if zombies[group.group] > allowed:
+                violations.append(
+                    f"{group.group}: {zombies[group.group]} events processed by a stale "
+                    f"holder after a newer one (allowed {allowed})"
+                )
         violations += await self._check_checkpoints()
         connections = await self.connections()
         limit = self.settings.pool_size + 2  # the pool, the LISTEN and the lock connections
@@ -816,32 +830,35 @@ class FaultCluster:
             events=events,
             duplicates=duplicates,
             duplicate_bound=bounds,
+            zombie_events=dict(zombies),
             connections=connections,
             violations=violations,
         )
 
-    async def _check_epochs(self) -> list[str]:
-        """Per (group, source), processing in database-clock order never goes back to
-        an older epoch: two holders never processed one source at the same time."""
+    async def _check_epochs(self, violations: list[str]) -> Counter[str]:
+        """Per (group, source), processing in database-clock order going back to an
+        older epoch (two holders processed one source at the same time): counted per
+        group, and each described in ``violations`` if it was an unheld source."""
         rows = await self._query(
             "SELECT group_name, source_key, epoch, node_id, at FROM {schema}.processed"
             " ORDER BY group_name, source_key, at"
         )
-        found = []
+        stale: Counter[str] = Counter({group.group: 0 for group in self.groups})
         latest: dict[tuple[str, str], tuple[int, str]] = {}
         for group, key, epoch, node_id, at in rows:
             if epoch < 0:
-                found.append(f"{group} {key}: {node_id} processed a source it did not hold")
+                violations.append(f"{group} {key}: {node_id} processed a source it did not hold")
                 continue
             before = latest.get((group, key))
             if before is not None and epoch < before[0]:
-                found.append(
-                    f"{group} {key}: {node_id} processed under epoch {epoch} at {at} after "
-                    f"{before[1]} under epoch {before[0]}"
+                stale[group] += 1
+                logger.warning(
+                    "%s %s: %s processed under epoch %d at %s after %s under epoch %d",
+                    *(group, key, node_id, epoch, at, before[1], before[0]),
                 )
             if before is None or epoch >= before[0]:
                 latest[(group, key)] = (epoch, node_id)
-        return found
+        return stale
 
     async def _check_checkpoints(self) -> list[str]:
         """No checkpoint moved backwards, and no epoch went down."""
