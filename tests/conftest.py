@@ -3,14 +3,22 @@ written once runs against each."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.store import EventStore
 from tests.postgres_support import fresh_postgres_backend
+
+# In CI, property tests replay the same examples every run (a failure there is then a
+# change of code, not of luck); elsewhere each run explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
