@@ -72,9 +72,11 @@ async def demo(dsn: str | None, events: int, nodes: int, schema: str | None) -> 
         await backend.install_schema()
         return await run_on_postgres(backend, dsn, schema, events, nodes)
     finally:
-        async with backend.connection() as connection:
-            await connection.execute(backend.sql("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        await backend.close()
+        try:
+            async with backend.connection() as connection:
+                await connection.execute(backend.sql("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        finally:
+            await backend.close()
 
 
 # --- run ----------------------------------------------------------------------------
