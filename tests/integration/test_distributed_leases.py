@@ -68,6 +68,10 @@ async def test_a_fence_gives_up_on_a_locked_checkpoint_and_the_others_are_assign
             )
             with pytest.raises(ConflictError, match="locked"):
                 await backend.checkpoints.fence("g", locked, 7)
+            fenced = await backend.checkpoints.fence_all([("g", s, 1) for s in sources])
+            assert fenced == [("g", locked, 1)]
+            other = await backend.checkpoints.get("g", sources[1])
+            assert other is not None and other.epoch == 1 and other.after == 5
             owners: dict[StreamIdentifier, str] = {}
             subscriber = FakeSubscriber("s1", owners, sources)  # type: ignore[arg-type]
             await backend.subscribers.register("g", "s1", "n1", sources)

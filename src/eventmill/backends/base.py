@@ -17,7 +17,12 @@ from datetime import datetime, timedelta
 from typing import Any, Self, TypeAlias
 
 from eventmill.conditions import WriteCondition
-from eventmill.errors import InvalidIdentifierError, InvalidInputError, InvalidSettingsError
+from eventmill.errors import (
+    ConflictError,
+    InvalidIdentifierError,
+    InvalidInputError,
+    InvalidSettingsError,
+)
 from eventmill.events import (
     EventSourceIdentifier,
     JsonObject,
@@ -443,6 +448,20 @@ class CheckpointStorage(ABC):
         ``after`` and the version of an existing record. Raises ConflictError, having
         changed nothing, when the record stays locked by another transaction (e.g. of
         a frozen holder) longer than the storage's lock timeout (PostgreSQL: 0.5 s)."""
+
+    async def fence_all(
+        self, fences: Sequence[tuple[str, EventSourceIdentifier, int]]
+    ) -> list[tuple[str, EventSourceIdentifier, int]]:
+        """``fence`` each (group, source, epoch); return those that stayed locked
+        (ConflictError), which were not fenced. A backend may fence many per round trip
+        (PostgreSQL does)."""
+        locked = []
+        for group, source, epoch in fences:
+            try:
+                await self.fence(group, source, epoch)
+            except ConflictError:
+                locked.append((group, source, epoch))
+        return locked
 
     @abstractmethod
     async def reset(self, group: str, source: EventSourceIdentifier) -> None:

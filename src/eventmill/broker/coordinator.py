@@ -34,15 +34,12 @@ from datetime import timedelta
 from eventmill.backends.base import Assign, Backend, Lock, SubscriptionChange
 from eventmill.broker.allocation import GroupAllocation, allocate
 from eventmill.broker.loop import BrokerLoop, check_interval
-from eventmill.errors import ConflictError
 from eventmill.events import check_name
 
 logger = logging.getLogger(__name__)
 
 COORDINATOR_LOCK = "eventmill-coordinator"
 """The name of the lock whose holder coordinates."""
-
-_FENCES_AT_ONCE = 4
 
 RELEASE_TIMEOUT = timedelta(seconds=2)
 """The longest a coordinator waits for its lock's release when giving leadership up
@@ -138,24 +135,17 @@ class EventSubscriptionCoordinator(BrokerLoop):
         return None
 
     async def _fence(self, assigns: list[Assign]) -> set[int]:
-        """Fence each assigned source's checkpoint at its new epoch, a few at a time;
-        return the ``id()`` of the assignments whose checkpoint stayed locked
-        (ConflictError): they wait for a later round."""
-        checkpoints = self._backend.checkpoints
-        unfenced: set[int] = set()
-
-        async def fence(change: Assign) -> None:
-            try:
-                await checkpoints.fence(change.group, change.source, change.epoch)
-            except ConflictError as error:
-                logger.warning("coordinator: %s; assigning it later", error)
-                unfenced.add(id(change))
-
-        for start in range(0, len(assigns), _FENCES_AT_ONCE):
-            async with asyncio.TaskGroup() as group:
-                for change in assigns[start : start + _FENCES_AT_ONCE]:
-                    group.create_task(fence(change))
-        return unfenced
+        """Fence each assigned source's checkpoint at its new epoch (``fence_all``);
+        return the ``id()`` of the assignments whose checkpoint stayed locked: they
+        wait for a later round."""
+        locked = await self._backend.checkpoints.fence_all(
+            [(change.group, change.source, change.epoch) for change in assigns]
+        )
+        if not locked:
+            return set()
+        logger.warning("coordinator: %d checkpoints locked; assigning them later", len(locked))
+        waiting = set(locked)
+        return {id(a) for a in assigns if (a.group, a.source, a.epoch) in waiting}
 
     def _take(self, lock: Lock) -> None:
         self._lock = lock

@@ -105,8 +105,13 @@ class BrokerLoop(Service[None], ABC):
         StorageError or ConflictError."""
         woken = self._woken = asyncio.Event()
         self._status = ProcessStatus.STARTING
+        task = asyncio.current_task()
         try:
             while True:
+                if task is not None and task.cancelling():
+                    # a cancellation swallowed on the way (Python 3.11's wait_for, used
+                    # by the connection pool, loses one that races a result): honour it
+                    raise asyncio.CancelledError
                 woken.clear()
                 started = time.monotonic()
                 if not self._failures:

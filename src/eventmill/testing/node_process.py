@@ -16,7 +16,8 @@ pause longer than the subscriber max age, until the observer caught up). On SIGT
 the node stops polling, unregisters its subscribers (their sources move at once),
 stops the broker and exits with code 0; if that takes longer than
 ``shutdown_timeout`` it prints its task stacks to stderr, stops anyway and exits
-with code 1. SIGUSR1 prints the task stacks. It prints ``ready`` once running.
+with code 1 (at once, if its tasks do not end when cancelled). SIGUSR1 prints the
+task stacks. It prints ``ready`` once running.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -75,7 +77,9 @@ _INSERT = (
 
 
 _CLOSE_TIMEOUT = 5.0
-"""Seconds a stopping node waits for its pool to close."""
+"""Seconds a stopping node waits for its tasks to end and for its pool to close."""
+_RECANCEL_AFTER = 0.2
+"""Seconds after which a task that outlived its cancellation is cancelled again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,13 +99,27 @@ class GroupConfig:
         ]
 
 
+class RecordingSubscriber(EventSubscriptionConsumer):
+    """An EventSubscriptionConsumer remembering the epoch each source was last accepted
+    under, so a batch still in flight while its source is withdrawn is recorded with
+    the epoch it was processed under."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.accepted: dict[EventSourceIdentifier, int] = {}
+
+    async def accept(self, source: EventSourceIdentifier, epoch: int) -> None:
+        self.accepted[source] = max(epoch, self.accepted.get(source, epoch))
+        await super().accept(source, epoch)
+
+
 class _Recorder:
     """Inserts the ``processed`` rows of one source of one subscriber."""
 
     def __init__(
         self,
         backend: PostgresBackend,
-        subscriber: EventSubscriptionConsumer,
+        subscriber: RecordingSubscriber,
         source: EventSourceIdentifier,
         node_id: str,
     ) -> None:
@@ -120,7 +138,7 @@ class _Recorder:
             [event.sequence_number for event in events],
             self.subscriber.id,
             self.node_id,
-            self.subscriber.sources.get(self.source, 0),
+            self.subscriber.accepted[self.source],
         )
 
 
@@ -179,9 +197,14 @@ async def run_node(config: dict[str, Any]) -> None:
                 graceful = False
                 print(f"{node_id}: graceful stop timed out; tasks:", file=sys.stderr)
                 dump_tasks()
-                stopping.cancel()
-            broker_task.cancel()
-            log_task.cancel()
+            try:
+                await asyncio.wait_for(
+                    _cancel_all([stopping, broker_task, log_task, *polling]), _CLOSE_TIMEOUT
+                )
+            except TimeoutError:
+                print(f"{node_id}: tasks outlived their cancellation:", file=sys.stderr)
+                dump_tasks()
+                os._exit(1)  # nothing left to do cleanly; never hang
     finally:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_TIMEOUT):
@@ -195,23 +218,21 @@ async def _stop_gracefully(
     subscribers: Sequence[EventSubscriptionConsumer],
     polling: Sequence[asyncio.Task[None]],
 ) -> None:
-    for task in polling:  # stop polling new work; in-flight passes end here
-        task.cancel()
-    await asyncio.gather(*polling, return_exceptions=True)
+    await _cancel_all(polling)  # stop polling new work; in-flight passes end here
     for subscriber in subscribers:  # withdraw, release, forget: sources move now
         await broker.unregister(subscriber)
 
 
 def _subscriber(
     backend: PostgresBackend, group: GroupConfig, node_id: str, config: dict[str, Any]
-) -> EventSubscriptionConsumer:
-    subscriber: EventSubscriptionConsumer
+) -> RecordingSubscriber:
+    subscriber: RecordingSubscriber
 
     def make_processor(source: EventSourceIdentifier) -> Processor:
         kind = TransactionalRecorder if group.transactional else AtLeastOnceRecorder
         return kind(backend, subscriber, source, node_id)
 
-    subscriber = EventSubscriptionConsumer(
+    subscriber = RecordingSubscriber(
         backend,
         group=group.group,
         id=f"{group.group}@{node_id}",
@@ -237,6 +258,17 @@ async def _poll(
         await polling.execute()
     finally:
         remove()
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they are done, cancelling again any that went on:
+    Python 3.11's ``asyncio.wait_for`` (inside the connection pool) loses a cancellation
+    that races a connection being handed over."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=_RECANCEL_AFTER)
 
 
 def dump_tasks() -> None:

@@ -13,7 +13,7 @@ checkpoint is saved on the same connection before the one commit (exactly-once).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 _COLUMNS = "group_name, source, after_place, version, epoch, updated_at"
+
+FENCES_PER_STATEMENT = 500
+"""How many checkpoints ``fence_all`` fences in one statement."""
 
 FENCE_LOCK_TIMEOUT = timedelta(milliseconds=500)
 """How long a fence waits for a checkpoint row locked by another transaction (a
@@ -100,6 +103,14 @@ class PostgresCheckpointStorage(CheckpointStorage):
             "INSERT INTO {schema}.checkpoints AS c"
             " (group_name, source_key, source, after_place, version, epoch)"
             " VALUES (%s, %s, %s, NULL, 1, %s)"
+            " ON CONFLICT (group_name, source_key) DO UPDATE"
+            " SET epoch = excluded.epoch, updated_at = now() WHERE c.epoch < excluded.epoch"
+        )
+        self._fence_all = sql(
+            "INSERT INTO {schema}.checkpoints AS c"
+            " (group_name, source_key, source, after_place, version, epoch)"
+            " SELECT g, k, s, NULL, 1, e"
+            " FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::bigint[]) AS u (g, k, s, e)"
             " ON CONFLICT (group_name, source_key) DO UPDATE"
             " SET epoch = excluded.epoch, updated_at = now() WHERE c.epoch < excluded.epoch"
         )
@@ -186,6 +197,33 @@ class PostgresCheckpointStorage(CheckpointStorage):
                     f"checkpoint of {group!r} for {source} stayed locked by another"
                     f" transaction for {FENCE_LOCK_TIMEOUT}; not fenced"
                 ) from error
+
+    async def fence_all(
+        self, fences: Sequence[tuple[str, EventSourceIdentifier, int]]
+    ) -> list[tuple[str, EventSourceIdentifier, int]]:
+        """Up to FENCES_PER_STATEMENT per statement (rows in key order), each statement
+        in a transaction with the fence lock timeout; a statement that meets a locked
+        row is rolled back and its fences are tried one by one."""
+        ordered = sorted(fences, key=lambda fence: (fence[0], source_key(fence[1])))
+        locked: list[tuple[str, EventSourceIdentifier, int]] = []
+        for start in range(0, len(ordered), FENCES_PER_STATEMENT):
+            chunk = ordered[start : start + FENCES_PER_STATEMENT]
+            parameters = (
+                [group for group, _, _ in chunk],
+                [source_key(source) for _, source, _ in chunk],
+                [Jsonb(source.to_json()) for _, source, _ in chunk],
+                [epoch for _, _, epoch in chunk],
+            )
+            async with self._backend.connection() as connection:
+                try:
+                    async with connection.transaction():
+                        await connection.execute(self._fence_lock_timeout)
+                        await connection.execute(self._fence_all, parameters)
+                    continue
+                except psycopg.errors.LockNotAvailable:
+                    pass
+            locked.extend(await super().fence_all(chunk))
+        return locked
 
     async def reset(self, group: str, source: EventSourceIdentifier) -> None:
         async with self._backend.connection() as connection:
