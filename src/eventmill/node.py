@@ -476,6 +476,8 @@ class EventProcessingNode:
                 bound = _LoopBoundSubscriber(handle.subscriber)
                 handle.passes.on_loop = bound.bind
                 registered = bound
+                if isinstance(self.broker, DistributedEventBroker):  # it sees only `bound`
+                    handle.subscriber.lease = self.broker.manager.lease
             manager = ServiceManager(stop_timeout=self.settings.shutdown_timeout)
             manager.register(handle.polling, name=handle.id, isolation_mode=handle.isolation_mode)
             handle.manager = manager

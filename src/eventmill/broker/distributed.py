@@ -138,6 +138,8 @@ class DistributedEventBroker(EventBroker):
             subscriber_max_age=max_age,
             on_membership_change=self._membership_changed,
         )
+        if self.observer is not None:  # the observer's rounds confirm the manager's lease
+            self.observer.lease = self.manager.lease
         self._started = False
 
     @property

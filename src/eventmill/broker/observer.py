@@ -13,7 +13,9 @@ Each round it reads the holdings of this node and, per local subscriber:
 ``is_current`` tells whether the latest successful round is recent enough (younger
 than the subscriber max age) for this node's view to be trusted: a node that was
 paused or cut off longer than that may have been declared dead and its sources given
-away, so it must not process until a round has brought it up to date.
+away, so it must not process until a round has brought it up to date. Each successful
+round also ``confirms`` the node's ``OwnershipLease`` (``lease``, set by the
+distributed broker): after a lapse the lease stays invalid until such a round.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datetime import timedelta
 
 from eventmill.backends.base import Backend, HoldingState, Release
 from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.subscription_consumer import EventSubscriber
 from eventmill.errors import InvalidInputError
 from eventmill.events import EventSourceIdentifier, check_name
@@ -48,6 +51,8 @@ class EventSubscriptionObserver(BrokerLoop):
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._accepted: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
         self._busy = asyncio.Lock()  # rounds, removals and releases take turns
+        self.lease: OwnershipLease | None = None
+        """The lease each successful round confirms (see ``consumers.lease``)."""
 
     @property
     def is_current(self) -> bool:
@@ -102,9 +107,12 @@ class EventSubscriptionObserver(BrokerLoop):
         )
 
     async def run_round(self) -> timedelta | None:
-        """One synchronisation. Raises StorageError."""
+        """One synchronisation (then the lease is confirmed). Raises StorageError."""
+        started = time.monotonic()
         async with self._busy:
             await self._synchronise()
+        if self.lease is not None:
+            self.lease.confirmed(started)
         return None
 
     async def _synchronise(self) -> None:

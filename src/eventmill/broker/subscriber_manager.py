@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from eventmill.backends.base import Backend
 from eventmill.broker.loop import BrokerLoop, check_interval
+from eventmill.consumers.lease import OwnershipLease, lease_margin
 from eventmill.consumers.subscription_consumer import EventSubscriber, EventSubscriptionConsumer
 from eventmill.errors import InvalidInputError
 from eventmill.events import check_name
@@ -43,6 +44,9 @@ class EventSubscriberManager(BrokerLoop):
         self._next_purge = 0.0
         self.last_heartbeat_at: float | None = None
         """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
+        self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
+        """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
+        registered here (see ``eventmill.consumers.lease``)."""
 
     @property
     def subscribers(self) -> list[EventSubscriber]:
@@ -58,6 +62,7 @@ class EventSubscriberManager(BrokerLoop):
         if known is not None and known is not subscriber:
             raise InvalidInputError(f"subscriber {key[1]!r} of {key[0]!r} is already registered")
         if isinstance(subscriber, EventSubscriptionConsumer):
+            subscriber.lease = self.lease
             await subscriber.check_partitioning()
         await self._backend.subscribers.register(
             subscriber.group, subscriber.id, self.node_id, subscriber.subscription_requests
@@ -92,6 +97,7 @@ class EventSubscriberManager(BrokerLoop):
             [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()],
         )
         self.last_heartbeat_at = started
+        self.lease.renewed(started)
         if started >= self._next_purge:
             await self._backend.subscribers.purge(self._max_age)
             self._next_purge = started + self._purge_interval.total_seconds()

@@ -10,6 +10,14 @@ events processed before the failure is saved and the exception re-raised.
 ``stop()`` ends the running pass at the next event boundary (a transactional batch is
 finished first; the pass still saves its checkpoint before it returns) and makes later
 passes return at once: a stopped consumer stays stopped.
+
+With an ``OwnershipLease`` (a distributed broker's subscribers have one), the consumer
+checks it before every event (and before every transactional batch): once the lease
+has expired the pass ends there, saving the checkpoint of what it did process (a
+fenced save is refused), and every later pass ends at once until the lease is valid
+again. So a process paused longer than the lease (SIGSTOP) does not process a single
+further event of a source that may have moved meanwhile; only an event whose
+processing had already begun when it was paused completes (see ``consumers.lease``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.processors import (
     AutoCommitEventIteratorProcessor,
     ConsumerProgress,
@@ -78,7 +87,8 @@ def check_processor(processor: object) -> Processor:
 
 
 class EventSourceConsumer:
-    """Feeds ``source`` to ``processor``, checkpointing through ``state_store``."""
+    """Feeds ``source`` to ``processor``, checkpointing through ``state_store``; with a
+    ``lease``, only while the lease is valid (see the module docstring)."""
 
     def __init__(
         self,
@@ -87,6 +97,7 @@ class EventSourceConsumer:
         state_store: EventConsumerStateStore,
         *,
         settings: ConsumerSettings | None = None,
+        lease: OwnershipLease | None = None,
     ) -> None:
         if not isinstance(source, EventSource):
             raise InvalidInputError(f"source must be an EventSource, not {source!r:.80}")
@@ -98,6 +109,8 @@ class EventSourceConsumer:
         self.processor = check_processor(processor)
         self.state_store = state_store
         self.settings = settings or ConsumerSettings()
+        self.lease = lease
+        """Checked before every event; None: always allowed (singleton broker)."""
         self._pass_lock = asyncio.Lock()
         self._loaded = False
         self._processed: int | None = None
@@ -120,6 +133,10 @@ class EventSourceConsumer:
         every later pass at once. Never blocks; see ``wait_pass_finished``."""
         self._stop = True
 
+    def _halted(self) -> bool:
+        """Whether the pass must end before the next event: stopped, or lease expired."""
+        return self._stop or (self.lease is not None and not self.lease.is_valid())
+
     async def wait_pass_finished(self) -> None:
         """Return once no pass is running (its checkpoint saved or its error raised)."""
         async with self._pass_lock:
@@ -128,7 +145,8 @@ class EventSourceConsumer:
     async def consume_all(self) -> int:
         """One pass: process every event after the checkpoint; return how many.
 
-        Raises what the processor raised (after saving the progress before it),
+        Ends early (after saving) when stopped or when the lease expires. Raises what
+        the processor raised (after saving the progress before it),
         ConflictError or StaleEpochError when the checkpoint moved under us (the next
         pass resumes from what is stored), StorageError.
         """
@@ -174,7 +192,7 @@ class EventSourceConsumer:
     async def _pages(self) -> AsyncGenerator[list[StoredEvent]]:
         after = self._processed
         page_size = self.source.page_size
-        while not self._stop:
+        while not self._halted():
             page = await self.source.read(after=after)
             if page:
                 yield page
@@ -186,7 +204,7 @@ class EventSourceConsumer:
         async with aclosing(self._pages()) as pages:
             async for page in pages:
                 for event in page:
-                    if self._stop:
+                    if self._halted():
                         return
                     await process(event)
                     await self._mark(event)
@@ -199,7 +217,7 @@ class EventSourceConsumer:
                 for event in page:
                     if last_pulled:
                         await self._mark(last_pulled.pop())
-                    if self._stop:
+                    if self._halted():
                         return
                     last_pulled.append(event)
                     yield event
@@ -208,14 +226,14 @@ class EventSourceConsumer:
         async with aclosing(self._pages()) as pages:
             async for page in pages:
                 for event in page:
-                    if self._stop:
+                    if self._halted():
                         return
                     progress.pulled = self.source.place(event)
                     yield event
 
     async def _consume_transactional(self, processor: TransactionalEventProcessor) -> None:
         every = self.settings.checkpoint_every
-        while not self._stop:
+        while not self._halted():
             batch = await self.source.read(after=self._processed, limit=every)
             if not batch:
                 return

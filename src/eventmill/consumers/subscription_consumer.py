@@ -7,6 +7,11 @@ returns only once the source's in-flight batch is finished and its checkpoint sa
 Each held source has its own ``EventSourceConsumer`` and checkpoint; ``consume_all``
 runs one pass over each in turn.
 
+Ownership lease: a distributed broker gives its subscribers an ``OwnershipLease``
+(``lease``), which every delegate consumer checks before each event, so a subscriber
+of a node that was paused or cut off too long stops mid-pass (see
+``consumers.lease``). Without one (singleton broker) the lease is always valid.
+
 Wake-ups: every held source is watched (``Backend.notifications``); a publish that
 may concern one ends ``wait_for_new_events`` early and calls the ``on_new_events``
 callbacks (for example ``PollingService.wake``). Polling stays the fallback.
@@ -25,6 +30,7 @@ from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 from eventmill.backends.base import Backend
+from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.processors import Processor
 from eventmill.consumers.source_consumer import (
     ConsumerSettings,
@@ -88,7 +94,8 @@ class EventSubscriptionConsumer(Service[int]):
     """A subscriber consuming each source it holds with its own delegate consumer.
 
     ``processor_factory(source)`` makes the processor of a newly accepted source.
-    ``reset_repartitioned``: see ``check_partitioning``. Construction does no I/O.
+    ``reset_repartitioned``: see ``check_partitioning``. ``lease``: see the module
+    docstring. Construction does no I/O.
     """
 
     def __init__(
@@ -102,6 +109,7 @@ class EventSubscriptionConsumer(Service[int]):
         settings: ConsumerSettings | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         reset_repartitioned: bool = False,
+        lease: OwnershipLease | None = None,
     ) -> None:
         if not isinstance(backend, Backend):
             raise InvalidInputError(f"a subscriber needs a Backend, not {backend!r:.80}")
@@ -132,6 +140,8 @@ class EventSubscriptionConsumer(Service[int]):
             )
         self.reset_repartitioned = reset_repartitioned
         self._holdings: dict[EventSourceIdentifier, _Holding] = {}
+        self._lease: OwnershipLease | None = None
+        self.lease = lease
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._tokens = itertools.count()
         self._new_events: asyncio.Event | None = None
@@ -153,6 +163,19 @@ class EventSubscriptionConsumer(Service[int]):
     def sources(self) -> Mapping[EventSourceIdentifier, int]:
         """The held sources and the epoch of each (a read-only snapshot)."""
         return MappingProxyType({source: h.epoch for source, h in self._holdings.items()})
+
+    @property
+    def lease(self) -> OwnershipLease | None:
+        """The ownership lease every held source's consumer checks (None: always valid)."""
+        return self._lease
+
+    @lease.setter
+    def lease(self, lease: OwnershipLease | None) -> None:
+        if lease is not None and not isinstance(lease, OwnershipLease):
+            raise InvalidInputError(f"lease must be an OwnershipLease, not {lease!r:.80}")
+        self._lease = lease
+        for holding in self._holdings.values():
+            holding.consumer.lease = lease
 
     async def check_partitioning(self) -> None:
         """Brokers call this at registration: raise PartitioningChangedError when the
@@ -186,6 +209,7 @@ class EventSubscriptionConsumer(Service[int]):
             check_processor(self._processor_factory(source)),
             state,
             settings=self.settings,
+            lease=self._lease,
         )
         self._holdings[source] = _Holding(consumer, epoch, lambda: None)
         unwatch = await consumer.source.watch(self._wake)
