@@ -6,7 +6,15 @@ import asyncio
 import importlib
 import sys
 
-MODULES = ["store_memory", "store_postgres", "allocation", "consumers", "partitions"]
+MODULES = [
+    "store_memory",
+    "store_postgres",
+    "allocation",
+    "consumers",
+    "partitions",
+    "coordinator",
+    "failover",
+]
 
 
 def main(names: list[str]) -> None:
