@@ -30,6 +30,14 @@ def check_interval(value: object, what: str) -> timedelta:
     return value
 
 
+def _honour_swallowed_cancellation(task: asyncio.Task[object] | None) -> None:
+    """Raise CancelledError if ``task`` was asked to cancel but goes on: a cancellation
+    swallowed on the way (Python 3.11's ``asyncio.wait_for``, used by the connection
+    pool, loses one that races a result) would otherwise leave the loop running."""
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class BrokerLoop(Service[None], ABC):
     """Runs ``run_round()`` every ``interval`` until cancelled.
 
@@ -108,10 +116,7 @@ class BrokerLoop(Service[None], ABC):
         task = asyncio.current_task()
         try:
             while True:
-                if task is not None and task.cancelling():
-                    # a cancellation swallowed on the way (Python 3.11's wait_for, used
-                    # by the connection pool, loses one that races a result): honour it
-                    raise asyncio.CancelledError
+                _honour_swallowed_cancellation(task)
                 woken.clear()
                 started = time.monotonic()
                 if not self._failures:
@@ -139,6 +144,7 @@ class BrokerLoop(Service[None], ABC):
                 self._status = ProcessStatus.WAITING
                 self._notify_waiters()
                 seconds = (self._interval if wait is None else wait).total_seconds()
+                _honour_swallowed_cancellation(task)
                 if woken.is_set():
                     continue
                 try:

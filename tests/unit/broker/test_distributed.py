@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from eventmill.broker.distributed import (
     DistributedEventBrokerSettings,
     make_event_broker,
 )
+from eventmill.broker.loop import BrokerLoop
 from eventmill.broker.singleton import SingletonEventBroker
 from eventmill.errors import InvalidInputError, InvalidSettingsError, StorageError
 from eventmill.events import EventSourceIdentifier, StreamIdentifier
@@ -247,3 +249,25 @@ async def test_holdings_end_assigned_to_the_live_holders_only() -> None:
         await wait_until(lambda: not owners)
     holdings = await backend.subscriptions.list()
     assert all(h.state is HoldingState.RELEASED for h in holdings)
+
+
+async def test_a_loop_honours_a_cancellation_swallowed_inside_a_round() -> None:
+    class Swallowing(BrokerLoop):
+        def __init__(self) -> None:
+            super().__init__(timedelta(hours=1), what="interval")
+            self.entered = asyncio.Event()
+
+        async def run_round(self) -> timedelta | None:
+            self.entered.set()
+            with contextlib.suppress(asyncio.CancelledError):  # as 3.11's wait_for may
+                await asyncio.Event().wait()
+            return None
+
+    loop = Swallowing()
+    task = asyncio.create_task(loop.execute())
+    await loop.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await task
+    assert loop.status is ProcessStatus.STOPPED
