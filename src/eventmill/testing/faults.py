@@ -14,9 +14,10 @@ Each node is a ``python -m eventmill.testing.faults CONFIG_JSON`` process runnin
 ``EventProcessingNode`` (distributed broker). Its connections carry the application
 name ``<schema>/<node id>``, so the harness can count and terminate them. It records
 
-- ``processed``: one row per processed event with the source, epoch and database clock;
-  transactional groups insert it in the batch's checkpoint transaction (exactly-once),
-  the others in a statement of its own before the checkpoint (at-least-once);
+- ``processed``: one row per processed event with the source, epoch, database clock
+  and the node's wall clock when its processing began; transactional groups insert
+  it in the batch's checkpoint transaction (exactly-once), the others in a statement
+  of its own before the checkpoint (at-least-once);
 
 and prints one JSON line per ``report_interval`` on stdout: node status, component
 health, thread and task counts, resident memory. Log records (WARNING and up) go to
@@ -44,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -54,6 +55,7 @@ from psycopg.conninfo import make_conninfo
 from eventmill.backends.base import ConsumerTransaction
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.broker.distributed import DistributedEventBrokerSettings
+from eventmill.consumers.lease import lease_margin
 from eventmill.consumers.processors import EventProcessor, Processor, TransactionalEventProcessor
 from eventmill.errors import ConflictError, LifecycleError, StorageError
 from eventmill.events import (
@@ -77,7 +79,7 @@ logger = logging.getLogger(__name__)
 TABLES = """
 CREATE TABLE IF NOT EXISTS {schema}.processed (
     group_name text NOT NULL, source_key text NOT NULL, event_id text NOT NULL,
-    node_id text NOT NULL, epoch bigint NOT NULL,
+    node_id text NOT NULL, epoch bigint NOT NULL, began timestamptz NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS {schema}.checkpoint_history (
     id bigserial PRIMARY KEY, group_name text NOT NULL, source_key text NOT NULL,
@@ -98,8 +100,8 @@ CREATE OR REPLACE TRIGGER record_checkpoint AFTER INSERT OR UPDATE ON {schema}.c
 """The harness's tables and trigger (``{schema}`` is filled in by ``backend.sql``)."""
 
 _INSERT = (
-    "INSERT INTO {schema}.processed (group_name, source_key, event_id, node_id, epoch)"
-    " SELECT %s, %s, unnest(%s::text[]), %s, %s"
+    "INSERT INTO {schema}.processed (group_name, source_key, event_id, node_id, epoch, began)"
+    " SELECT %s, %s, unnest(%s::text[]), %s, %s, %s"
 )
 
 
@@ -179,11 +181,12 @@ class _Recorder:
         """The sources held so far and their latest epochs: a batch still in flight
         while its source is withdrawn is no longer among the held ones."""
 
-    def rows(self, events: Sequence[StoredEvent]) -> tuple[Any, ...]:
+    def rows(self, events: Sequence[StoredEvent], began: datetime) -> tuple[Any, ...]:
         assert self.handle is not None
         self.known.update(self.handle.subscriber.sources)
         source, epoch = _source_of(self.known, events[0])
-        return (self.group, source_key(source), [e.id for e in events], self.node_id, epoch)
+        ids = [e.id for e in events]
+        return (self.group, source_key(source), ids, self.node_id, epoch, began)
 
 
 class TransactionalRecorder(_Recorder, TransactionalEventProcessor):
@@ -192,15 +195,17 @@ class TransactionalRecorder(_Recorder, TransactionalEventProcessor):
     async def process_events(
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
-        await transaction.connection.execute(self.insert, self.rows(events))
+        began = datetime.now(UTC)
+        await transaction.connection.execute(self.insert, self.rows(events, began))
 
 
 class AtLeastOnceRecorder(_Recorder, EventProcessor):
     """Records each event in a statement of its own, before the checkpoint."""
 
     async def process_event(self, event: StoredEvent) -> None:
+        began = datetime.now(UTC)
         async with self.backend.connection() as connection:
-            await connection.execute(self.insert, self.rows([event]))
+            await connection.execute(self.insert, self.rows([event], began))
 
 
 def _resident_kb() -> int:
@@ -468,10 +473,15 @@ class FaultReport:
     duplicate_bound: dict[str, int]
     """The most duplicates the guarantees allow, per group."""
     zombie_events: dict[str, int]
-    """Per at-least-once group, events a woken zombie processed under its old epoch
-    after the new holder had begun: its pass in flight at SIGSTOP goes on after
-    SIGCONT until its checkpoint save is refused, so at most ``checkpoint_interval``
-    per freeze (transactional groups roll such a batch back: none allowed)."""
+    """Per group, events a stale holder began to process (under its old epoch) after
+    the new holder had begun: none allowed (the ownership lease ends a woken zombie's
+    pass before its next event)."""
+    in_flight_events: dict[str, int]
+    """Per group, events a stale holder recorded after the new holder had begun whose
+    processing began before a pause longer than the ownership lease (in flight when
+    the node froze, or waiting for the database through a restart): no lease can call
+    those back, so an at-least-once group may have one per subscriber and such fault
+    (transactional groups roll them back: none allowed)."""
     connections: dict[str, int]
     """Connections per node (pg_stat_activity)."""
     violations: list[str]
@@ -807,15 +817,22 @@ class FaultCluster:
                 violations.append(
                     f"{group.group}: {extra} duplicates, more than the bound {bounds[group.group]}"
                 )
-        zombies = await self._check_epochs(violations)
+        zombies, in_flight = await self._check_epochs(violations)
         for group in self.groups:
-            allowed = self.settings.checkpoint_interval * self.injected[FaultKind.FREEZE.value]
+            if zombies[group.group]:
+                violations.append(
+                    f"{group.group}: {zombies[group.group]} events begun by a stale "
+                    "holder after a newer one had begun"
+                )
+            allowed = self.injected[FaultKind.FREEZE.value] + self.injected[
+                FaultKind.RESTART.value
+            ] * len(self.nodes)
             if group.transactional:
                 allowed = 0
-            if zombies[group.group] > allowed:
+            if in_flight[group.group] > allowed:
                 violations.append(
-                    f"{group.group}: {zombies[group.group]} events processed by a stale "
-                    f"holder after a newer one (allowed {allowed})"
+                    f"{group.group}: {in_flight[group.group]} events in flight across a "
+                    f"pause recorded by a stale holder after a newer one (allowed {allowed})"
                 )
         violations += await self._check_checkpoints()
         connections = await self.connections()
@@ -831,34 +848,40 @@ class FaultCluster:
             duplicates=duplicates,
             duplicate_bound=bounds,
             zombie_events=dict(zombies),
+            in_flight_events=dict(in_flight),
             connections=connections,
             violations=violations,
         )
 
-    async def _check_epochs(self, violations: list[str]) -> Counter[str]:
+    async def _check_epochs(self, violations: list[str]) -> tuple[Counter[str], Counter[str]]:
         """Per (group, source), processing in database-clock order going back to an
         older epoch (two holders processed one source at the same time): counted per
-        group, and each described in ``violations`` if it was an unheld source."""
+        group, apart (second counter) when that event's processing began longer than
+        the ownership lease before it was recorded (it was in flight across a pause);
+        each described in ``violations`` if it was an unheld source."""
         rows = await self._query(
-            "SELECT group_name, source_key, epoch, node_id, at FROM {schema}.processed"
+            "SELECT group_name, source_key, epoch, node_id, at, began FROM {schema}.processed"
             " ORDER BY group_name, source_key, at"
         )
+        max_age = self.settings.subscriber_max_age
+        lease = max_age - lease_margin(self.settings.heartbeat_interval, max_age)
         stale: Counter[str] = Counter({group.group: 0 for group in self.groups})
+        in_flight: Counter[str] = Counter({group.group: 0 for group in self.groups})
         latest: dict[tuple[str, str], tuple[int, str]] = {}
-        for group, key, epoch, node_id, at in rows:
+        for group, key, epoch, node_id, at, began in rows:
             if epoch < 0:
                 violations.append(f"{group} {key}: {node_id} processed a source it did not hold")
                 continue
             before = latest.get((group, key))
             if before is not None and epoch < before[0]:
-                stale[group] += 1
+                (in_flight if at - began >= lease else stale)[group] += 1
                 logger.warning(
                     "%s %s: %s processed under epoch %d at %s after %s under epoch %d",
                     *(group, key, node_id, epoch, at, before[1], before[0]),
                 )
             if before is None or epoch >= before[0]:
                 latest[(group, key)] = (epoch, node_id)
-        return stale
+        return stale, in_flight
 
     async def _check_checkpoints(self) -> list[str]:
         """No checkpoint moved backwards, and no epoch went down."""
