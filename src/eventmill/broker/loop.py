@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 
 from eventmill.errors import ConflictError, InvalidSettingsError, LifecycleError, StorageError
+from eventmill.services.cancellation import raise_if_cancelling
 from eventmill.services.error_handlers import ExponentialBackoff
 from eventmill.services.service import Service
 from eventmill.services.status import ProcessStatus
@@ -28,14 +29,6 @@ def check_interval(value: object, what: str) -> timedelta:
     if value <= timedelta(0):
         raise InvalidSettingsError(f"{what} must be positive, not {value}")
     return value
-
-
-def _honour_swallowed_cancellation(task: asyncio.Task[object] | None) -> None:
-    """Raise CancelledError if ``task`` was asked to cancel but goes on: a cancellation
-    swallowed on the way (Python 3.11's ``asyncio.wait_for``, used by the connection
-    pool, loses one that races a result) would otherwise leave the loop running."""
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class BrokerLoop(Service[None], ABC):
@@ -113,10 +106,9 @@ class BrokerLoop(Service[None], ABC):
         StorageError or ConflictError."""
         woken = self._woken = asyncio.Event()
         self._status = ProcessStatus.STARTING
-        task = asyncio.current_task()
         try:
             while True:
-                _honour_swallowed_cancellation(task)
+                raise_if_cancelling()
                 woken.clear()
                 started = time.monotonic()
                 if not self._failures:
@@ -144,7 +136,7 @@ class BrokerLoop(Service[None], ABC):
                 self._status = ProcessStatus.WAITING
                 self._notify_waiters()
                 seconds = (self._interval if wait is None else wait).total_seconds()
-                _honour_swallowed_cancellation(task)
+                raise_if_cancelling()
                 if woken.is_set():
                     continue
                 try:

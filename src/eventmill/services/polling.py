@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from eventmill.errors import InvalidSettingsError, describe
+from eventmill.services.cancellation import raise_if_cancelling
 from eventmill.services.service import Service
 from eventmill.services.status import Process, ProcessStatus
 
@@ -82,10 +83,12 @@ class PollingService(Service[None]):
         self._status = ProcessStatus.STARTING
         try:
             while True:
+                raise_if_cancelling()
                 woken.clear()
                 self._status = ProcessStatus.RUNNING
                 await self._service.execute()
                 self._status = ProcessStatus.WAITING
+                raise_if_cancelling()
                 if woken.is_set():
                     continue
                 try:

@@ -128,3 +128,25 @@ async def test_an_exception_ends_polling() -> None:
 def test_negative_interval_is_refused() -> None:
     with pytest.raises(InvalidSettingsError):
         PollingService(CallableService(Counter()), timedelta(seconds=-1))
+
+
+async def test_stops_when_the_service_swallowed_its_cancellation() -> None:
+    """A cancellation lost inside the service (as Python 3.11's wait_for can lose one)
+    still stops the poller once the service returns."""
+    started = asyncio.Event()
+
+    async def swallowing() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return  # swallowed
+
+    poller = PollingService(CallableService(swallowing), timedelta(milliseconds=1))
+    task = asyncio.create_task(poller.execute())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(10):
+            await task
+    assert poller.status is ProcessStatus.STOPPED
