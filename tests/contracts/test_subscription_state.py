@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 
 import pytest
 
@@ -40,8 +42,16 @@ def assign(
     *,
     group: str = "g",
     node: str = "n1",
+    dead_after: timedelta | None = None,
 ) -> Assign:
-    return Assign(group=group, source=source, subscriber_id=subscriber, node_id=node, epoch=epoch)
+    return Assign(
+        group=group,
+        source=source,
+        subscriber_id=subscriber,
+        node_id=node,
+        epoch=epoch,
+        holder_dead_after=dead_after,
+    )
 
 
 def holding(
@@ -172,6 +182,8 @@ async def test_remove_forgets_the_record(backend: Backend) -> None:
         [assign(ORDERS, "s1", 1, node="")],
         [Release(group="g", source=ORDERS, subscriber_id="")],
         [Release(group="g", source=ORDERS, subscriber_id="s1", epoch=0)],
+        [assign(ORDERS, "s1", 1, dead_after=timedelta(-1))],
+        [Release(group="g", source=ORDERS, subscriber_id="s1", holder_dead_after=5)],  # type: ignore[arg-type]
         [Revoke(group="g", source="orders")],  # type: ignore[arg-type]
         ["assign"],
     ],
@@ -189,3 +201,79 @@ async def test_bad_changes_are_refused_and_change_nothing(
 async def test_bad_identifiers_are_identifier_errors(backend: Backend) -> None:
     with pytest.raises(InvalidIdentifierError):
         await backend.subscriptions.apply([Revoke(group="g", source="orders")])  # type: ignore[arg-type]
+
+
+MINUTE = timedelta(minutes=1)
+AGE = timedelta(milliseconds=20)
+
+
+async def wait_dead(backend: Backend, id: str, age: timedelta) -> None:
+    """Wait (up to 10 s) until ``id`` of group g has no record last seen within ``age``."""
+    deadline = time.monotonic() + 10
+    while any(r.id == id for r in await backend.subscribers.list(group="g", max_age=age)):
+        assert time.monotonic() < deadline, f"{id} still live"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_takeover_from_a_holder_live_again_revokes_it_instead(backend: Backend) -> None:
+    store = backend.subscriptions
+    await store.apply([assign(ORDERS, "s1", 1), assign(STREAM, "s1", 4)])
+    # s1 was judged dead by the coordinator, then heartbeated before its changes landed
+    await backend.subscribers.heartbeat("g", "s1", "n1", [ORDERS, STREAM])
+    await store.apply(
+        [
+            assign(ORDERS, "s2", 2, node="n2", dead_after=MINUTE),
+            Release(
+                group="g", source=STREAM, subscriber_id="s1", epoch=4, holder_dead_after=MINUTE
+            ),
+            assign(LOG, "s2", 1, node="n2"),  # the rest of the batch applies
+        ]
+    )
+    assert await store.list() == [
+        holding(STREAM, "s1", 4, HoldingState.REVOKING),
+        holding(ORDERS, "s1", 1, HoldingState.REVOKING),
+        holding(LOG, "s2", 1, node="n2"),
+    ]
+    # it releases as after any revoke; then the source goes on to its new holder
+    await store.apply([Release(group="g", source=ORDERS, subscriber_id="s1", epoch=1)])
+    await store.apply([assign(ORDERS, "s2", 2, node="n2", dead_after=MINUTE)])
+    assert (await store.list(group="g"))[1] == holding(ORDERS, "s2", 2, node="n2")
+
+
+async def test_a_takeover_from_a_still_dead_holder_goes_through(backend: Backend) -> None:
+    store = backend.subscriptions
+    sources: tuple[EventSourceIdentifier, ...] = (ORDERS, LOG, STREAM, PART)
+    await store.apply([assign(source, f"s{n}", 3) for n, source in enumerate(sources)])
+    await backend.subscribers.heartbeat("g", "s0", "n1", [ORDERS])  # then silent
+    await backend.subscribers.heartbeat("g", "s1", "n2", [LOG])  # live, but on another node
+    await backend.subscribers.heartbeat("g", "s2", "n1", [STREAM])
+    await backend.subscribers.remove("g", "s2")  # purged
+    # s3 never had a record
+    await wait_dead(backend, "s0", AGE)
+    await store.apply(
+        [
+            assign(ORDERS, "t", 4, dead_after=AGE),
+            assign(LOG, "t", 4, dead_after=MINUTE),
+            assign(STREAM, "t", 4, dead_after=MINUTE),
+            Release(group="g", source=PART, subscriber_id="s3", epoch=3, holder_dead_after=MINUTE),
+        ]
+    )
+    assert await store.list() == [
+        holding(PART, None, 3, HoldingState.RELEASED),
+        holding(STREAM, "t", 4),
+        holding(ORDERS, "t", 4),
+        holding(LOG, "t", 4),
+    ]
+    # the check never makes a dead holder look live
+    live = await backend.subscribers.list(max_age=MINUTE)
+    assert sorted(r.id for r in live) == ["s0", "s1"]
+
+
+async def test_a_stale_takeover_is_still_a_conflict(backend: Backend) -> None:
+    store = backend.subscriptions
+    await store.apply([assign(ORDERS, "s1", 5)])
+    await backend.subscribers.heartbeat("g", "s1", "n1", [ORDERS])
+    before = await store.list()
+    with pytest.raises(ConflictError):
+        await store.apply([assign(ORDERS, "s2", 5, dead_after=MINUTE)])
+    assert await store.list() == before

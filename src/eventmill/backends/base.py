@@ -243,13 +243,19 @@ class SourceHolding:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Assign:
     """Give ``source`` to ``subscriber_id`` (on ``node_id``) under ``epoch``, which must
-    be greater than the source's current epoch (else the whole batch fails)."""
+    be greater than the source's current epoch (else the whole batch fails).
+
+    ``holder_dead_after`` marks a takeover from a holder judged dead (no heartbeat
+    within that age): the storage checks, atomically with the write, that the current
+    holder is still dead, and revokes the source from it instead if it is not.
+    """
 
     group: str
     source: EventSourceIdentifier
     subscriber_id: str
     node_id: str
     epoch: int
+    holder_dead_after: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,12 +269,14 @@ class Revoke:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Release:
     """Mark ``source`` free if ``subscriber_id`` still holds it, under ``epoch`` when one
-    is given (else no change): a late release never frees a newer assignment."""
+    is given (else no change): a late release never frees a newer assignment.
+    ``holder_dead_after``: as for Assign (a release on behalf of a dead holder)."""
 
     group: str
     source: EventSourceIdentifier
     subscriber_id: str
     epoch: int | None = None
+    holder_dead_after: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,6 +329,11 @@ def check_changes(changes: Sequence[SubscriptionChange]) -> list[SubscriptionCha
                 type(epoch) is not int or epoch < 1
             ):
                 raise InvalidInputError(f"an epoch must be an int >= 1, not {epoch!r}")
+            age = change.holder_dead_after
+            if age is not None and (not isinstance(age, timedelta) or age < timedelta(0)):
+                raise InvalidInputError(
+                    f"holder_dead_after must be None or a timedelta >= 0, not {age!r}"
+                )
         if isinstance(change, Assign):
             check_name(change.node_id, "node id")
         if (change.group, change.source) in seen:
@@ -349,6 +362,16 @@ class SubscriptionStateStore(ABC):
         otherwise, as for bad names, identifiers or epochs). Raises ConflictError,
         changing nothing, when an Assign's epoch is not greater than the current one
         (e.g. another coordinator got there first); StorageError when storage fails.
+
+        A takeover (an Assign or Release with ``holder_dead_after``) first checks the
+        source's current holder: if it has a record on the holding's node last seen
+        within that age (it heartbeated after the coordinator judged it dead), the
+        change becomes a ``Revoke`` of the source from it (the rest of the batch still
+        applies). Not failing the batch matters: the coordinator fenced the source's
+        checkpoint at the new epoch, so the revived holder can no longer save it and
+        must hand it over. Heartbeats of that holder that run at the same time take
+        effect after this call (PostgreSQL: its record is locked, or created dead and
+        locked, until commit), so the holder's next observer round sees the outcome.
         """
 
 

@@ -34,6 +34,7 @@ from eventmill.backends.base import (
     Projection,
     ProjectionFilterValue,
     ProjectionStorage,
+    Release,
     Remove,
     Revoke,
     SourceHolding,
@@ -659,6 +660,14 @@ class InMemorySubscriberStateStore(SubscriberStateStore):
             ]
         return sorted(found, key=lambda r: (r.group, r.registered_at, r.id))
 
+    def is_live(self, group: str, id: str, node_id: str, max_age: timedelta) -> bool:
+        """Whether ``id`` of ``group`` has a record on ``node_id`` last seen at most
+        ``max_age`` ago (how a coordinator tells a live holder). Never blocks."""
+        oldest = datetime.now(UTC) - max_age
+        with self._lock:
+            record = self._records.get((group, id))
+        return record is not None and record.node_id == node_id and record.last_seen >= oldest
+
     async def purge(self, max_age: timedelta) -> int:
         oldest = datetime.now(UTC) - check_age(max_age, "max_age")
         with self._lock:
@@ -669,11 +678,13 @@ class InMemorySubscriberStateStore(SubscriberStateStore):
 
 
 class InMemorySubscriptionStateStore(SubscriptionStateStore):
-    """Holdings in a dict keyed by (group, source)."""
+    """Holdings in a dict keyed by (group, source). Takeovers are checked against
+    ``subscribers`` (a store of its own if not given, in which nobody is live)."""
 
-    def __init__(self) -> None:
+    def __init__(self, subscribers: InMemorySubscriberStateStore | None = None) -> None:
         self._lock = threading.Lock()
         self._holdings: dict[tuple[str, EventSourceIdentifier], SourceHolding] = {}
+        self._subscribers = InMemorySubscriberStateStore() if subscribers is None else subscribers
 
     async def list(
         self, *, group: str | None = None, node_id: str | None = None
@@ -697,9 +708,13 @@ class InMemorySubscriptionStateStore(SubscriptionStateStore):
                         f"{change.source} of group {change.group!r} is at epoch {old.epoch}:"
                         f" cannot assign epoch {change.epoch}"
                     )
+            # The holdings stay locked until the batch is applied, so an observer round
+            # begun after a heartbeat that raced a takeover's check sees the outcome.
             for change in checked:
                 key = (change.group, change.source)
                 old = self._holdings.get(key)
+                if self._holder_is_live(change, old):
+                    change = Revoke(group=change.group, source=change.source)
                 if isinstance(change, Assign):
                     self._holdings[key] = SourceHolding(
                         group=change.group,
@@ -724,6 +739,17 @@ class InMemorySubscriptionStateStore(SubscriptionStateStore):
                         old, subscriber_id=None, node_id=None, state=HoldingState.RELEASED
                     )
 
+    def _holder_is_live(self, change: SubscriptionChange, old: SourceHolding | None) -> bool:
+        """Whether ``change`` takes ``old`` over from a holder that is live again."""
+        age = change.holder_dead_after if isinstance(change, Assign | Release) else None
+        return (
+            age is not None
+            and old is not None
+            and old.subscriber_id is not None
+            and old.node_id is not None
+            and self._subscribers.is_live(old.group, old.subscriber_id, old.node_id, age)
+        )
+
 
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
@@ -735,7 +761,7 @@ class InMemoryBackend(Backend):
         self._projections = InMemoryProjectionStorage()
         self._locks = InMemoryLockManager()
         self._subscribers = InMemorySubscriberStateStore()
-        self._subscriptions = InMemorySubscriptionStateStore()
+        self._subscriptions = InMemorySubscriptionStateStore(self._subscribers)
 
     @property
     def events(self) -> InMemoryEventStorage:

@@ -38,13 +38,18 @@ Changes (revoke-then-assign, DESIGN 4.5):
   holder at once, under the next epoch;
 - a source nobody requests any more, held by a subscriber that is not live:
   ``Release`` (its epoch is kept).
+
+An Assign or Release taking a source from a holder that is not live carries
+``holder_dead_after=max_age`` (the age the live records were listed with, when given):
+the storage then applies it only if that holder is still dead, and revokes the source
+from it otherwise (it heartbeated after the records were listed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from eventmill.backends.base import (
     Assign,
@@ -78,10 +83,14 @@ class GroupAllocation:
 
 
 def allocate(
-    subscribers: Sequence[SubscriberRecord], holdings: Sequence[SourceHolding]
+    subscribers: Sequence[SubscriberRecord],
+    holdings: Sequence[SourceHolding],
+    *,
+    max_age: timedelta | None = None,
 ) -> list[GroupAllocation]:
     """The allocation of every group that has a live subscriber or a holding, in group
-    order. ``subscribers`` are the live records; ``holdings`` the current ones."""
+    order. ``subscribers`` are the live records (last seen at most ``max_age`` ago);
+    ``holdings`` the current ones."""
     members: dict[str, list[SubscriberRecord]] = {}
     held: dict[str, list[SourceHolding]] = {}
     for record in subscribers:
@@ -89,16 +98,20 @@ def allocate(
     for holding in holdings:
         held.setdefault(holding.group, []).append(holding)
     return [
-        allocate_group(group, members.get(group, []), held.get(group, []))
+        allocate_group(group, members.get(group, []), held.get(group, []), max_age=max_age)
         for group in sorted(members.keys() | held.keys())
     ]
 
 
 def allocate_group(
-    group: str, subscribers: Sequence[SubscriberRecord], holdings: Sequence[SourceHolding]
+    group: str,
+    subscribers: Sequence[SubscriberRecord],
+    holdings: Sequence[SourceHolding],
+    *,
+    max_age: timedelta | None = None,
 ) -> GroupAllocation:
-    """The allocation of ``group`` given its live subscribers and its holdings (records
-    of other groups are ignored)."""
+    """The allocation of ``group`` given its live subscribers (last seen at most
+    ``max_age`` ago) and its holdings (records of other groups are ignored)."""
     live = sorted((r for r in subscribers if r.group == group), key=_registration_order)
     current = [h for h in holdings if h.group == group]
     requests, eligible = _eligible(live)
@@ -133,6 +146,8 @@ def allocate_group(
         wanted = desired.get(source)
         held_by = holders.get(source)
         if holding is None or held_by is None:
+            # taken from a dead holder: the storage checks it is still dead
+            dead_after = None if holding is None or holding.subscriber_id is None else max_age
             if wanted is not None:
                 epoch = 1 if holding is None else holding.epoch + 1
                 changes.append(
@@ -142,6 +157,7 @@ def allocate_group(
                         subscriber_id=wanted,
                         node_id=live_nodes[wanted],
                         epoch=epoch,
+                        holder_dead_after=dead_after,
                     )
                 )
             elif holding is not None and holding.subscriber_id is not None:
@@ -151,6 +167,7 @@ def allocate_group(
                         source=source,
                         subscriber_id=holding.subscriber_id,
                         epoch=holding.epoch,
+                        holder_dead_after=dead_after,
                     )
                 )
         elif holding.state is HoldingState.REVOKING:

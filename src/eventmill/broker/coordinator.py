@@ -21,6 +21,13 @@ confirms the lock (``Lock.confirm``), so a leader waking from such a pause does 
 act on a round it started before noticing. Even then a deposed leader that still
 writes is harmless: assignments carry epochs and the storage refuses an epoch that is
 not greater than the current one.
+
+A dead holder's source is given away only if the holder is still dead when the
+change is written: ``allocate`` marks such changes with the max age, and the storage
+checks the holder's record in the same transaction (locking it, so a heartbeat at that
+moment commits after the change and the holder's next observer round sees it). A holder
+that heartbeated since the subscribers were listed has the source revoked instead: its
+checkpoint is already fenced at the new epoch, so it must hand the source over.
 """
 
 from __future__ import annotations
@@ -110,7 +117,7 @@ class EventSubscriptionCoordinator(BrokerLoop):
         release. Raises StorageError, ConflictError (another coordinator wrote first)."""
         subscribers = await self._backend.subscribers.list(max_age=self._max_age)
         holdings = await self._backend.subscriptions.list()
-        allocations = allocate(subscribers, holdings)
+        allocations = allocate(subscribers, holdings, max_age=self._max_age)
         self.last_allocation = allocations
         changes: list[SubscriptionChange] = [
             change for allocation in allocations for change in allocation.changes

@@ -52,7 +52,8 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
             "INSERT INTO {schema}.subscribers AS s (group_name, subscriber_id, node_id,"
             " subscription_requests, registered_at, last_seen)"
             " SELECT g, i, %s, r, now(), now()"
-            " FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u (g, i, r)"
+            " FROM unnest(%s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY AS u (g, i, r, n)"
+            " ORDER BY u.n"
             " ON CONFLICT (group_name, subscriber_id) DO UPDATE SET node_id = excluded.node_id,"
             " subscription_requests = excluded.subscription_requests,"
             " last_seen = excluded.last_seen"
@@ -110,7 +111,9 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
         node_id: str,
         subscribers: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
     ) -> None:
-        """One statement for every subscriber (the last entry of a repeated key wins)."""
+        """One statement for every subscriber (the last entry of a repeated key wins),
+        writing the records in (group, id) order, as a takeover locks them (see
+        ``PostgresSubscriptionStateStore``), so the two never deadlock."""
         check_name(node_id, "node id")
         entries: dict[tuple[str, str], Jsonb] = {}
         for group, id, requests in subscribers:
@@ -120,14 +123,15 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
             entries[group, id] = Jsonb(documents)
         if not entries:
             return
+        order = sorted(entries)
         async with self._backend.connection() as connection:
             await connection.execute(
                 self._heartbeat_all,
                 (
                     node_id,
-                    [group for group, _ in entries],
-                    [id for _, id in entries],
-                    list(entries.values()),
+                    [group for group, _ in order],
+                    [id for _, id in order],
+                    [entries[key] for key in order],
                 ),
             )
 

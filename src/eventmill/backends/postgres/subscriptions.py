@@ -4,12 +4,21 @@
 order (so concurrent batches queue instead of deadlocking), then makes one set-based
 statement per kind of change. An Assign only overwrites a row whose epoch is lower; if
 any Assign wrote nothing, the transaction is rolled back and ConflictError raised.
+
+Takeovers (``holder_dead_after``): before writing, one upsert locks the record of each
+holder taken from, in ``{schema}.subscribers`` (in (group, id) order, as
+``heartbeat_all`` writes), creating it dead (last seen just over the age ago, no
+requests, purged like any dead record) if it was purged. A heartbeat of that holder
+(an UPDATE, or an INSERT meeting the uncommitted row) then waits for this commit, and
+one that committed first is seen: its holder counts as live, and the change becomes a
+Revoke. ``now()`` is the transaction's start, so a late check only errs towards live.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from eventmill.backends.base import (
     Assign,
@@ -27,6 +36,9 @@ from eventmill.events import identifier_from_json, source_key
 
 if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
+
+_Keyed: TypeAlias = list[tuple[str, str, SubscriptionChange]]
+"""Changes with their group and source key."""
 
 _TOUCHED = "unnest(%s::text[], %s::text[]) AS c(g, k)"
 _MATCH = "s.group_name = c.g AND s.source_key = c.k"
@@ -46,8 +58,18 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
             ' ORDER BY group_name COLLATE "C", source_key COLLATE "C"'
         )
         self._lock_rows = sql(
-            f"SELECT 1 FROM {{schema}}.subscriptions s JOIN {_TOUCHED} ON {_MATCH}"
+            "SELECT s.group_name, s.source_key, s.subscriber_id, s.node_id, s.epoch"
+            f" FROM {{schema}}.subscriptions s JOIN {_TOUCHED} ON {_MATCH}"
             " ORDER BY s.group_name, s.source_key FOR UPDATE OF s"
+        )
+        self._lock_holders = sql(
+            "INSERT INTO {schema}.subscribers AS r (group_name, subscriber_id, node_id,"
+            " subscription_requests, registered_at, last_seen)"
+            " SELECT c.g, c.i, c.node, '[]', now(), now() - c.age - interval '1 microsecond'"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::interval[])"
+            " WITH ORDINALITY AS c(g, i, node, age, n) ORDER BY c.n"
+            " ON CONFLICT (group_name, subscriber_id) DO UPDATE SET last_seen = r.last_seen"
+            " RETURNING r.group_name, r.subscriber_id, r.node_id, r.last_seen, now()"
         )
         self._remove = sql(
             f"DELETE FROM {{schema}}.subscriptions s USING {_TOUCHED} WHERE {_MATCH}"
@@ -98,9 +120,11 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
             return
         groups = [group for group, _, _ in checked]
         keys = [key for _, key, _ in checked]
-        assigns = [(g, k, c) for g, k, c in checked if isinstance(c, Assign)]
         async with self._backend.connection() as connection, connection.transaction():
-            await connection.execute(self._lock_rows, (groups, keys))
+            cursor = await connection.execute(self._lock_rows, (groups, keys))
+            locked = {(row[0], row[1]): row[2:] for row in await cursor.fetchall()}
+            checked = await self._check_takeovers(connection, checked, locked)
+            assigns = [(g, k, c) for g, k, c in checked if isinstance(c, Assign)]
             for kind, statement in ((Remove, self._remove), (Revoke, self._revoke)):
                 chosen = [(g, k) for g, k, c in checked if isinstance(c, kind)]
                 if chosen:
@@ -119,6 +143,53 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
                         "an assignment's epoch is not greater than the source's current epoch"
                         " (another coordinator changed it): nothing applied"
                     )
+
+    async def _check_takeovers(
+        self,
+        connection: Any,
+        checked: _Keyed,
+        rows: dict[tuple[str, str], tuple[Any, ...]],
+    ) -> _Keyed:
+        """``checked`` with every takeover from a holder that is live again turned into
+        a Revoke, having locked (or created dead) the record of each holder taken from.
+        ``rows`` are the locked holdings: (subscriber id, node id, epoch) by key."""
+        takeovers = {
+            index: taken
+            for index, (group, key, change) in enumerate(checked)
+            if (taken := _taken_from(change, rows.get((group, key)))) is not None
+        }
+        if not takeovers:
+            return checked
+        ages: dict[tuple[str, str], tuple[str, timedelta]] = {}
+        for index, (holder, node_id, age) in takeovers.items():
+            group = checked[index][0]
+            _, known = ages.get((group, holder), (node_id, age))
+            ages[group, holder] = (node_id, max(age, known))
+        entries = [(g, i, *ages[g, i]) for g, i in sorted(ages)]
+        cursor = await connection.execute(self._lock_holders, _columns(entries, 4))
+        records = {(row[0], row[1]): row[2:] for row in await cursor.fetchall()}
+        result: _Keyed = [*checked]
+        for index, (holder, node_id, age) in takeovers.items():
+            group, key, change = checked[index]
+            record_node, last_seen, now = records[group, holder]
+            if record_node == node_id and last_seen >= now - age:
+                result[index] = (group, key, Revoke(group=group, source=change.source))
+        return result
+
+
+def _taken_from(
+    change: SubscriptionChange, holding: tuple[Any, ...] | None
+) -> tuple[str, str, timedelta] | None:
+    """(holder, its node, the age it was judged dead by) when ``change`` is a takeover
+    of a held source (and, for an Assign, raises its epoch: else the batch fails)."""
+    if not isinstance(change, Assign | Release) or change.holder_dead_after is None:
+        return None
+    if holding is None or holding[0] is None:
+        return None
+    holder, node_id, epoch = holding
+    if isinstance(change, Assign) and change.epoch <= epoch:
+        return None
+    return holder, node_id, change.holder_dead_after
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
