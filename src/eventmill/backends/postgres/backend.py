@@ -270,14 +270,15 @@ class PostgresBackend(Backend):
             return await schema_installer.install(connection, self.schema)
 
     async def close(self) -> None:
-        """Send queued announcements, then close the pools this backend made (the other
-        loops' idle connections at once, those in use when given back); a user's pool
-        stays open. Idempotent."""
+        """Send queued announcements, close the lock manager's standby connections, then
+        close the pools this backend made (the other loops' idle connections at once,
+        those in use when given back); a user's pool stays open. Idempotent."""
         if self._closing:
             return
         self._closing = True
         await self._events.close()
         await self._notifications.close()
+        await self._locks.close()
         with self._loop_pools_lock:
             self._closed = True
             loop_pools = list(self._loop_pools.values())

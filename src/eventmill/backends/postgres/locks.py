@@ -19,6 +19,13 @@ lock name, so backends in different schemas never share a lock, in any process o
 Python version. ``wait_for_lock`` polls ``pg_try_advisory_lock`` on one connection,
 backing off from 10 ms to ``max_poll_interval``, so timeouts of any length work and
 nothing holds a server-side wait.
+
+Attempts do not open a connection each: every event loop keeps one idle standby
+connection (holding no lock) for its next attempt. The connection that wins becomes the
+lock's own and a new standby is opened by the attempt after it; a standby found dead
+(server restart, terminated session) is replaced once within the attempt. ``close()``
+closes the standby connections; those of a manager dropped unclosed are closed when it
+is garbage-collected.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import threading
 import time
+import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +139,10 @@ class PostgresLockManager(LockManager):
         self._check_interval = check_interval.total_seconds()
         self._check_timeout = check_timeout.total_seconds()
         self._max_poll = max_poll_interval.total_seconds()
+        self._closed = False
+        self._standby_lock = threading.Lock()
+        self._standby: dict[asyncio.AbstractEventLoop, AsyncConnection[Any]] = {}
+        weakref.finalize(self, _finish, self._standby)
 
     async def try_lock(self, name: str, *, lease: timedelta | None = None) -> PostgresLock | None:
         return await self._take(name, 0.0, lease)
@@ -143,27 +156,50 @@ class PostgresLockManager(LockManager):
     ) -> PostgresLock | None:
         return await self._take(name, check_age(timeout, "timeout").total_seconds(), lease)
 
-    async def _connect(self, lease: timedelta | None) -> AsyncConnection[Any]:
-        """A new autocommit connection made the way the pool makes its own; with a
-        ``lease``, the server ends its session once idle that long."""
+    async def close(self) -> None:
+        """Close the standby connections (held locks stay held); later attempts close
+        their connection afterwards. Idempotent; never blocks on the server."""
+        with self._standby_lock:
+            self._closed = True
+            connections = list(self._standby.values())
+            self._standby.clear()
+        for connection in connections:
+            await connection.close()
+
+    async def _connect(self) -> AsyncConnection[Any]:
+        """A new autocommit connection made the way the pool makes its own."""
         pool = self._backend.pool
         conninfo = await _resolve(pool.conninfo)
         kwargs = await _resolve(pool.kwargs) or {}
-        connection = await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
-        if lease is not None:
-            milliseconds = max(1, round(lease.total_seconds() * 1000))
-            try:
-                await connection.execute(f"SET idle_session_timeout = {milliseconds:d}")
-            except BaseException:
-                await connection.close()
-                raise
+        return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+
+    async def _checkout(self) -> AsyncConnection[Any] | None:
+        """Take the running loop's standby connection, if any; close those of closed
+        loops."""
+        loop = asyncio.get_running_loop()
+        with self._standby_lock:
+            dead = [other for other in self._standby if other.is_closed()]
+            orphans = [self._standby.pop(other) for other in dead]
+            connection = self._standby.pop(loop, None)
+        for orphan in orphans:
+            await orphan.close()
         return connection
+
+    async def _checkin(self, connection: AsyncConnection[Any]) -> None:
+        """Keep ``connection`` (holding no lock) as the running loop's standby, or close
+        it if the manager is closed or the loop has one already."""
+        loop = asyncio.get_running_loop()
+        with self._standby_lock:
+            if not self._closed and not connection.closed and loop not in self._standby:
+                self._standby[loop] = connection
+                return
+        await connection.close()
 
     async def _take(
         self, name: str, seconds: float, lease: timedelta | None
     ) -> PostgresLock | None:
-        """Try on one new connection until taken or ``seconds`` passed; close the
-        connection unless a lock now lives on it."""
+        """Try on the standby connection until taken or ``seconds`` passed; a lock
+        taken lives on that connection, with ``lease`` as its idle_session_timeout."""
         check_name(name, "lock name")
         if lease is not None and check_age(lease, "lease") <= timedelta(0):
             raise InvalidSettingsError(f"lease must be positive, not {lease}")
@@ -174,29 +210,67 @@ class PostgresLockManager(LockManager):
         if lease is not None:
             interval = min(interval, lease.total_seconds() / _CHECKS_PER_LEASE)
         with translate_driver_errors(self._backend.schema):
-            connection = await self._connect(lease)
-            taken = False
+            connection = await self._attempt(key, deadline)
+            if connection is None:
+                return None
+            if lease is not None:
+                milliseconds = max(1, round(lease.total_seconds() * 1000))
+                try:
+                    await connection.execute(f"SET idle_session_timeout = {milliseconds:d}")
+                except BaseException:
+                    await connection.close()  # frees the lock
+                    raise
+            return PostgresLock(
+                name, connection, check_interval=interval, check_timeout=self._check_timeout
+            )
+
+    async def _attempt(self, key: int, deadline: float) -> AsyncConnection[Any] | None:
+        """Poll for ``key`` on the standby connection (opened if none; a kept one found
+        dead is replaced once). Returns the connection if it now holds the lock, else
+        None with the connection kept as the standby."""
+        connection = await self._checkout()
+        replaceable = connection is not None
+        while True:
+            if connection is None:
+                connection = await self._connect()
             try:
-                delay = _FIRST_POLL
-                while True:
-                    cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-                    row = await cursor.fetchone()
-                    taken = row is not None and row[0] is True
-                    if taken:
-                        return PostgresLock(
-                            name,
-                            connection,
-                            check_interval=interval,
-                            check_timeout=self._check_timeout,
-                        )
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    await asyncio.sleep(min(delay, remaining))
-                    delay = min(delay * 2, self._max_poll)
-            finally:
-                if not taken:
-                    await connection.close()
+                taken = await self._poll(connection, key, deadline)
+            except psycopg.OperationalError:
+                await connection.close()
+                if not replaceable:
+                    raise
+                replaceable, connection = False, None
+                continue
+            except BaseException:
+                await connection.close()  # frees the lock if taken as this was cancelled
+                raise
+            if taken:
+                return connection
+            await self._checkin(connection)
+            return None
+
+    async def _poll(self, connection: AsyncConnection[Any], key: int, deadline: float) -> bool:
+        """``pg_try_advisory_lock`` on ``connection`` until it succeeds (True) or the
+        deadline passed (False), backing off between tries."""
+        delay = _FIRST_POLL
+        while True:
+            cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            row = await cursor.fetchone()
+            if row is not None and row[0] is True:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, self._max_poll)
+
+
+def _finish(standby: dict[asyncio.AbstractEventLoop, AsyncConnection[Any]]) -> None:
+    """Close a dropped manager's standby connections from whatever thread collects
+    it, without awaiting (``AsyncConnection.close`` awaits nothing either)."""
+    for connection in list(standby.values()):
+        connection.pgconn.finish()
+    standby.clear()
 
 
 async def _resolve(setting: Any) -> Any:
