@@ -84,16 +84,6 @@ class EventSubscriptionObserver(BrokerLoop):
             del self._subscribers[key]
             await self._release_all(subscriber, self._accepted.pop(key, {}))
 
-    async def release_all(self) -> None:
-        """Withdraw and release the sources of every local subscriber (graceful stop).
-        Raises StorageError (having withdrawn everything)."""
-        async with self._busy:
-            for key, subscriber in list(self._subscribers.items()):
-                accepted = self._accepted.get(key, {})
-                held = dict(accepted)
-                accepted.clear()
-                await self._release_all(subscriber, held)
-
     async def _release_all(
         self, subscriber: EventSubscriber, held: dict[EventSourceIdentifier, int]
     ) -> None:

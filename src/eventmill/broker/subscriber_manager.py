@@ -19,7 +19,7 @@ class EventSubscriberManager(BrokerLoop):
     """Registers this node's subscribers, heartbeats them every ``heartbeat_interval``
     (which re-creates a record purged while the node was away), purges records older
     than ``subscriber_max_age`` every ``purge_interval``, and removes its own records
-    when unregistering (so their sources move at once) or on ``remove_all()``.
+    when unregistering (so their sources move at once).
 
     ``on_membership_change`` (if given) is called after a register or unregister.
     """
@@ -42,7 +42,6 @@ class EventSubscriberManager(BrokerLoop):
         self._on_change = on_membership_change
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._next_purge = 0.0
-        self.last_heartbeat_at: float | None = None
         """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
         self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
         """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
@@ -82,12 +81,6 @@ class EventSubscriberManager(BrokerLoop):
         if self._on_change is not None:
             self._on_change()
 
-    async def remove_all(self) -> None:
-        """Delete the record of every local subscriber (graceful stop); they stay known
-        here. Raises StorageError."""
-        for group, id in list(self._subscribers):
-            await self._backend.subscribers.remove(group, id)
-
     async def run_round(self) -> timedelta | None:
         """Heartbeat every local subscriber (one ``heartbeat_all``), then purge when due.
         Raises StorageError."""
@@ -96,7 +89,6 @@ class EventSubscriberManager(BrokerLoop):
             self.node_id,
             [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()],
         )
-        self.last_heartbeat_at = started
         self.lease.renewed(started)
         if started >= self._next_purge:
             await self._backend.subscribers.purge(self._max_age)

@@ -123,11 +123,6 @@ class EventSourceConsumer:
         """The place of the last processed event (None before the first)."""
         return self._processed
 
-    @property
-    def in_pass(self) -> bool:
-        """Whether a pass is running."""
-        return self._pass_lock.locked()
-
     def stop(self) -> None:
         """End the running pass (if any) at the next event boundary, saving first, and
         every later pass at once. Never blocks; see ``wait_pass_finished``."""
