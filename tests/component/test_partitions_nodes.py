@@ -82,8 +82,18 @@ async def test_every_event_once_and_in_stream_order_as_instances_join_and_die() 
             return check
 
         await wait_until(progressed(150), "progress with six instances")
-        publishing = asyncio.create_task(publish_rounds(store, 10, 10))
         await nodes.start("node-3-0")  # an instance joins
+
+        async def joiner_holds_a_partition() -> bool:
+            holdings = await backend.subscriptions.list(group="g")
+            return any(
+                h.subscriber_id == "g@node-3-0" and h.state is HoldingState.ASSIGNED
+                for h in holdings
+            )
+
+        # Publish only once it holds one, so that it has events of its own to process.
+        await wait_until(joiner_holds_a_partition, "the joining instance to get a partition")
+        publishing = asyncio.create_task(publish_rounds(store, 10, 10))
         await wait_until(progressed(400), "progress after a join")
         await nodes.kill(started[2])  # an instance dies mid-stream
         await publishing
