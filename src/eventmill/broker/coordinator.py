@@ -13,7 +13,9 @@ not assigned this round (the fence gives up after a short lock timeout), so one 
 source does not stall the others.
 
 Leadership ends after ``leadership_max_duration`` (the lock is released so that
-another node may take it) or when the lock is lost, which ``Lock.wait_lost`` reports.
+another node may take it) or when the lock is lost, which ``Lock.wait_lost`` reports;
+a leader that lost its lock stands back for two intervals before contending again, so
+that a standby takes over instead of racing it.
 The lock is taken with a lease of ``subscriber_max_age``: a leader frozen longer than
 that (SIGSTOP, a long pause) loses it on PostgreSQL, so a standby takes over within
 about the max age, as it does for a dead leader. Before writing any change a round
@@ -79,6 +81,7 @@ class EventSubscriptionCoordinator(BrokerLoop):
         self.lock_name = check_name(lock_name, "lock name")
         self._lock: Lock | None = None
         self._lease_ends = 0.0
+        self._contend_after = 0.0  # a deposed leader stands back until then
         self._watch: asyncio.Task[None] | None = None
         self.terms = 0
         self.last_allocation: list[GroupAllocation] = []
@@ -99,6 +102,9 @@ class EventSubscriptionCoordinator(BrokerLoop):
         if leading. Raises StorageError, ConflictError."""
         if not self.is_leader:
             await self._give_up()
+            stand_back = self._contend_after - time.monotonic()
+            if stand_back > 0:
+                return timedelta(seconds=stand_back)
             lock = await self._backend.locks.wait_for_lock(
                 self.lock_name, self.interval, lease=self._max_age
             )
@@ -165,6 +171,8 @@ class EventSubscriptionCoordinator(BrokerLoop):
         await lock.wait_lost()
         if self._lock is lock:
             logger.warning("coordinator: the lock was lost; no longer coordinating")
+            # Let another node take over rather than race it for the lock at once.
+            self._contend_after = time.monotonic() + 2 * self.interval.total_seconds()
             self.wake()
 
     async def _give_up(self) -> None:

@@ -90,9 +90,15 @@ class PostgresLock(Lock):
         return self._held
 
     async def release(self) -> None:
-        """Close the lock's connection, which ends its session and so frees the lock."""
+        """Unlock (so the lock is free when this returns, if the session still answers
+        within a second), then close the lock's connection, which frees it in any case."""
+        was_held = self._held
         self._held = False
         self._gone.set()
+        if was_held:
+            with contextlib.suppress(psycopg.Error, TimeoutError):
+                async with asyncio.timeout(1):
+                    await self._connection.execute("SELECT pg_advisory_unlock_all()")
         with contextlib.suppress(psycopg.Error):
             await self._connection.close()
 
