@@ -13,6 +13,7 @@ from datetime import timedelta
 from eventmill.errors import ConflictError, InvalidSettingsError, LifecycleError, StorageError
 from eventmill.services.cancellation import raise_if_cancelling
 from eventmill.services.error_handlers import ExponentialBackoff
+from eventmill.services.polling import wait_until_woken
 from eventmill.services.service import Service
 from eventmill.services.status import ProcessStatus
 
@@ -137,13 +138,7 @@ class BrokerLoop(Service[None], ABC):
                 self._notify_waiters()
                 seconds = (self._interval if wait is None else wait).total_seconds()
                 raise_if_cancelling()
-                if woken.is_set():
-                    continue
-                try:
-                    async with asyncio.timeout(seconds):
-                        await woken.wait()
-                except TimeoutError:
-                    pass
+                await wait_until_woken(woken, seconds)
         except asyncio.CancelledError as cancelled:
             self._status = ProcessStatus.STOPPED
             self._ended = cancelled

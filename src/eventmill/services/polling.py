@@ -12,6 +12,17 @@ from eventmill.services.service import Service
 from eventmill.services.status import Process, ProcessStatus
 
 
+async def wait_until_woken(woken: asyncio.Event, seconds: float) -> None:
+    """Return once ``woken`` is set or ``seconds`` have passed, whichever comes first."""
+    if woken.is_set():
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            await woken.wait()
+    except TimeoutError:
+        pass
+
+
 class PollingService(Service[None]):
     """Runs ``service.execute()`` forever, waiting ``poll_interval`` between runs.
 
@@ -89,13 +100,7 @@ class PollingService(Service[None]):
                 await self._service.execute()
                 self._status = ProcessStatus.WAITING
                 raise_if_cancelling()
-                if woken.is_set():
-                    continue
-                try:
-                    async with asyncio.timeout(seconds):
-                        await woken.wait()
-                except TimeoutError:
-                    pass
+                await wait_until_woken(woken, seconds)
         except asyncio.CancelledError:
             self._status = ProcessStatus.STOPPED
             raise
