@@ -23,6 +23,7 @@ or by ``close()``. A backend on a user's pool refuses other loops with Lifecycle
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -243,6 +244,14 @@ class PostgresBackend(Backend):
                 )
         return pool.connection()
 
+    async def dedicated_connection(self) -> AsyncConnection[Any]:
+        """A new autocommit connection outside the pool, made the way the pool makes its
+        own (its conninfo and kwargs), for locks and LISTEN. The caller closes it.
+        Raises psycopg.Error when it cannot connect."""
+        conninfo: str = await _pool_setting(self.pool.conninfo)
+        kwargs: dict[str, Any] = dict(await _pool_setting(self.pool.kwargs) or {})
+        return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+
     async def _connect_for_loop(self) -> AsyncConnection[Any]:
         assert self._dsn is not None
         return await AsyncConnection.connect(
@@ -297,3 +306,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+async def _pool_setting(setting: Any) -> Any:
+    """A pool setting's value: psycopg_pool accepts values, functions and coroutines."""
+    if callable(setting):
+        setting = setting()
+    if inspect.isawaitable(setting):
+        setting = await setting
+    return setting

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import threading
 import time
 import weakref
@@ -173,11 +172,7 @@ class PostgresLockManager(LockManager):
             await connection.close()
 
     async def _connect(self) -> AsyncConnection[Any]:
-        """A new autocommit connection made the way the pool makes its own."""
-        pool = self._backend.pool
-        conninfo = await _resolve(pool.conninfo)
-        kwargs = await _resolve(pool.kwargs) or {}
-        return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
+        return await self._backend.dedicated_connection()
 
     async def _checkout(self) -> AsyncConnection[Any] | None:
         """Take the running loop's standby connection, if any; close those of closed
@@ -277,12 +272,3 @@ def _finish(standby: dict[asyncio.AbstractEventLoop, AsyncConnection[Any]]) -> N
     for connection in list(standby.values()):
         connection.pgconn.finish()
     standby.clear()
-
-
-async def _resolve(setting: Any) -> Any:
-    """A pool setting's value: the pool accepts plain values and (async) callables."""
-    if callable(setting):
-        setting = setting()
-    if inspect.isawaitable(setting):
-        setting = await setting
-    return setting

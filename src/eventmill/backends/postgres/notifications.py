@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -41,15 +40,6 @@ RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 def channel_name(schema: str) -> str:
     """The NOTIFY channel of a schema's events (cut so it fits PostgreSQL's 63 bytes)."""
     return f"{schema[:56]}_events"
-
-
-async def _resolved(setting: Any) -> Any:
-    """A pool setting's value (psycopg_pool accepts values, functions and coroutines)."""
-    if callable(setting):
-        setting = setting()
-    if inspect.isawaitable(setting):
-        setting = await setting
-    return setting
 
 
 def _resolve(future: concurrent.futures.Future[None]) -> None:
@@ -130,11 +120,7 @@ class PostgresEventNotifications(EventNotifications):
         task.add_done_callback(ended)
 
     async def _connect(self) -> AsyncConnection[Any]:
-        pool = self._backend.pool
-        conninfo: str = await _resolved(pool.conninfo)
-        kwargs: dict[str, Any] = dict(await _resolved(pool.kwargs) or {})
-        kwargs["autocommit"] = True
-        connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        connection = await self._backend.dedicated_connection()
         await connection.execute(
             sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(self._backend.schema)))
         )
