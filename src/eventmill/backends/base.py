@@ -560,6 +560,131 @@ class ProjectionStorage(ABC):
         then paged. Raises StorageError."""
 
 
+class ParkedRequest(enum.Enum):
+    """What an operator asked the holder of a parked stream to do."""
+
+    RETRY = "retry"
+    """Replay the held events in order through the processor."""
+    SKIP = "skip"
+    """Skip the held events up to ``skip_through`` (all when None), replay the rest."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParkedStream:
+    """A stream that a group holds back in one source after its processor failed.
+
+    The first held event is the one that failed (``sequence_number``, ``position``,
+    ``event_name``); every later event of the stream that the source's consumer met is
+    held too (``held`` counts them, the first included; ``last_held`` is the place in
+    the source of the latest one, so a replayed pass never counts one twice). The
+    source's checkpoint moves past held events; the events themselves stay in the store
+    and are replayed from there. ``request`` is an operator's pending request.
+    """
+
+    group: str
+    source: EventSourceIdentifier
+    stream: StreamIdentifier
+    sequence_number: int
+    position: int
+    event_name: str
+    held: int
+    last_held: int
+    error_type: str
+    error_message: str
+    traceback: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    request: ParkedRequest | None = None
+    skip_through: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedEvent:
+    """An event a group did not process: skipped by its failure policy (``reason``
+    "policy") or by an operator ("operator"); ``error_type``/``error_message`` are the
+    last failure's (empty for an operator's skip of an event that never ran)."""
+
+    group: str
+    source: EventSourceIdentifier
+    stream: StreamIdentifier
+    sequence_number: int
+    position: int
+    event_name: str
+    reason: str
+    error_type: str
+    error_message: str
+    skipped_at: datetime
+
+
+class ParkedStreamStorage(ABC):
+    """Parked streams per (group, source, stream), and the record of skipped events.
+
+    Writes take an optional ``transaction`` (from ``CheckpointStorage.transaction``)
+    so that on PostgreSQL they commit together with a checkpoint and a processor's own
+    writes (exactly-once). Every method raises StorageError when storage fails.
+    """
+
+    @abstractmethod
+    async def park(
+        self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
+    ) -> None:
+        """Insert the record, or replace the one of its (group, source, stream)."""
+
+    @abstractmethod
+    async def hold(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        place: int,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> bool:
+        """Count one more held event at ``place`` (in the source) if ``place`` is after
+        ``last_held``; return whether it was counted (False too when not parked)."""
+
+    @abstractmethod
+    async def remove(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> bool:
+        """Delete the record (the stream flows again); True if there was one."""
+
+    @abstractmethod
+    async def request(
+        self,
+        group: str,
+        stream: StreamIdentifier,
+        request: ParkedRequest,
+        *,
+        skip_through: int | None = None,
+    ) -> int:
+        """Set ``request`` (and ``skip_through``) on every record of ``stream`` in
+        ``group`` (whichever source parked it); return how many records there were."""
+
+    @abstractmethod
+    async def record_skipped(
+        self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
+    ) -> None:
+        """Keep ``event`` in the record of skipped events."""
+
+    @abstractmethod
+    async def skipped(self, *, group: str | None = None) -> list[SkippedEvent]:
+        """The skipped events (of ``group``), ordered by group, then when skipped."""
+
+    @abstractmethod
+    async def list(
+        self, *, group: str | None = None, source: EventSourceIdentifier | None = None
+    ) -> list[ParkedStream]:
+        """The records (of ``group``, of ``source``, if given), ordered by group, source
+        key, then stream (category, stream)."""
+
+
 class Backend(ABC):
     """A storage backend: the bundle of ports one deployment shares."""
 
@@ -597,6 +722,11 @@ class Backend(ABC):
     @abstractmethod
     def subscriptions(self) -> SubscriptionStateStore:
         """Who holds which source of each group, under which epoch."""
+
+    @property
+    @abstractmethod
+    def parked(self) -> ParkedStreamStorage:
+        """Streams held back after a processor failed, and skipped events."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -31,12 +31,16 @@ from eventmill.backends.base import (
     HoldingState,
     Lock,
     LockManager,
+    ParkedRequest,
+    ParkedStream,
+    ParkedStreamStorage,
     Projection,
     ProjectionFilterValue,
     ProjectionStorage,
     Release,
     Remove,
     Revoke,
+    SkippedEvent,
     SourceHolding,
     SubscriberRecord,
     SubscriberStateStore,
@@ -442,6 +446,131 @@ class InMemoryProjectionStorage(ProjectionStorage):
         return found[offset : offset + limit]
 
 
+def _stream_order(record: ParkedStream) -> tuple[str, str, str, str]:
+    return (record.group, source_key(record.source), record.stream.category, record.stream.stream)
+
+
+class InMemoryParkedStreamStorage(ParkedStreamStorage):
+    """Parked streams in a dict keyed by (group, source key, stream); skipped events in
+    a list. Writes in a transaction are undone if it rolls back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, str, StreamIdentifier], ParkedStream] = {}
+        self._skipped: list[SkippedEvent] = []
+
+    def _set(
+        self, key: tuple[str, str, StreamIdentifier], record: ParkedStream | None
+    ) -> ParkedStream | None:
+        with self._lock:
+            previous = self._records.pop(key, None)
+            if record is not None:
+                self._records[key] = record
+            return previous
+
+    def _write(
+        self,
+        key: tuple[str, str, StreamIdentifier],
+        record: ParkedStream | None,
+        transaction: ConsumerTransaction | None,
+    ) -> ParkedStream | None:
+        undo = _undo_list(transaction)
+        previous = self._set(key, record)
+        if undo is not None:
+
+            def restore() -> None:
+                self._set(key, previous)
+
+            undo.append(restore)
+        return previous
+
+    async def park(
+        self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
+    ) -> None:
+        self._write((record.group, source_key(record.source), record.stream), record, transaction)
+
+    async def hold(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        place: int,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> bool:
+        key = (group, source_key(source), stream)
+        with self._lock:
+            current = self._records.get(key)
+        if current is None or place <= current.last_held:
+            return False
+        self._write(key, replace(current, held=current.held + 1, last_held=place), transaction)
+        return True
+
+    async def remove(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        *,
+        transaction: ConsumerTransaction | None = None,
+    ) -> bool:
+        key = (group, source_key(source), stream)
+        with self._lock:
+            present = key in self._records
+        if present:
+            self._write(key, None, transaction)
+        return present
+
+    async def request(
+        self,
+        group: str,
+        stream: StreamIdentifier,
+        request: ParkedRequest,
+        *,
+        skip_through: int | None = None,
+    ) -> int:
+        with self._lock:
+            keys = [k for k in self._records if k[0] == group and k[2] == stream]
+            for key in keys:
+                self._records[key] = replace(
+                    self._records[key], request=request, skip_through=skip_through
+                )
+        return len(keys)
+
+    async def record_skipped(
+        self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
+    ) -> None:
+        undo = _undo_list(transaction)
+        with self._lock:
+            self._skipped.append(event)
+        if undo is not None:
+            undo.append(lambda: self._forget(event))
+
+    def _forget(self, event: SkippedEvent) -> None:
+        with self._lock:
+            for index in range(len(self._skipped) - 1, -1, -1):
+                if self._skipped[index] is event:
+                    del self._skipped[index]
+                    return
+
+    async def skipped(self, *, group: str | None = None) -> list[SkippedEvent]:
+        with self._lock:
+            found = [e for e in self._skipped if group is None or e.group == group]
+        return sorted(found, key=lambda e: (e.group, e.skipped_at))
+
+    async def list(
+        self, *, group: str | None = None, source: EventSourceIdentifier | None = None
+    ) -> list[ParkedStream]:
+        with self._lock:
+            found = [
+                record
+                for record in self._records.values()
+                if (group is None or record.group == group)
+                and (source is None or record.source == source)
+            ]
+        return sorted(found, key=_stream_order)
+
+
 # --- Locks, subscriber state and subscription state (broker) ---
 
 
@@ -762,6 +891,7 @@ class InMemoryBackend(Backend):
         self._locks = InMemoryLockManager()
         self._subscribers = InMemorySubscriberStateStore()
         self._subscriptions = InMemorySubscriptionStateStore(self._subscribers)
+        self._parked = InMemoryParkedStreamStorage()
 
     @property
     def events(self) -> InMemoryEventStorage:
@@ -790,6 +920,10 @@ class InMemoryBackend(Backend):
     @property
     def subscriptions(self) -> InMemorySubscriptionStateStore:
         return self._subscriptions
+
+    @property
+    def parked(self) -> InMemoryParkedStreamStorage:
+        return self._parked
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

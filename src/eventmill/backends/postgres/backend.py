@@ -43,6 +43,7 @@ from eventmill.backends.postgres.event_storage import PostgresEventStorage
 from eventmill.backends.postgres.locks import PostgresLockManager
 from eventmill.backends.postgres.loop_pools import LoopConnectionPool
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
+from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
@@ -87,6 +88,7 @@ class PostgresBackend(Backend):
         self._locks = PostgresLockManager(self)
         self._subscribers = PostgresSubscriberStateStore(self)
         self._subscriptions = PostgresSubscriptionStateStore(self)
+        self._parked = PostgresParkedStreamStorage(self)
 
     @classmethod
     async def connect(
@@ -178,6 +180,10 @@ class PostgresBackend(Backend):
     @property
     def subscriptions(self) -> PostgresSubscriptionStateStore:
         return self._subscriptions
+
+    @property
+    def parked(self) -> PostgresParkedStreamStorage:
+        return self._parked
 
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.
