@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export EVENTMILL_TEST_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint typecheck pytest postgres bench soak clean
+.PHONY: demo test lint typecheck pytest postgres tools bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 postgres:
 	@bash .ci/ensure-postgres
 
+# Servers the tests start themselves (private clusters, PgBouncer) need these tools.
+tools:
+	@bash .ci/ensure-tools
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -28,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) postgres
+pytest: $(STAMP) postgres tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest

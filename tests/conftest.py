@@ -4,7 +4,7 @@ written once runs against each."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from hypothesis import settings
@@ -13,6 +13,7 @@ from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.store import EventStore
 from tests.postgres_support import fresh_postgres_backend
+from tests.servers import Bouncer, PrivateCluster
 
 # In CI, property tests replay the same examples every run (a failure there is then a
 # change of code, not of luck); elsewhere each run explores new ones.
@@ -36,3 +37,38 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
 @pytest.fixture
 def store(backend: Backend) -> EventStore:
     return EventStore(backend)
+
+
+@pytest.fixture(scope="session")
+def private_cluster() -> Iterator[PrivateCluster]:
+    """A PostgreSQL cluster of this test session's own (initdb in a temporary folder),
+    with prepared transactions enabled; removed at the end of the session."""
+    cluster = PrivateCluster.create(
+        {"max_prepared_transactions": "20", "max_connections": "200", "wal_level": "replica"}
+    )
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def standby(private_cluster: PrivateCluster) -> Iterator[PrivateCluster]:
+    """A streaming hot standby of ``private_cluster``."""
+    copy = private_cluster.standby()
+    yield copy
+    copy.remove()
+
+
+@pytest.fixture(scope="session")
+def transaction_bouncer(private_cluster: PrivateCluster) -> Iterator[Bouncer]:
+    """PgBouncer in transaction pooling mode in front of ``private_cluster``."""
+    bouncer = Bouncer(private_cluster, "transaction")
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture(scope="session")
+def session_bouncer(private_cluster: PrivateCluster) -> Iterator[Bouncer]:
+    """PgBouncer in session pooling mode in front of ``private_cluster``."""
+    bouncer = Bouncer(private_cluster, "session")
+    yield bouncer
+    bouncer.stop()
