@@ -9,10 +9,10 @@ export EVENTMILL_TEST_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade 'pip>=25.1'
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[postgres]' --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -44,4 +44,4 @@ soak: $(STAMP) postgres
 	$(BIN)/python -m benchmarks.soak
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -25,14 +25,15 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from tests.harness.node_process import GroupConfig
+from tests.harness.nodes import Node, NodeSet
+
 from benchmarks.common import median, report
 from eventmill.backends.base import HoldingState
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.events import NewEvent, source_key, stream_hash
 from eventmill.store import EventStore
-from eventmill.testing.node_process import GroupConfig
-from eventmill.testing.nodes import Node, NodeSet
 
 T = TypeVar("T")
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -20,8 +20,9 @@ import sys
 import time
 from datetime import timedelta
 
+from tests.harness.faults import FaultCluster, FaultGroup, FaultSchedule, Publisher
+
 from benchmarks.common import report
-from eventmill.testing.faults import FaultCluster, FaultGroup, FaultSchedule, Publisher
 
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 GROUPS = [

@@ -1,7 +1,10 @@
 """eventmill: an asyncio event store with subscribers, projections and a distributed broker.
 
 The names here are the public API; everything else is internal unless documented.
+``__version__`` is the installed distribution's version.
 """
+
+from importlib.metadata import version as _distribution_version
 
 from eventmill.backends.base import LockManager
 from eventmill.broker.base import EventBroker
@@ -70,6 +73,8 @@ from eventmill.services import (
     TypeMappingErrorHandler,
 )
 from eventmill.store import EventCategory, EventLog, EventStore, EventStream
+
+__version__ = _distribution_version("eventmill")
 
 __all__ = [
     "AutoCommitEventIteratorProcessor",

@@ -20,6 +20,7 @@ through untouched.
     ├── ExitRequestedError           a service asked for an orderly exit (ExitDecision)
     ├── StopTimeoutError             services still running when a stop timed out
     ├── CatchUpTimeoutError          a node did not catch up within the time given
+    ├── MissingDependencyError       an optional extra is not installed (an ImportError)
     └── StorageError                 the backend failed (database down, timeout...)
         └── SchemaError              schema missing or of another version
 """
@@ -107,6 +108,11 @@ class StopTimeoutError(EventmillError, TimeoutError):
 
 class CatchUpTimeoutError(EventmillError, TimeoutError):
     """``EventProcessingNode.wait_caught_up`` ran out of time."""
+
+
+class MissingDependencyError(EventmillError, ImportError):
+    """A feature needs an optional extra that is not installed; the message says what
+    to install."""
 
 
 class StorageError(EventmillError):

@@ -22,8 +22,8 @@ from eventmill.backends.postgres.locks import lock_key
 from eventmill.broker.coordinator import COORDINATOR_LOCK
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.store import EventStore
-from eventmill.testing.node_process import GroupConfig
-from eventmill.testing.nodes import Node, NodeSet
+from tests.harness.node_process import GroupConfig
+from tests.harness.nodes import Node, NodeSet
 from tests.postgres_support import fresh_postgres_backend
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

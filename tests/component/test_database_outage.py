@@ -16,7 +16,7 @@ import pytest
 
 from eventmill.errors import StorageError
 from eventmill.events import NewEvent
-from eventmill.testing.faults import FaultCluster, FaultGroup, Publisher, postgres_stopped
+from tests.harness.faults import FaultCluster, FaultGroup, Publisher, postgres_stopped
 from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
 
 pytestmark = pytest.mark.postgres

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import pytest
 
-from eventmill.testing.faults import (
+from tests.harness.faults import (
     FaultCluster,
     FaultGroup,
     FaultSchedule,

@@ -17,8 +17,8 @@ from eventmill.backends.base import HoldingState
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.store import EventStore
-from eventmill.testing.node_process import GroupConfig
-from eventmill.testing.nodes import NodeSet
+from tests.harness.node_process import GroupConfig
+from tests.harness.nodes import NodeSet
 from tests.postgres_support import fresh_postgres_backend
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

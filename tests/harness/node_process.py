@@ -1,6 +1,6 @@
 """A broker node process for multi-node tests (``NodeSet`` starts it).
 
-Run ``python -m eventmill.testing.node_process CONFIG_JSON``. The node connects to
+Run ``python -m tests.harness.node_process CONFIG_JSON``. The node connects to
 PostgreSQL, runs a ``DistributedEventBroker`` and one ``EventSubscriptionConsumer`` per
 configured group, and records into its schema:
 

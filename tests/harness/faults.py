@@ -10,7 +10,7 @@
         await cluster.wait_quiescent(timeout=timedelta(seconds=60))
         report = await cluster.check()               # report.violations must be empty
 
-Each node is a ``python -m eventmill.testing.faults CONFIG_JSON`` process running an
+Each node is a ``python -m tests.harness.faults CONFIG_JSON`` process running an
 ``EventProcessingNode`` (distributed broker). Its connections carry the application
 name ``<schema>/<node id>``, so the harness can count and terminate them. It records
 
@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -75,6 +76,9 @@ from eventmill.services.error_handlers import (
 from eventmill.store import EventStore
 
 logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository, the working directory of node processes (``-m tests...``)."""
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS {schema}.processed (
@@ -297,7 +301,7 @@ async def run_node(config: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """``python -m eventmill.testing.faults CONFIG_JSON``."""
+    """``python -m tests.harness.faults CONFIG_JSON``."""
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(name)s %(message)s"
     )
@@ -563,10 +567,11 @@ class FaultCluster:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "eventmill.testing.faults",
+            "tests.harness.faults",
             json.dumps(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         node = NodeProcess(node_id, process)

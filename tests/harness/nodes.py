@@ -11,7 +11,7 @@
         frozen = await nodes.start()
         nodes.freeze(frozen)          # SIGSTOP ... nodes.thaw(frozen): SIGCONT
 
-Each node is a ``python -m eventmill.testing.node_process`` process (see there for
+Each node is a ``python -m tests.harness.node_process`` process (see there for
 what it records: the ``processed`` and ``node_log`` tables of the backend's schema).
 Leaving the block kills the nodes still running.
 """
@@ -28,13 +28,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.errors import LifecycleError
-from eventmill.testing.node_process import TABLES, GroupConfig
+from tests.harness.node_process import TABLES, GroupConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository, the working directory of node processes (``-m tests...``)."""
 
 
 @dataclass(slots=True)
@@ -115,9 +119,10 @@ class NodeSet:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "eventmill.testing.node_process",
+            "tests.harness.node_process",
             json.dumps(config),
             stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         node = Node(node_id, process)
