@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import inspect
 import json
+import os
 import secrets
 import signal
 import sys
@@ -28,15 +30,20 @@ from typing import Any
 
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
+from eventmill.broker.distributed import default_node_id
 from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
 from eventmill.errors import EventmillError
-from eventmill.events import identifier_from_json
+from eventmill.events import check_name, identifier_from_json
 from eventmill.node import EventProcessingNode, NodeMode
 from eventmill.sources import EventSource
 from eventmill.store import MAX_PAGE_SIZE
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_CANNOT_CHECK = 2
+"""``eventmill status`` could not check: cannot connect, or no schema."""
+EXIT_BROKEN_PIPE = 141
+"""stdout was closed by its reader (128 + SIGPIPE, as a shell reports it)."""
 
 
 class CommandError(Exception):
@@ -85,11 +92,17 @@ async def demo(dsn: str | None, events: int, nodes: int, schema: str | None) -> 
 NodeFactory = Callable[..., Any]
 
 
-def load_factory(target: str) -> NodeFactory:
-    """The callable named by ``MODULE:ATTRIBUTE``; raises CommandError."""
+def load_factory(target: str, app_dir: str = ".") -> NodeFactory:
+    """The callable named by ``MODULE:ATTRIBUTE``, importing from ``app_dir`` first (as
+    uvicorn and gunicorn do); raises CommandError."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise CommandError(f"expected MODULE:ATTRIBUTE, got {target!r}")
+    folder = os.path.abspath(app_dir)
+    if not os.path.isdir(folder):
+        raise CommandError(f"--app-dir {app_dir!r} is not a folder")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -106,11 +119,26 @@ def load_factory(target: str) -> NodeFactory:
 
 
 async def run(
-    target: str, dsn: str | None, schema: str, mode: NodeMode, node_id: str | None
+    target: str,
+    dsn: str | None,
+    schema: str,
+    mode: NodeMode,
+    node_id: str | None,
+    *,
+    pool_size: int = 10,
+    app_dir: str = ".",
 ) -> int:
-    """Make the node with the factory and run it until SIGINT/SIGTERM; return 0."""
-    factory = load_factory(target)
-    backend: Backend = InMemoryBackend() if dsn is None else await connect(dsn, schema)
+    """Make the node with the factory and run it until SIGINT/SIGTERM; return 0. Its
+    PostgreSQL connections carry ``application_name`` ``eventmill:<node id>``."""
+    factory = load_factory(target, app_dir)
+    node_id = check_name(node_id or default_node_id(), "node id")
+    backend: Backend = (
+        InMemoryBackend()
+        if dsn is None
+        else await connect(
+            dsn, schema, pool_size=pool_size, application_name=f"eventmill:{node_id}"
+        )
+    )
     try:
         try:
             node = factory(backend, mode=mode, node_id=node_id)
@@ -127,7 +155,12 @@ async def run(
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signal_number, node.stop)
-        print(f"node {node.node_id} ({node.mode.name}) running; SIGINT or SIGTERM stops it")
+        where = (
+            " in memory (no --dsn or EVENTMILL_DSN: nothing is shared with other nodes or kept)"
+            if dsn is None
+            else f" on schema {schema!r}"
+        )
+        print(f"node {node.node_id} ({node.mode.name}) running{where}; SIGINT or SIGTERM stops it")
         sys.stdout.flush()
         await node.run()
         print(f"node {node.node_id} stopped")
@@ -139,12 +172,23 @@ async def run(
 # --- migrate and status -------------------------------------------------------------
 
 
-async def connect(dsn: str, schema: str, *, install: bool = False) -> Backend:
-    """A PostgreSQL backend (small pool), with its schema installed if ``install``."""
+async def connect(
+    dsn: str,
+    schema: str,
+    *,
+    install: bool = False,
+    pool_size: int = 4,
+    application_name: str = "eventmill",
+) -> Backend:
+    """A PostgreSQL backend, with its schema installed if ``install``."""
     from eventmill.backends.postgres import PostgresBackend
 
     backend = await PostgresBackend.connect(
-        dsn, schema=schema, max_size=4, connect_timeout=timedelta(seconds=5)
+        dsn,
+        schema=schema,
+        max_size=pool_size,
+        connect_timeout=timedelta(seconds=5),
+        application_name=application_name,
     )
     if install:
         try:
@@ -281,16 +325,51 @@ def _mode(text: str) -> NodeMode:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {choices}") from None
 
 
+def _from_environment(
+    parser: argparse.ArgumentParser,
+    option: str,
+    *,
+    help: str,
+    default: Any = None,
+    type: Callable[[str], Any] | None = None,
+    **keywords: Any,
+) -> None:
+    """Add ``option``, defaulting to the environment variable named after it
+    (``--log-level``: ``EVENTMILL_LOG_LEVEL``), else to ``default``."""
+    variable = "EVENTMILL_" + option.removeprefix("--").replace("-", "_").upper()
+    text = os.environ.get(variable)
+    value = default
+    if text is not None:
+        try:
+            value = text if type is None else type(text)
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            parser.error(f"{variable}: {error}")
+    shown = (
+        ""
+        if default is None
+        else f"; default: {default.name.lower() if isinstance(default, NodeMode) else default}"
+    )
+    if type is not None:
+        keywords["type"] = type
+    parser.add_argument(option, default=value, help=f"{help} (env {variable}{shown})", **keywords)
+
+
 def parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand; options default to ``EVENTMILL_*``
+    environment variables (so a DSN with a password stays out of ``ps``)."""
     main_parser = _Parser(prog="eventmill", description="eventmill: event store and processing")
+    main_parser.add_argument(
+        "--version", action="version", version=f"eventmill {version()}", help="print the version"
+    )
     commands = main_parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo_parser = commands.add_parser("demo", help="process an order workflow and check it")
-    demo_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")
+    _from_environment(demo_parser, "--dsn", help="PostgreSQL DSN (default: in memory)")
     demo_parser.add_argument(
         "--schema", help="a new PostgreSQL schema, dropped at the end (default: a random name)"
     )
-    demo_parser.add_argument("--events", type=_positive, default=20_000)
+    demo_parser.add_argument(
+        "--events", type=_positive, default=20_000, help="events to publish (default: 20000)"
+    )
     demo_parser.add_argument(
         "--nodes",
         type=_positive,
@@ -299,52 +378,107 @@ def parser() -> argparse.ArgumentParser:
         "stops partway and a new one replaces it, so sources move. Without --dsn: nodes "
         "inside this process on the in-memory backend, the last one stopping halfway",
     )
-    run_parser = commands.add_parser("run", help="run a node made by MODULE:ATTRIBUTE")
-    run_parser.add_argument("target", metavar="MODULE:ATTRIBUTE")
-    run_parser.add_argument("--dsn", help="PostgreSQL DSN (default: in memory)")
-    run_parser.add_argument("--schema", default="eventmill")
-    run_parser.add_argument("--mode", type=_mode, default=NodeMode.BOTH)
-    run_parser.add_argument("--node-id")
+    run_parser = commands.add_parser(
+        "run",
+        help="run a node made by MODULE:ATTRIBUTE",
+        description="Run the node that ATTRIBUTE(backend, mode=..., node_id=...) makes "
+        "until SIGINT or SIGTERM. MODULE is imported from --app-dir (default: the current "
+        "directory) or the Python path. Exit codes: 0 stopped gracefully, 1 failed, 2 bad "
+        "arguments.",
+    )
+    run_parser.add_argument(
+        "target", metavar="MODULE:ATTRIBUTE", help="the factory that makes the node"
+    )
+    _from_environment(
+        run_parser, "--dsn", help="PostgreSQL DSN (default: in memory, nothing shared or kept)"
+    )
+    _from_environment(run_parser, "--schema", default="eventmill", help="PostgreSQL schema")
+    _from_environment(
+        run_parser,
+        "--mode",
+        type=_mode,
+        default=NodeMode.BOTH,
+        help="coordinator, observer or both",
+    )
+    _from_environment(run_parser, "--node-id", help="this node's id (default: hostname-pid-random)")
+    _from_environment(
+        run_parser,
+        "--pool-size",
+        type=_positive,
+        default=10,
+        help="most PostgreSQL connections of the node's pool",
+    )
+    _from_environment(
+        run_parser, "--app-dir", default=".", help="folder to import MODULE from first"
+    )
     migrate_parser = commands.add_parser("migrate", help="install or upgrade the schema")
-    migrate_parser.add_argument("--dsn", required=True)
-    migrate_parser.add_argument("--schema", default="eventmill")
-    status_parser = commands.add_parser("status", help="nodes, subscribers, sources and lag")
-    status_parser.add_argument("--dsn", required=True)
-    status_parser.add_argument("--schema", default="eventmill")
+    _from_environment(migrate_parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(migrate_parser, "--schema", default="eventmill", help="PostgreSQL schema")
+    status_parser = commands.add_parser(
+        "status",
+        help="nodes, subscribers, sources and lag; a health check",
+        description="Print the cluster's state. Exit codes: 0 healthy, 1 warnings, "
+        "2 cannot check (bad arguments, cannot connect, schema missing).",
+    )
+    _from_environment(status_parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     return main_parser
+
+
+def version() -> str:
+    """The installed eventmill's version."""
+    try:
+        return importlib.metadata.version("eventmill")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _needs_dsn(dsn: str | None, command: str) -> str:
+    if not dsn:
+        raise CommandError(f"{command} needs --dsn or EVENTMILL_DSN")
+    return dsn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv``; return the exit code."""
     arguments = parser().parse_args(argv)
     try:
-        if arguments.command == "demo":
-            if arguments.schema is not None and arguments.dsn is None:
-                raise CommandError("--schema needs --dsn")
-            return asyncio.run(
-                demo(arguments.dsn, arguments.events, arguments.nodes, arguments.schema)
-            )
-        if arguments.command == "run":
-            return asyncio.run(
-                run(
-                    arguments.target,
-                    arguments.dsn,
-                    arguments.schema,
-                    arguments.mode,
-                    arguments.node_id,
-                )
-            )
-        if arguments.command == "migrate":
-            return asyncio.run(migrate(arguments.dsn, arguments.schema))
-        return asyncio.run(status(arguments.dsn, arguments.schema, arguments.json))
+        return _dispatch(arguments)
+    except BrokenPipeError:  # e.g. `eventmill status | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (CommandError, EventmillError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"eventmill: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_CANNOT_CHECK if arguments.command == "status" else EXIT_FAILED
     except KeyboardInterrupt:
         print("eventmill: interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(arguments: argparse.Namespace) -> int:
+    if arguments.command == "demo":
+        if arguments.schema is not None and arguments.dsn is None:
+            raise CommandError("--schema needs --dsn")
+        return asyncio.run(demo(arguments.dsn, arguments.events, arguments.nodes, arguments.schema))
+    if arguments.command == "run":
+        return asyncio.run(
+            run(
+                arguments.target,
+                arguments.dsn,
+                arguments.schema,
+                arguments.mode,
+                arguments.node_id,
+                pool_size=arguments.pool_size,
+                app_dir=arguments.app_dir,
+            )
+        )
+    dsn = _needs_dsn(arguments.dsn, arguments.command)
+    if arguments.command == "migrate":
+        return asyncio.run(migrate(dsn, arguments.schema))
+    return asyncio.run(status(dsn, arguments.schema, arguments.json))
 
 
 if __name__ == "__main__":

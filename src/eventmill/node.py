@@ -532,12 +532,20 @@ class EventProcessingNode:
     async def run(self) -> None:
         """Run until ``stop()`` or cancellation, then stop gracefully.
 
-        Raises LifecycleError when the node ran before, and the first failure of any
-        component (broker or subscriber) after stopping the rest gracefully.
+        Raises LifecycleError when the node ran before, SchemaError (before starting
+        anything) when the storage's schema is missing or not at this code's version,
+        and the first failure of any component (broker or subscriber) after stopping
+        the rest gracefully.
         """
         if self._phase is not _Phase.NEW:
             raise LifecycleError("a node runs only once")
         self._phase = _Phase.RUNNING
+        try:
+            await self.backend.check_schema()
+        except BaseException:
+            self._phase = _Phase.STOPPED
+            self._stopped.set()
+            raise
         loop = asyncio.get_running_loop()
         broker_task = loop.create_task(self._run_broker(), name=f"broker of {self.node_id}")
         try:

@@ -114,7 +114,7 @@ def test_errors_are_one_line_and_a_non_zero_exit(arguments: tuple[str, ...], fra
 @pytest.mark.postgres
 def test_status_on_a_missing_schema_is_one_line() -> None:
     result = eventmill("status", "--dsn", TEST_DSN, "--schema", unique_schema_name())
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "not installed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 

@@ -728,6 +728,10 @@ class Backend(ABC):
     def parked(self) -> ParkedStreamStorage:
         """Streams held back after a processor failed, and skipped events."""
 
+    async def check_schema(self) -> None:  # noqa: B027 (storage without a schema)
+        """Raise SchemaError when the storage is not at this code's schema version (a
+        backend without a schema has nothing to check)."""
+
     @abstractmethod
     async def close(self) -> None:
         """Release what the backend opened (a pool handed in by the user stays open)."""

@@ -47,7 +47,13 @@ from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
-from eventmill.errors import InvalidSettingsError, LifecycleError, StorageError, describe
+from eventmill.errors import (
+    InvalidSettingsError,
+    LifecycleError,
+    SchemaError,
+    StorageError,
+    describe,
+)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -79,6 +85,7 @@ class PostgresBackend(Backend):
         self._dsn: str | None = None
         self._per_loop_max_size = 0
         self._timeout = 0.0
+        self._application_name = "eventmill"
         self._loop_pools_lock = threading.Lock()
         self._loop_pools: dict[asyncio.AbstractEventLoop, LoopConnectionPool] = {}
         self._events = PostgresEventStorage(self)
@@ -100,9 +107,12 @@ class PostgresBackend(Backend):
         max_size: int = 10,
         connect_timeout: timedelta = timedelta(seconds=30),
         per_loop_max_size: int = 4,
+        application_name: str = "eventmill",
     ) -> PostgresBackend:
         """A backend on a pool of its own, opened now on the running loop; on any other
         loop it uses a pool of at most ``per_loop_max_size`` connections of that loop.
+        Every connection it opens carries ``application_name`` (``pg_stat_activity``
+        shows it; ``eventmill run`` sets ``eventmill:<node id>``).
 
         Blocks until ``min_size`` connections work (at most ``connect_timeout``). Raises
         InvalidSettingsError for bad arguments, StorageError when the database cannot be
@@ -124,11 +134,16 @@ class PostgresBackend(Backend):
             raise InvalidSettingsError(
                 f"connect_timeout must be a positive timedelta, not {describe(connect_timeout)}"
             )
+        if not isinstance(application_name, str) or not application_name.isprintable():
+            raise InvalidSettingsError(
+                f"application_name must be printable text, not {describe(application_name)}"
+            )
         seconds = connect_timeout.total_seconds()
+        settings: dict[str, Any] = {"autocommit": True, "application_name": application_name}
         try:
             # One direct connection first: a wrong DSN fails at once with the real reason.
             probe = await psycopg.AsyncConnection.connect(
-                dsn, connect_timeout=max(1, round(seconds))
+                dsn, connect_timeout=max(1, round(seconds)), **settings
             )
             await probe.close()
         except psycopg.Error as error:
@@ -137,7 +152,7 @@ class PostgresBackend(Backend):
             dsn,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            kwargs=settings,
             timeout=seconds,
             open=False,
         )
@@ -151,6 +166,7 @@ class PostgresBackend(Backend):
         backend._dsn = dsn
         backend._per_loop_max_size = per_loop_max_size
         backend._timeout = seconds
+        backend._application_name = application_name
         return backend
 
     @property
@@ -261,7 +277,10 @@ class PostgresBackend(Backend):
     async def _connect_for_loop(self) -> AsyncConnection[Any]:
         assert self._dsn is not None
         return await AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=max(1, round(self._timeout))
+            self._dsn,
+            autocommit=True,
+            connect_timeout=max(1, round(self._timeout)),
+            application_name=self._application_name,
         )
 
     def _forget_loop_pool(self, pool: LoopConnectionPool) -> None:
@@ -283,6 +302,19 @@ class PostgresBackend(Backend):
         """
         async with self.connection() as connection:
             return await schema_installer.install(connection, self.schema)
+
+    async def check_schema(self) -> None:
+        """Raise SchemaError, naming ``eventmill migrate``, when the schema is missing,
+        lacks a migration of this code, or is newer than it; StorageError when the
+        database fails."""
+        async with self.connection() as connection:
+            missing = await schema_installer.check(connection, self.schema)
+        if missing:
+            raise SchemaError(
+                f"the eventmill schema {self.schema!r} lacks migration"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}: "
+                "run `eventmill migrate`"
+            )
 
     async def close(self) -> None:
         """Send queued announcements, close the lock manager's standby connections, then

@@ -102,3 +102,33 @@ async def install(connection: AsyncConnection[Any], schema: str) -> list[int]:
             )
             applied_now.append(migration.version)
     return applied_now
+
+
+async def check(connection: AsyncConnection[Any], schema: str) -> list[int]:
+    """The migration versions ``schema`` lacks (empty when it is current).
+
+    Raises SchemaError, naming ``eventmill migrate``, when the schema is missing or has
+    a version newer than this code knows; driver errors propagate.
+    """
+    cursor = await connection.execute(
+        "SELECT EXISTS (SELECT FROM pg_tables"
+        " WHERE schemaname = %s AND tablename = 'schema_version')",
+        (schema,),
+    )
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        raise SchemaError(
+            f"the eventmill schema {schema!r} is not installed: run `eventmill migrate`"
+        )
+    cursor = await connection.execute(
+        sql.SQL("SELECT version FROM {}.schema_version").format(sql.Identifier(schema))
+    )
+    applied = {version for (version,) in await cursor.fetchall()}
+    known = {migration.version for migration in known_migrations()}
+    newer = sorted(applied - known)
+    if newer:
+        raise SchemaError(
+            f"schema {schema!r} has version {newer[-1]}, newer than this eventmill knows "
+            f"({max(known, default=0)}); upgrade eventmill"
+        )
+    return sorted(known - applied)
