@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.metadata
 import inspect
 import json
 import os
@@ -28,6 +27,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from eventmill import __version__
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.broker.distributed import default_node_id
@@ -359,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
     environment variables (so a DSN with a password stays out of ``ps``)."""
     main_parser = _Parser(prog="eventmill", description="eventmill: event store and processing")
     main_parser.add_argument(
-        "--version", action="version", version=f"eventmill {version()}", help="print the version"
+        "--version", action="version", version=f"eventmill {__version__}", help="print the version"
     )
     commands = main_parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo_parser = commands.add_parser("demo", help="process an order workflow and check it")
@@ -424,14 +424,6 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     return main_parser
-
-
-def version() -> str:
-    """The installed eventmill's version."""
-    try:
-        return importlib.metadata.version("eventmill")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _needs_dsn(dsn: str | None, command: str) -> str:
