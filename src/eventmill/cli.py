@@ -6,7 +6,8 @@
 - ``eventmill run MODULE:ATTRIBUTE [--dsn DSN] [--mode MODE] [--node-id ID]``: run a
   node made by ``ATTRIBUTE(backend, mode=..., node_id=...)`` until SIGINT/SIGTERM;
 - ``eventmill migrate --dsn DSN``: install or upgrade the schema;
-- ``eventmill status --dsn DSN [--json]``: nodes, subscribers, holdings and lag.
+- ``eventmill status --dsn DSN [--json]``: nodes, subscribers, holdings and lag;
+- ``eventmill groups list|retire`` and ``eventmill reset``: see ``eventmill.group_commands``.
 
 Errors (bad arguments, an unreachable database, a missing schema) print one line on
 stderr and exit with a non-zero code.
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from eventmill import __version__
+from eventmill import __version__, group_commands
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.broker.distributed import default_node_id
@@ -423,7 +424,13 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(status_parser, "--dsn", help="PostgreSQL DSN (required)")
     _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
+    group_commands.add_parsers(commands, _connection_options)
     return main_parser
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    _from_environment(parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(parser, "--schema", default="eventmill", help="PostgreSQL schema")
 
 
 def _needs_dsn(dsn: str | None, command: str) -> str:
@@ -468,6 +475,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:
             )
         )
     dsn = _needs_dsn(arguments.dsn, arguments.command)
+    if arguments.command in group_commands.COMMANDS:
+        return asyncio.run(group_commands.run(arguments, dsn, connect))
     if arguments.command == "migrate":
         return asyncio.run(migrate(dsn, arguments.schema))
     return asyncio.run(status(dsn, arguments.schema, arguments.json))

@@ -14,7 +14,8 @@ through untouched.
     │       └── PartitioningChangedError  partitions unlike the group's checkpoints
     ├── UnmetWriteConditionError     a write condition did not hold; nothing written
     ├── ConflictError                optimistic concurrency lost (checkpoints, state)
-    │   └── StaleEpochError          a save from a holder whose source moved away
+    │   ├── StaleEpochError          a save from a holder whose source moved away
+    │   └── GroupInUseError          retiring a group that a live node registers
     ├── LifecycleError               used in the wrong state: started twice, closed...
     ├── LockLostError                a held lock is gone (its connection died)
     ├── ExitRequestedError           a service asked for an orderly exit (ExitDecision)
@@ -75,6 +76,10 @@ class ConflictError(EventmillError):
 
 class StaleEpochError(ConflictError):
     """A save carried an epoch older than the source's current one: the source moved."""
+
+
+class GroupInUseError(ConflictError):
+    """A group cannot be retired: a live node still registers a subscriber of it."""
 
 
 class LifecycleError(EventmillError, RuntimeError):

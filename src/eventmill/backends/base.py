@@ -403,6 +403,8 @@ class Checkpoint:
     ``after`` is the last processed sequence number (log, category, partition) or
     position (stream), ``None`` before the first event. ``version`` grows with every
     change (optimistic concurrency); ``epoch`` only grows (fencing of stale holders).
+    ``reset_pending``: set by ``GroupStorage.reset``, cleared by the next save; a
+    transactional processor's ``on_reset`` hook runs in that save's transaction.
     """
 
     group: str
@@ -411,6 +413,7 @@ class Checkpoint:
     version: int
     epoch: int
     updated_at: datetime
+    reset_pending: bool = False
 
 
 class ConsumerTransaction(ABC):
@@ -685,6 +688,61 @@ class ParkedStreamStorage(ABC):
         key, then stream (category, stream)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupSummary:
+    """What storage keeps of one subscriber group: its subscriber records (``live``:
+    those last seen within the max age asked for), holdings and checkpoints."""
+
+    group: str
+    subscribers: int
+    live: int
+    holdings: int
+    checkpoints: int
+
+
+class GroupStorage(ABC):
+    """Whole subscriber groups: list, retire (delete) and reset them. Every method
+    raises InvalidIdentifierError for a bad group name, StorageError when storage fails."""
+
+    @abstractmethod
+    async def overview(self, *, max_age: timedelta) -> list[GroupSummary]:
+        """Every group with a subscriber record, a holding or a checkpoint, by name."""
+
+    @abstractmethod
+    async def retire(self, group: str, *, max_age: timedelta) -> GroupSummary:
+        """Delete every subscriber record, holding, checkpoint, parked stream and skipped
+        event record of ``group`` at once;
+        return what was deleted (all zero for an unknown group). Raises
+        GroupInUseError, deleting nothing, when one of its records was seen within
+        ``max_age`` (a node still registers it)."""
+
+    @abstractmethod
+    async def reset(
+        self,
+        group: str,
+        *,
+        after: int | None,
+        sources: Sequence[EventSourceIdentifier] | None = None,
+    ) -> list[Checkpoint]:
+        """Move the checkpoints of ``group`` (of ``sources`` only, if given; else of every
+        source it holds or has a checkpoint of) so that processing resumes after the
+        sequence number ``after`` (None: from the start; a stream source resumes after
+        its last event numbered at most ``after``). Returns the new checkpoints.
+
+        One atomic step per call: each source gets a new epoch (one above its holding's
+        and checkpoint's), written to its checkpoint (so its current holder can save no
+        more, StaleEpochError) and to its holding, which becomes REVOKING when held
+        (the holder withdraws and releases it; the coordinator assigns it again at a
+        newer epoch). The checkpoints are marked ``reset_pending``.
+        """
+
+    @abstractmethod
+    async def sequence_before(self, time: datetime) -> int | None:
+        """The place to reset to so that exactly the events observed at or after
+        ``time`` are processed again: one less than the first such event's sequence
+        number, or the latest sequence number when there is none (None: no events)."""
+
+
 class Backend(ABC):
     """A storage backend: the bundle of ports one deployment shares."""
 
@@ -731,6 +789,11 @@ class Backend(ABC):
     async def check_schema(self) -> None:  # noqa: B027 (storage without a schema)
         """Raise SchemaError when the storage is not at this code's schema version (a
         backend without a schema has nothing to check)."""
+
+    @property
+    @abstractmethod
+    def groups(self) -> GroupStorage:
+        """Whole groups: list, retire, reset."""
 
     @abstractmethod
     async def close(self) -> None:

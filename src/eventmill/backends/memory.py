@@ -28,6 +28,8 @@ from eventmill.backends.base import (
     ConsumerTransaction,
     EventNotifications,
     EventStorage,
+    GroupStorage,
+    GroupSummary,
     HoldingState,
     Lock,
     LockManager,
@@ -54,6 +56,7 @@ from eventmill.backends.wakeups import WakeupRegistry
 from eventmill.conditions import WriteCondition
 from eventmill.errors import (
     ConflictError,
+    GroupInUseError,
     InvalidInputError,
     InvalidSettingsError,
     StaleEpochError,
@@ -880,6 +883,129 @@ class InMemorySubscriptionStateStore(SubscriptionStateStore):
         )
 
 
+class InMemoryGroupStorage(GroupStorage):
+    """Groups across the in-memory stores; each call holds their locks throughout (in
+    the order subscriptions, subscribers, checkpoints), so it is atomic."""
+
+    def __init__(
+        self,
+        events: InMemoryEventStorage,
+        checkpoints: InMemoryCheckpointStorage,
+        subscribers: InMemorySubscriberStateStore,
+        subscriptions: InMemorySubscriptionStateStore,
+        parked: InMemoryParkedStreamStorage,
+    ) -> None:
+        self._parked = parked
+        self._events = events
+        self._checkpoints = checkpoints
+        self._subscribers = subscribers
+        self._subscriptions = subscriptions
+
+    def _summaries(self, max_age: timedelta) -> dict[str, GroupSummary]:
+        oldest = datetime.now(UTC) - check_age(max_age, "max_age")
+        counts: dict[str, list[int]] = {}
+        for record in self._subscribers._records.values():
+            count = counts.setdefault(record.group, [0, 0, 0, 0])
+            count[0] += 1
+            count[1] += record.last_seen >= oldest
+        for group, _ in self._subscriptions._holdings:
+            counts.setdefault(group, [0, 0, 0, 0])[2] += 1
+        for group, _ in self._checkpoints._records:
+            counts.setdefault(group, [0, 0, 0, 0])[3] += 1
+        return {
+            group: GroupSummary(group=group, subscribers=a, live=b, holdings=c, checkpoints=d)
+            for group, (a, b, c, d) in sorted(counts.items())
+        }
+
+    async def overview(self, *, max_age: timedelta) -> list[GroupSummary]:
+        with self._subscriptions._lock, self._subscribers._lock, self._checkpoints._lock:
+            return list(self._summaries(max_age).values())
+
+    async def retire(self, group: str, *, max_age: timedelta) -> GroupSummary:
+        check_name(group, "group")
+        with self._subscriptions._lock, self._subscribers._lock, self._checkpoints._lock:
+            found = self._summaries(max_age).get(group)
+            if found is None:
+                return GroupSummary(group=group, subscribers=0, live=0, holdings=0, checkpoints=0)
+            if found.live:
+                raise GroupInUseError(
+                    f"group {group!r} has {found.live} live subscribers: stop them first"
+                )
+            holdings = self._subscriptions._holdings
+            for holding_key in [key for key in holdings if key[0] == group]:
+                del holdings[holding_key]
+            for records in (self._subscribers._records, self._checkpoints._records):
+                for key in [key for key in records if key[0] == group]:
+                    del records[key]
+            with self._parked._lock:
+                parked = self._parked._records
+                for parked_key in [key for key in parked if key[0] == group]:
+                    del parked[parked_key]
+                self._parked._skipped = [e for e in self._parked._skipped if e.group != group]
+            return found
+
+    async def reset(
+        self,
+        group: str,
+        *,
+        after: int | None,
+        sources: Sequence[EventSourceIdentifier] | None = None,
+    ) -> list[Checkpoint]:
+        check_name(group, "group")
+        chosen = None if sources is None else check_requests(sources)
+        with self._subscriptions._lock, self._checkpoints._lock:
+            holdings = self._subscriptions._holdings
+            records = self._checkpoints._records
+            if chosen is None:
+                chosen = tuple(source for g, source in holdings if g == group)
+                chosen += tuple(
+                    record.source
+                    for (g, _), record in records.items()
+                    if g == group and (g, record.source) not in holdings
+                )
+            saved = []
+            for source in sorted(set(chosen), key=source_key):
+                key = (group, source_key(source))
+                holding = holdings.get((group, source))
+                current = records.get(key)
+                epoch = 1 + max(
+                    0 if holding is None else holding.epoch,
+                    0 if current is None else current.epoch,
+                )
+                if holding is not None:
+                    state = holding.state
+                    if state is HoldingState.ASSIGNED:
+                        state = HoldingState.REVOKING
+                    holdings[(group, source)] = replace(holding, epoch=epoch, state=state)
+                records[key] = checkpoint = Checkpoint(
+                    group=group,
+                    source=source,
+                    after=self._place(source, after),
+                    version=1 if current is None else current.version + 1,
+                    epoch=epoch,
+                    updated_at=datetime.now(UTC),
+                    reset_pending=True,
+                )
+                saved.append(checkpoint)
+            return saved
+
+    def _place(self, source: EventSourceIdentifier, after: int | None) -> int | None:
+        if after is None or not isinstance(source, StreamIdentifier):
+            return after
+        with self._events._lock:
+            events = self._events._events_of(source)
+            positions = [e.position for e in events if e.sequence_number <= after]
+        return positions[-1] if positions else None
+
+    async def sequence_before(self, time: datetime) -> int | None:
+        with self._events._lock:
+            log = list(self._events._log)
+        for event in log:
+            if event.observed_at >= time:
+                return event.sequence_number - 1
+        return log[-1].sequence_number if log else None
+
+
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
 
@@ -892,6 +1018,9 @@ class InMemoryBackend(Backend):
         self._subscribers = InMemorySubscriberStateStore()
         self._subscriptions = InMemorySubscriptionStateStore(self._subscribers)
         self._parked = InMemoryParkedStreamStorage()
+        self._groups = InMemoryGroupStorage(
+            self._events, self._checkpoints, self._subscribers, self._subscriptions, self._parked
+        )
 
     @property
     def events(self) -> InMemoryEventStorage:
@@ -924,6 +1053,10 @@ class InMemoryBackend(Backend):
     @property
     def parked(self) -> InMemoryParkedStreamStorage:
         return self._parked
+
+    @property
+    def groups(self) -> InMemoryGroupStorage:
+        return self._groups
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeAlias
 
 from eventmill.backends.base import ConsumerTransaction
-from eventmill.events import StoredEvent
+from eventmill.events import EventSourceIdentifier, StoredEvent
 
 
 class EventProcessor(ABC):
@@ -92,6 +92,16 @@ class TransactionalEventProcessor(ABC):
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
         """Apply ``events`` using ``transaction``; raising rolls the batch back."""
+
+    async def on_reset(
+        self, source: EventSourceIdentifier, after: int | None, transaction: ConsumerTransaction
+    ) -> None:
+        """After a live reset of ``source`` (``eventmill reset``, ``reset_group``), called
+        in the transaction of the first batch read from the new place, before it: undo
+        here what the events of ``source`` after ``after`` (None: all of them) changed,
+        so that replaying them gives exactly the state of a build from scratch. Also
+        called, with no batch, when nothing is left to replay. By default nothing."""
+        return None
 
 
 ProcessEventFunction: TypeAlias = Callable[[StoredEvent], Awaitable[None]]

@@ -229,12 +229,17 @@ class EventSourceConsumer:
     async def _consume_transactional(self, processor: TransactionalEventProcessor) -> None:
         every = self.settings.checkpoint_every
         while not self._halted():
+            known = self.state_store.known
+            reset = known is not None and known.reset_pending
             batch = await self.source.read(after=self._processed, limit=every)
-            if not batch:
+            if not batch and not reset:
                 return
-            place = self.source.place(batch[-1])
+            place = self.source.place(batch[-1]) if batch else self._processed
             async with self.state_store.transaction() as transaction:
-                await processor.process_events(batch, transaction)
+                if reset:
+                    await processor.on_reset(self.source.identifier, self._processed, transaction)
+                if batch:
+                    await processor.process_events(batch, transaction)
                 await self.state_store.save(place, transaction=transaction)
             self._processed = place
             self._unsaved = 0

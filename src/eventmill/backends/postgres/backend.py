@@ -40,6 +40,7 @@ from eventmill.backends.postgres import schema as schema_installer
 from eventmill.backends.postgres.checkpoints import PostgresCheckpointStorage
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.backends.postgres.event_storage import PostgresEventStorage
+from eventmill.backends.postgres.groups import PostgresGroupStorage
 from eventmill.backends.postgres.locks import PostgresLockManager
 from eventmill.backends.postgres.loop_pools import LoopConnectionPool
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
@@ -96,6 +97,7 @@ class PostgresBackend(Backend):
         self._subscribers = PostgresSubscriberStateStore(self)
         self._subscriptions = PostgresSubscriptionStateStore(self)
         self._parked = PostgresParkedStreamStorage(self)
+        self._groups = PostgresGroupStorage(self)
 
     @classmethod
     async def connect(
@@ -200,6 +202,10 @@ class PostgresBackend(Backend):
     @property
     def parked(self) -> PostgresParkedStreamStorage:
         return self._parked
+
+    @property
+    def groups(self) -> PostgresGroupStorage:
+        return self._groups
 
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.

@@ -29,7 +29,7 @@ from eventmill.events import EventSourceIdentifier, identifier_from_json, source
 if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
-_COLUMNS = "group_name, source, after_place, version, epoch, updated_at"
+CHECKPOINT_COLUMNS = "group_name, source, after_place, version, epoch, updated_at, reset_pending"
 
 FENCES_PER_STATEMENT = 500
 """How many checkpoints ``fence_all`` fences in one statement."""
@@ -39,8 +39,9 @@ FENCE_LOCK_TIMEOUT = timedelta(milliseconds=500)
 holder frozen inside its batch transaction would otherwise stall it indefinitely)."""
 
 
-def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
-    group, source, after, version, epoch, updated_at = row
+def checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint:
+    """The Checkpoint of a row of ``CHECKPOINT_COLUMNS``."""
+    group, source, after, version, epoch, updated_at, reset_pending = row
     return Checkpoint(
         group=group,
         source=identifier_from_json(source),
@@ -48,6 +49,7 @@ def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
         version=version,
         epoch=epoch,
         updated_at=updated_at,
+        reset_pending=reset_pending,
     )
 
 
@@ -83,21 +85,22 @@ class PostgresCheckpointStorage(CheckpointStorage):
         self._backend = backend
         sql = backend.sql
         self._get = sql(
-            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints"
+            f"SELECT {CHECKPOINT_COLUMNS} FROM {{schema}}.checkpoints"
             " WHERE group_name = %s AND source_key = %s"
         )
         self._insert = sql(
             "INSERT INTO {schema}.checkpoints"
             " (group_name, source_key, source, after_place, version, epoch)"
             " VALUES (%s, %s, %s, %s, 1, coalesce(%s, 0))"
-            f" ON CONFLICT DO NOTHING RETURNING {_COLUMNS}"
+            f" ON CONFLICT DO NOTHING RETURNING {CHECKPOINT_COLUMNS}"
         )
         self._update = sql(
             "UPDATE {schema}.checkpoints SET after_place = %s, version = version + 1,"
-            " epoch = greatest(epoch, coalesce(%s, epoch)), updated_at = now()"
+            " epoch = greatest(epoch, coalesce(%s, epoch)), updated_at = now(),"
+            " reset_pending = false"
             " WHERE group_name = %s AND source_key = %s AND version = %s"
             " AND (%s::bigint IS NULL OR epoch <= %s::bigint)"
-            f" RETURNING {_COLUMNS}"
+            f" RETURNING {CHECKPOINT_COLUMNS}"
         )
         self._fence = sql(
             "INSERT INTO {schema}.checkpoints AS c"
@@ -121,10 +124,11 @@ class PostgresCheckpointStorage(CheckpointStorage):
             " updated_at = now() WHERE group_name = %s AND source_key = %s"
         )
         self._list_all = sql(
-            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints ORDER BY group_name, source_key"
+            f"SELECT {CHECKPOINT_COLUMNS} FROM {{schema}}.checkpoints"
+            " ORDER BY group_name, source_key"
         )
         self._list_group = sql(
-            f"SELECT {_COLUMNS} FROM {{schema}}.checkpoints"
+            f"SELECT {CHECKPOINT_COLUMNS} FROM {{schema}}.checkpoints"
             " WHERE group_name = %s ORDER BY source_key"
         )
 
@@ -132,7 +136,7 @@ class PostgresCheckpointStorage(CheckpointStorage):
         async with self._backend.connection() as connection:
             cursor = await connection.execute(self._get, (group, source_key(source)))
             row = await cursor.fetchone()
-        return None if row is None else _checkpoint(row)
+        return None if row is None else checkpoint_from_row(row)
 
     async def save(
         self,
@@ -170,10 +174,10 @@ class PostgresCheckpointStorage(CheckpointStorage):
             )
         row = await cursor.fetchone()
         if row is not None:
-            return _checkpoint(row)
+            return checkpoint_from_row(row)
         cursor = await connection.execute(self._get, (group, key))
         current = await cursor.fetchone()
-        found = None if current is None else _checkpoint(current)
+        found = None if current is None else checkpoint_from_row(current)
         if epoch is not None and found is not None and found.epoch > epoch:
             raise StaleEpochError(
                 f"checkpoint of {group!r} for {source}: epoch {epoch} is older than {found.epoch}"
@@ -236,7 +240,7 @@ class PostgresCheckpointStorage(CheckpointStorage):
             else:
                 cursor = await connection.execute(self._list_group, (group,))
             rows = await cursor.fetchall()
-        return [_checkpoint(row) for row in rows]
+        return [checkpoint_from_row(row) for row in rows]
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConsumerTransaction]:
