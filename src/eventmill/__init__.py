@@ -6,7 +6,7 @@ The names here are the public API; everything else is internal unless documented
 
 from importlib.metadata import version as _distribution_version
 
-from eventmill.backends.base import LockManager
+from eventmill.backends.base import Backend, ConsumerTransaction, LockManager
 from eventmill.broker.base import EventBroker
 from eventmill.broker.coordinator import EventSubscriptionCoordinator
 from eventmill.broker.distributed import (
@@ -28,9 +28,11 @@ from eventmill.consumers import (
     TransactionalEventProcessor,
     make_subscriber,
 )
+from eventmill.encoding import Codec
 from eventmill.errors import (
     CatchUpTimeoutError,
     ConflictError,
+    EventDecodingError,
     EventmillError,
     ExitRequestedError,
     InvalidEventError,
@@ -39,6 +41,7 @@ from eventmill.errors import (
     InvalidSettingsError,
     LifecycleError,
     LockLostError,
+    MissingDependencyError,
     PartitioningChangedError,
     SchemaError,
     StaleEpochError,
@@ -46,17 +49,22 @@ from eventmill.errors import (
     StorageError,
     UnmetWriteConditionError,
 )
+from eventmill.event_types import EventTypes, encode_event
 from eventmill.events import (
     CategoryIdentifier,
     CategoryPartitionIdentifier,
     EventSourceIdentifier,
+    JsonObject,
+    JsonValue,
     LogIdentifier,
     NewEvent,
     StoredEvent,
     StreamIdentifier,
     identifier_from_json,
 )
+from eventmill.handlers import HandlerProcessor, handles
 from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
+from eventmill.projections import ProjectionProcessor, ProjectionStore, Projector
 from eventmill.services import (
     ContinueErrorHandler,
     ErrorHandlingService,
@@ -78,10 +86,13 @@ __version__ = _distribution_version("eventmill")
 
 __all__ = [
     "AutoCommitEventIteratorProcessor",
+    "Backend",
     "CatchUpTimeoutError",
     "CategoryIdentifier",
     "CategoryPartitionIdentifier",
+    "Codec",
     "ConflictError",
+    "ConsumerTransaction",
     "ContinueErrorHandler",
     "DistributedEventBroker",
     "DistributedEventBrokerSettings",
@@ -89,6 +100,7 @@ __all__ = [
     "EventBroker",
     "EventCategory",
     "EventConsumerStateStore",
+    "EventDecodingError",
     "EventLog",
     "EventProcessingNode",
     "EventProcessor",
@@ -100,20 +112,25 @@ __all__ = [
     "EventSubscriptionConsumer",
     "EventSubscriptionCoordinator",
     "EventSubscriptionObserver",
+    "EventTypes",
     "EventmillError",
     "ExecutionMode",
     "ExitErrorHandler",
     "ExitRequestedError",
+    "HandlerProcessor",
     "InvalidEventError",
     "InvalidIdentifierError",
     "InvalidInputError",
     "InvalidSettingsError",
     "IsolationMode",
+    "JsonObject",
+    "JsonValue",
     "LifecycleError",
     "LockLostError",
     "LockManager",
     "LogIdentifier",
     "ManagedEventIteratorProcessor",
+    "MissingDependencyError",
     "NewEvent",
     "NodeMode",
     "NodeSettings",
@@ -121,6 +138,9 @@ __all__ = [
     "PollingService",
     "Process",
     "ProcessStatus",
+    "ProjectionProcessor",
+    "ProjectionStore",
+    "Projector",
     "RaiseErrorHandler",
     "RetryErrorHandler",
     "SchemaError",
@@ -136,6 +156,8 @@ __all__ = [
     "TypeMappingErrorHandler",
     "UnmetWriteConditionError",
     "WriteCondition",
+    "encode_event",
+    "handles",
     "identifier_from_json",
     "make_event_broker",
     "make_subscriber",

@@ -22,6 +22,7 @@ through untouched.
     ├── StopTimeoutError             services still running when a stop timed out
     ├── CatchUpTimeoutError          a node did not catch up within the time given
     ├── MissingDependencyError       an optional extra is not installed (an ImportError)
+    ├── EventDecodingError           a stored event does not fit its typed class
     └── StorageError                 the backend failed (database down, timeout...)
         └── SchemaError              schema missing or of another version
 """
@@ -118,6 +119,11 @@ class CatchUpTimeoutError(EventmillError, TimeoutError):
 class MissingDependencyError(EventmillError, ImportError):
     """A feature needs an optional extra that is not installed; the message says what
     to install."""
+
+
+class EventDecodingError(EventmillError):
+    """A stored event cannot become its typed class: its name or version is not
+    registered, an upcaster is missing, or its payload does not fit the class."""
 
 
 class StorageError(EventmillError):

@@ -15,9 +15,9 @@
         processor=ProjectionProcessor(OrderTotals(), store),
     )
 
-Handlers are registered explicitly with ``@handles(event_name, ...)``; the registry is
-built and checked when the class is created (a name handled twice, or a handler with
-the wrong number of parameters, raises InvalidSettingsError there). Events without a
+Handlers are registered explicitly with ``@handles(event_name_or_class, ...)`` (see
+``eventmill.handlers``: a handler registered by a typed event class gets the decoded
+event); the registry is built and checked when the class is created. Events without a
 handler are skipped. By default one state is kept per stream (``projection_id``).
 
 ``ProjectionProcessor`` is a transactional processor: on PostgreSQL the states of a
@@ -27,9 +27,8 @@ folded in exactly once even across crashes.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from eventmill.backends.base import (
     Backend,
@@ -40,60 +39,24 @@ from eventmill.backends.base import (
 from eventmill.consumers.processors import TransactionalEventProcessor
 from eventmill.errors import InvalidInputError, InvalidSettingsError
 from eventmill.events import JsonObject, StoredEvent, check_name, copy_json_object
+from eventmill.handlers import Handler, collect_handlers
+from eventmill.handlers import handles as handles  # re-exported: the projector API
 
-Handler = Callable[[Any, JsonObject, StoredEvent], JsonObject]
-H = TypeVar("H", bound=Handler)
-
-_HANDLES = "__eventmill_handles__"
 MAX_FIND_LIMIT = 10_000
-
-
-def handles(*event_names: str) -> Callable[[H], H]:
-    """Register the decorated method as the handler of the events named ``event_names``.
-
-    The method takes ``(self, state, event)`` and returns the new state.
-    """
-    if not event_names:
-        raise InvalidSettingsError("@handles needs at least one event name")
-    names = tuple(check_name(name, "event name", InvalidSettingsError) for name in event_names)
-
-    def register(function: H) -> H:
-        setattr(function, _HANDLES, names)
-        return function
-
-    return register
 
 
 class Projector:
     """Folds events into a state; subclasses set ``name`` and mark handlers with
-    ``@handles``. ``handlers`` maps each handled event name to its method's name."""
+    ``@handles`` (see ``eventmill.handlers``): methods taking ``(self, state, event)``
+    and returning the new state. ``handlers`` maps each handled event name to its
+    Handler."""
 
     name: ClassVar[str]
-    handlers: ClassVar[Mapping[str, str]] = {}
+    handlers: ClassVar[Mapping[str, Handler]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        registry: dict[str, str] = dict(getattr(cls, "handlers", {}))
-        own: dict[str, str] = {}
-        for attribute, value in vars(cls).items():
-            event_names = getattr(value, _HANDLES, None)
-            if event_names is None:
-                continue
-            parameters = list(inspect.signature(value).parameters)
-            if len(parameters) != 3:
-                raise InvalidSettingsError(
-                    f"{cls.__name__}.{attribute} must take (self, state, event), "
-                    f"not ({', '.join(parameters)})"
-                )
-            for event_name in event_names:
-                if event_name in own:
-                    raise InvalidSettingsError(
-                        f"{cls.__name__}: {event_name!r} is handled by both "
-                        f"{own[event_name]} and {attribute}"
-                    )
-                own[event_name] = attribute
-        registry.update(own)
-        cls.handlers = registry
+        cls.handlers = collect_handlers(cls, cls.handlers, ("state", "event"))
         if "name" in vars(cls):
             check_name(cls.name, "projection name", InvalidSettingsError)
 
@@ -110,12 +73,13 @@ class Projector:
         return {}
 
     def apply(self, state: JsonObject, event: StoredEvent) -> JsonObject:
-        """The state after ``event`` (unchanged when it has no handler)."""
-        attribute = self.handlers.get(event.name)
-        if attribute is None:
+        """The state after ``event`` (unchanged when it has no handler). Raises
+        EventDecodingError when a typed handler's event cannot be decoded."""
+        handler = self.handlers.get(event.name)
+        if handler is None:
             return state
-        handler: Callable[[JsonObject, StoredEvent], JsonObject] = getattr(self, attribute)
-        return handler(state, event)
+        method: Callable[[JsonObject, object], JsonObject] = getattr(self, handler.attribute)
+        return method(state, handler.argument(event))
 
 
 class ProjectionStore:

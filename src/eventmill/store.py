@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from eventmill.backends.base import Backend
 from eventmill.conditions import WriteCondition, check_condition
 from eventmill.errors import InvalidEventError, InvalidInputError, describe
+from eventmill.event_types import encode_event
 from eventmill.events import (
     CategoryIdentifier,
     EventSourceIdentifier,
@@ -121,11 +122,14 @@ class EventStream(EventSourceHandle):
     identifier: StreamIdentifier
 
     async def publish(
-        self, events: Sequence[NewEvent], *, condition: WriteCondition | None = None
+        self, events: Sequence[object], *, condition: WriteCondition | None = None
     ) -> list[StoredEvent]:
         """Append ``events`` atomically, in order, and return them as stored.
 
-        Raises InvalidEventError for an empty or oversized batch or a non-NewEvent,
+        Each item is a NewEvent or an instance of a registered event class (see
+        ``eventmill.event_types``), stored with its name, version and encoded payload.
+        Raises InvalidEventError for an empty or oversized batch, any other item or one
+        that cannot be encoded,
         UnmetWriteConditionError when ``condition`` does not hold, StorageError when
         the backend fails. In every failure case nothing is written.
         """
@@ -137,11 +141,11 @@ class EventStream(EventSourceHandle):
             raise InvalidEventError(
                 f"at most {MAX_EVENTS_PER_PUBLISH} events per publish, not {len(events)}"
             )
-        for event in events:
-            if type(event) is not NewEvent:
-                raise InvalidEventError(f"publish takes NewEvent items, not {describe(event)}")
+        new_events = [
+            event if isinstance(event, NewEvent) else encode_event(event) for event in events
+        ]
         check_condition(condition)
-        return await self._backend.events.publish(self.identifier, events, condition)
+        return await self._backend.events.publish(self.identifier, new_events, condition)
 
     def _place(self, event: StoredEvent) -> int:
         return event.position

@@ -54,7 +54,9 @@ class Recorder(TransactionalEventProcessor):
     async def process_events(
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
-        async with transaction.connection.cursor() as cursor:
+        connection = transaction.connection
+        assert connection is not None  # PostgreSQL
+        async with connection.cursor() as cursor:
             await cursor.executemany(
                 self.insert,
                 [(self.group, e.id, self.node_id, e.stream) for e in events],

@@ -184,7 +184,7 @@ async def test_bad_publish_arguments_are_refused(store: EventStore) -> None:
     with pytest.raises(InvalidEventError):
         await stream.publish(NewEvent(name="x"))  # type: ignore[arg-type]
     with pytest.raises(InvalidEventError):
-        await stream.publish([{"name": "x"}])  # type: ignore[list-item]
+        await stream.publish([{"name": "x"}])
     with pytest.raises(InvalidInputError):
         await stream.publish(events(1), condition="empty")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError):

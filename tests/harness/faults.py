@@ -200,7 +200,9 @@ class TransactionalRecorder(_Recorder, TransactionalEventProcessor):
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
         began = datetime.now(UTC)
-        await transaction.connection.execute(self.insert, self.rows(events, began))
+        connection = transaction.connection
+        assert connection is not None  # PostgreSQL
+        await connection.execute(self.insert, self.rows(events, began))
 
 
 class AtLeastOnceRecorder(_Recorder, EventProcessor):

@@ -148,7 +148,9 @@ class TransactionalRecorder(_Recorder, TransactionalEventProcessor):
     async def process_events(
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
-        await transaction.connection.execute(self.insert, self.row(events))
+        connection = transaction.connection
+        assert connection is not None  # PostgreSQL
+        await connection.execute(self.insert, self.row(events))
 
 
 class AtLeastOnceRecorder(_Recorder, EventProcessor):

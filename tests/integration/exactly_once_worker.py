@@ -31,7 +31,9 @@ class ApplyRows(TransactionalEventProcessor):
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
         numbers = [event.sequence_number for event in events]
-        await transaction.connection.execute(self.insert, (numbers,))
+        connection = transaction.connection
+        assert connection is not None  # PostgreSQL
+        await connection.execute(self.insert, (numbers,))
         print("batch", numbers[-1], flush=True)  # not committed yet: a kill may land here
 
 

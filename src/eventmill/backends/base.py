@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 from eventmill.conditions import WriteCondition
 from eventmill.errors import (
@@ -32,6 +32,9 @@ from eventmill.events import (
     check_identifier,
     check_name,
 )
+
+if TYPE_CHECKING:  # only the PostgreSQL backend imports psycopg at run time
+    from psycopg import AsyncConnection
 
 
 class EventStorage(ABC):
@@ -57,7 +60,7 @@ class EventStorage(ABC):
 
         ``after`` is a position for a stream and a sequence number otherwise; ``None``
         reads from the start. Never returns an event while an event that sorts before it
-        may still commit (no skipped events, DESIGN 4.2).
+        may still commit (no skipped events).
         """
 
     @abstractmethod
@@ -427,8 +430,8 @@ class ConsumerTransaction(ABC):
 
     @property
     @abstractmethod
-    def connection(self) -> Any:
-        """The open transaction's connection (backend-specific; None in memory)."""
+    def connection(self) -> AsyncConnection[Any] | None:
+        """The open transaction's connection (PostgreSQL; None in memory)."""
 
     @abstractmethod
     async def save_checkpoint(
