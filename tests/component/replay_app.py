@@ -100,7 +100,9 @@ class OrderTotals(TransactionalEventProcessor):
             total = sums.setdefault(event.stream, [0, 0])
             total[0] += 1
             total[1] += amount
-        async with transaction.connection.cursor() as cursor:
+        connection = transaction.connection
+        assert connection is not None  # PostgreSQL
+        async with connection.cursor() as cursor:
             await cursor.executemany(self.insert, rows)
             await cursor.executemany(
                 self.add,
@@ -112,6 +114,7 @@ class OrderTotals(TransactionalEventProcessor):
     ) -> None:
         key = source_key(source)
         connection = transaction.connection
+        assert connection is not None  # PostgreSQL
         await connection.execute(self.forget, (key, after, after))
         await connection.execute(self.clear, (key,))
         await connection.execute(self.recount, (key,))
