@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export EVENTMILL_TEST_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint typecheck pytest postgres tools bench soak clean
+.PHONY: demo test lint typecheck pytest postgres tools chromium bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade 'pip>=25.1'
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[postgres]' --group dev
+	$(BIN)/python -m pip install --quiet -e '.[postgres,console]' --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +25,10 @@ postgres:
 tools:
 	@bash .ci/ensure-tools
 
+# The console's browser tests drive the system's headless Chromium.
+chromium:
+	@bash .ci/ensure-chromium
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -32,7 +36,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) postgres tools
+pytest: $(STAMP) postgres tools chromium
 	$(BIN)/pytest
 
 test: lint typecheck pytest

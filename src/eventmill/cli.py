@@ -7,7 +7,10 @@
   node made by ``ATTRIBUTE(backend, mode=..., node_id=...)`` until SIGINT/SIGTERM;
 - ``eventmill migrate --dsn DSN``: install or upgrade the schema;
 - ``eventmill status --dsn DSN [--json]``: nodes, subscribers, holdings and lag;
-- ``eventmill groups list|retire`` and ``eventmill reset``: see ``eventmill.group_commands``.
+- ``eventmill groups list|retire`` and ``eventmill reset``: see ``eventmill.group_commands``;
+- ``eventmill console --dsn DSN [--port P] [--host H]``: the operations console, a live
+  web page of the cluster (needs the ``console`` extra); actions only with an operator
+  token from ``$EVENTMILL_CONSOLE_TOKEN`` or ``--token-file``.
 
 Errors (bad arguments, an unreachable database, a missing schema) print one line on
 stderr and exit with a non-zero code.
@@ -298,6 +301,50 @@ async def status(dsn: str, schema: str, as_json: bool) -> int:
     return 0
 
 
+# --- console ------------------------------------------------------------------------
+
+
+def console_token(token_file: str | None) -> str | None:
+    """The operator token: the first line of ``token_file``, else
+    ``$EVENTMILL_CONSOLE_TOKEN``, else None (read-only). Raises CommandError."""
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as file:
+                token = file.readline().strip()
+        except OSError as error:
+            raise CommandError(f"cannot read --token-file: {error.strerror}") from None
+    else:
+        token = os.environ.get("EVENTMILL_CONSOLE_TOKEN", "").strip()
+    if token and len(token) < 16:
+        raise CommandError("the operator token must have at least 16 characters")
+    return token or None
+
+
+async def console(dsn: str, schema: str, host: str, port: int, token: str | None) -> int:
+    """Serve the console until SIGINT/SIGTERM; return 0."""
+    try:
+        import uvicorn
+
+        from eventmill.console import ConsoleApp
+    except ImportError as error:
+        raise CommandError(
+            f"the console needs the console extra (pip install 'eventmill[console]'): {error}"
+        ) from None
+    backend = await connect(dsn, schema, application_name="eventmill-console")
+    try:
+        app = ConsoleApp(backend, token=token, title=schema)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        mode = "actions enabled" if token else "read-only"
+        print(f"console of schema {schema!r} on http://{host}:{port}/ ({mode})", flush=True)
+        await server.serve()
+        if not server.started:
+            raise CommandError(f"could not serve on {host}:{port}")
+        return 0
+    finally:
+        await backend.close()
+
+
 # --- arguments ----------------------------------------------------------------------
 
 
@@ -425,6 +472,19 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     group_commands.add_parsers(commands, _connection_options)
+    console_parser = commands.add_parser(
+        "console",
+        help="serve the operations console, a live web page of the cluster",
+        description="Serve the console until SIGINT or SIGTERM (needs the console extra). "
+        "Read-only unless an operator token is given by --token-file or "
+        "EVENTMILL_CONSOLE_TOKEN. Exit codes: 0 stopped, 1 failed, 2 bad arguments.",
+    )
+    _connection_options(console_parser)
+    console_parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    console_parser.add_argument("--port", type=_positive, default=8765, help="port to listen on")
+    console_parser.add_argument(
+        "--token-file", help="file whose first line is the operator token (enables actions)"
+    )
     return main_parser
 
 
@@ -479,6 +539,9 @@ def _dispatch(arguments: argparse.Namespace) -> int:
         return asyncio.run(group_commands.run(arguments, dsn, connect))
     if arguments.command == "migrate":
         return asyncio.run(migrate(dsn, arguments.schema))
+    if arguments.command == "console":
+        token = console_token(arguments.token_file)
+        return asyncio.run(console(dsn, arguments.schema, arguments.host, arguments.port, token))
     return asyncio.run(status(dsn, arguments.schema, arguments.json))
 
 

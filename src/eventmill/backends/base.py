@@ -37,6 +37,19 @@ if TYPE_CHECKING:  # only the PostgreSQL backend imports psycopg at run time
     from psycopg import AsyncConnection
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceLag:
+    """How far a reader of a source is behind: ``events`` stored after its place, and
+    ``oldest_at``, when the first of them was stored (None when there is none)."""
+
+    events: int
+    oldest_at: datetime | None
+
+
+_LAG_PAGE = 1000
+"""Events per read when ``EventStorage.lags`` counts by reading."""
+
+
 class EventStorage(ABC):
     """Appends events to streams and reads any source in order."""
 
@@ -66,6 +79,30 @@ class EventStorage(ABC):
     @abstractmethod
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
         """The last event of ``source`` readable now, or None if there is none."""
+
+    async def lags(
+        self, places: Sequence[tuple[EventSourceIdentifier, int | None]]
+    ) -> list[SourceLag]:
+        """For each (source, after) of ``places``, in order: the events of ``source``
+        after ``after`` (as for ``read``; None: from the start), counted, and the
+        stored time of the first of them. This reads every such event; a backend may
+        count them without reading (PostgreSQL does, for all places in one statement).
+        Raises StorageError."""
+        lags = []
+        for source, after in places:
+            count, oldest_at, place = 0, None, after
+            while page := await self.read(source, after=place, limit=_LAG_PAGE):
+                if oldest_at is None:
+                    oldest_at = page[0].observed_at
+                count += len(page)
+                last = page[-1]
+                place = (
+                    last.position
+                    if isinstance(source, StreamIdentifier)
+                    else (last.sequence_number)
+                )
+            lags.append(SourceLag(events=count, oldest_at=oldest_at))
+        return lags
 
 
 class Lock(ABC):
@@ -108,6 +145,16 @@ class Lock(ABC):
         await self.release()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LockHolder:
+    """Who holds a lock, as far as the storage can tell: ``session`` (PostgreSQL: the
+    holding connection's server process id) and that connection's ``application_name``;
+    None when the storage does not know."""
+
+    session: int | None
+    application_name: str | None
+
+
 class LockManager(ABC):
     """Named, non-reentrant locks shared by every process using the same storage.
 
@@ -140,6 +187,12 @@ class LockManager(ABC):
         Raises InvalidIdentifierError / InvalidSettingsError for a bad name, timeout or
         lease, StorageError when storage fails.
         """
+
+    @abstractmethod
+    async def holder(self, name: str) -> LockHolder | None:
+        """Who holds the lock ``name`` now (anyone, in any process), or None if it is
+        free. Raises InvalidIdentifierError for a bad name, StorageError when storage
+        fails."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

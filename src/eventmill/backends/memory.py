@@ -32,6 +32,7 @@ from eventmill.backends.base import (
     GroupSummary,
     HoldingState,
     Lock,
+    LockHolder,
     LockManager,
     ParkedRequest,
     ParkedStream,
@@ -685,6 +686,13 @@ class InMemoryLockManager(LockManager):
                 self.changed.discard(waiter)
                 return lock
             await self.changed.wait(waiter, remaining)
+
+    async def holder(self, name: str) -> LockHolder | None:
+        """A holder without session or application (this process holds every lock)."""
+        check_name(name, "lock name")
+        with self._lock:
+            held = name in self._holders
+        return LockHolder(session=None, application_name=None) if held else None
 
     def break_lock(self, name: str) -> None:
         """Make the lock ``name`` lost, as when a database connection dies: its holder's

@@ -53,8 +53,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.rows import RowMaker
 
-from eventmill.backends.base import EventStorage
+from eventmill.backends.base import EventStorage, SourceLag
 from eventmill.backends.postgres.driver_errors import UNMET_WRITE_CONDITION
+from eventmill.backends.postgres.lags import count_lags
 from eventmill.backends.postgres.notifications import channel_name
 from eventmill.conditions import WriteCondition
 from eventmill.errors import UnmetWriteConditionError
@@ -335,6 +336,12 @@ class PostgresEventStorage(EventStorage):
                     query, {**_partition_parameters(source), "after": start, "limit": limit}
                 )
         return await self._fetch(query, parameters)
+
+    async def lags(
+        self, places: Sequence[tuple[EventSourceIdentifier, int | None]]
+    ) -> list[SourceLag]:
+        """Counted in one statement without reading the events (``lags.count_lags``)."""
+        return await count_lags(self._backend, places)
 
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
         """The last event a read could return now, or None. Raises StorageError."""

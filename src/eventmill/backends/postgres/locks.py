@@ -42,13 +42,22 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import AsyncConnection
 
-from eventmill.backends.base import Lock, LockManager, check_age
+from eventmill.backends.base import Lock, LockHolder, LockManager, check_age
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.errors import InvalidSettingsError
 from eventmill.events import check_name
 
 if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
+
+_HOLDER = (
+    "SELECT l.pid, a.application_name FROM pg_locks AS l"
+    " LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid"
+)
+"""The session holding a bigint advisory lock (its high and low 32 bits)."""
 
 _FIRST_POLL = 0.01
 _CHECKS_PER_LEASE = 3
@@ -160,6 +169,16 @@ class PostgresLockManager(LockManager):
         lease: timedelta | None = None,
     ) -> PostgresLock | None:
         return await self._take(name, check_age(timeout, "timeout").total_seconds(), lease)
+
+    async def holder(self, name: str) -> LockHolder | None:
+        """The session holding the advisory lock of ``name`` in this database, from
+        ``pg_locks`` and ``pg_stat_activity``."""
+        check_name(name, "lock name")
+        key = lock_key(self._backend.schema, name) & 0xFFFF_FFFF_FFFF_FFFF
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(_HOLDER, (key >> 32, key & 0xFFFF_FFFF))
+            row = await cursor.fetchone()
+        return None if row is None else LockHolder(session=row[0], application_name=row[1])
 
     async def close(self) -> None:
         """Close the standby connections (held locks stay held); later attempts close
