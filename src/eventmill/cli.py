@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
@@ -322,19 +323,22 @@ def console_token(token_file: str | None) -> str | None:
 
 async def console(dsn: str, schema: str, host: str, port: int, token: str | None) -> int:
     """Serve the console until SIGINT/SIGTERM; return 0."""
-    try:
-        import uvicorn
+    # eventmill.console first: without the extra it raises MissingDependencyError.
+    from eventmill.console import ConsoleApp  # noqa: I001
 
-        from eventmill.console import ConsoleApp
-    except ImportError as error:
-        raise CommandError(
-            f"the console needs the console extra (pip install 'eventmill[console]'): {error}"
-        ) from None
+    import uvicorn
+
     backend = await connect(dsn, schema, application_name="eventmill-console")
     try:
         app = ConsoleApp(backend, token=token, title=schema)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
+        # Our handlers, not uvicorn's (which re-raise the signal after stopping, so the
+        # process would not exit 0).
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, setattr, server, "should_exit", True)
         mode = "actions enabled" if token else "read-only"
         print(f"console of schema {schema!r} on http://{host}:{port}/ ({mode})", flush=True)
         await server.serve()

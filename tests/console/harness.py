@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import uvicorn
 from playwright.async_api import Browser, async_playwright
-from psycopg.conninfo import make_conninfo
 
 from eventmill.console import ConsoleApp
 from tests.postgres_support import TEST_DSN
@@ -76,13 +75,9 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-def node_dsn(node_id: str) -> str:
-    """The test DSN naming the node in application_name, as the console expects."""
-    return make_conninfo(TEST_DSN, application_name=f"eventmill:{node_id}")
-
-
 class NodeProcesses:
-    """``eventmill run tests.console.console_nodes:make_node`` processes, by node id."""
+    """``eventmill run tests.console.console_nodes:make_node`` processes, by node id
+    (each names its connections ``eventmill:<node id>``, which the console reads)."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -97,7 +92,7 @@ class NodeProcesses:
                 "run",
                 "tests.console.console_nodes:make_node",
                 "--dsn",
-                node_dsn(node_id),
+                TEST_DSN,
                 "--schema",
                 self.schema,
                 "--node-id",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -18,8 +20,8 @@ from eventmill.backends.postgres import PostgresBackend
 from eventmill.console import ConsoleApp
 from eventmill.console.actions import ConsoleAction
 from eventmill.events import CategoryIdentifier
-from tests.console.harness import serve, wait_for
-from tests.postgres_support import fresh_postgres_backend
+from tests.console.harness import ROOT, free_port, serve, wait_for
+from tests.postgres_support import TEST_DSN, fresh_postgres_backend
 
 pytestmark = pytest.mark.postgres
 
@@ -121,3 +123,46 @@ async def test_ten_pages_share_one_read_per_refresh() -> None:
         first = [state["read_at"] for state in pages[0]]
         assert len(first) == 5
         assert all([state["read_at"] for state in page] == first for page in pages)
+
+
+async def test_the_console_command_serves_until_sigterm() -> None:
+    async with fresh_postgres_backend() as backend:
+        port = free_port()
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "eventmill", "console", "--dsn", TEST_DSN),
+            *("--schema", backend.schema, "--port", str(port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            url = f"http://127.0.0.1:{port}/"
+            assert line.decode().strip() == (
+                f"console of schema {backend.schema!r} on {url} (read-only)"
+            )
+            async with httpx.AsyncClient(timeout=10) as http:
+
+                async def serving() -> bool:
+                    try:
+                        return (await http.get(f"{url}api/state")).status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                await wait_for(serving, 30, "the console to answer")
+                state = (await http.get(f"{url}api/state")).json()
+                assert state["nodes"] == [] and state["groups"] == []
+                assert state["warnings"] == [
+                    "no coordinator alive: nobody holds the coordinator lock"
+                ]
+                page = await http.get(url)
+                assert page.status_code == 200 and "eventmill console" in page.text
+                refused = await http.post(f"{url}api/actions/retry", json={"confirmed": True})
+                assert refused.status_code == 403
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -49,6 +49,7 @@ def test_wheel_holds_the_library_licence_and_data(wheel: zipfile.ZipFile) -> Non
     assert f"{dist_info}/licenses/LICENSE" in names
     assert "eventmill/py.typed" in names
     assert "eventmill/backends/postgres/migrations/0001_events.sql" in names
+    assert {f"eventmill/console/static/{name}" for name in ("index.html", "console.js")} <= names
     assert not [name for name in names if not name.startswith(("eventmill/", dist_info))]
     assert not [name for name in names if "/testing/faults" in name or "node_process" in name]
 
@@ -62,7 +63,7 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
     assert metadata.get_all("Project-URL")
     assert metadata["Keywords"]
     # Dev tools live in a dependency group, not in a published extra.
-    assert set(metadata.get_all("Provides-Extra") or []) == {"postgres", "uvloop"}
+    assert set(metadata.get_all("Provides-Extra") or []) == {"postgres", "uvloop", "console"}
 
 
 def test_version_comes_from_the_metadata() -> None:

@@ -9,9 +9,23 @@ existing ASGI app::
     app.mount("/console", console)                        # e.g. a Starlette app
     ...
     await console.close()                                 # stops its reads
+
+Importing it without the extra raises MissingDependencyError saying what to install.
 """
+
+try:
+    import starlette
+    import uvicorn
+except ImportError as error:
+    from eventmill.errors import MissingDependencyError
+
+    raise MissingDependencyError(
+        f"the console needs {error.name or 'starlette'}: pip install 'eventmill[console]'"
+    ) from error
 
 from eventmill.console.app import ConsoleApp
 from eventmill.console.cluster import ConsoleSettings
+
+del starlette, uvicorn
 
 __all__ = ["ConsoleApp", "ConsoleSettings"]
