@@ -5,14 +5,20 @@ Screenshots go to ``harness.SCREENSHOTS``."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from playwright.async_api import Page
 
+from eventmill.backends.base import ParkedStream
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.console import ConsoleApp, ConsoleSettings
-from eventmill.events import NewEvent
+from eventmill.events import (
+    CategoryPartitionIdentifier,
+    NewEvent,
+    StreamIdentifier,
+    source_key,
+)
 from eventmill.store import EventStore
 from tests.console.console_nodes import PACE_TABLE, SETTINGS
 from tests.console.harness import (
@@ -37,6 +43,19 @@ async def table_rows(page: Page, selector: str, attribute: str) -> list[str]:
         selector, f"rows => rows.map(row => row.getAttribute({attribute!r}))"
     )
     return values
+
+
+async def click_action(page: Page, button: str) -> None:
+    """Click an action's button, confirm it, and wait for the server's answer."""
+    await page.evaluate("window.eventmillConsole.lastAction = null")
+    await page.click(button)
+    await page.click("#confirm-ok")
+    await page.wait_for_function("window.eventmillConsole.lastAction !== null")
+
+
+async def last_action_status(page: Page) -> int:
+    status: int = await page.evaluate("window.eventmillConsole.lastAction.status")
+    return status
 
 
 async def test_the_page_follows_the_cluster_live() -> None:
@@ -123,5 +142,57 @@ async def follow_the_cluster(backend: PostgresBackend) -> None:
             await page.screenshot(
                 path=str(SCREENSHOTS / "slow-group-caught-up.png"), full_page=True
             )
+
+            # An action without the token is refused (403) and changes nothing; with it,
+            # the group is reset (its sources get new epochs).
+            async def fast_epochs() -> dict[str, int]:
+                return {
+                    source_key(c.source): c.epoch for c in await backend.checkpoints.list("fast")
+                }
+
+            before = await fast_epochs()
+            await click_action(page, "[data-group=fast] button[data-action=reset]")
+            assert await last_action_status(page) == 403
+            assert await fast_epochs() == before
+            await page.fill("#token", TOKEN)
+            await click_action(page, "[data-group=fast] button[data-action=reset]")
+            assert await last_action_status(page) == 200
+            after = await fast_epochs()
+            assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
+
+            # A parked stream appears on the page, and goes when its record goes.
+            parked = ParkedStream(
+                group="slow",
+                source=CategoryPartitionIdentifier("invoices", 0, 2),
+                stream=StreamIdentifier("invoices", "invoice-7"),
+                sequence_number=1,
+                position=0,
+                event_name="invoice-sent",
+                held=1,
+                last_held=1,
+                error_type="ValueError",
+                error_message="bad invoice",
+                traceback="",
+                attempts=3,
+                first_failed_at=datetime.now(UTC),
+                last_failed_at=datetime.now(UTC),
+            )
+            await backend.parked.park(parked)
+
+            async def parked_rows() -> list[str]:
+                return await table_rows(page, "#parked tr[data-parked]", "data-parked")
+
+            async def parked_shown() -> bool:
+                return await parked_rows() == ["slow/invoice-7"]
+
+            await wait_for(parked_shown, 10, "the parked stream on the page")
+            await page.screenshot(path=str(SCREENSHOTS / "parked.png"), full_page=True)
+            await backend.parked.remove(parked.group, parked.source, parked.stream)
+
+            async def parked_gone() -> bool:
+                return await parked_rows() == []
+
+            await wait_for(parked_gone, 10, "the parked stream to leave the page")
+            assert await page.evaluate("window.eventmillConsole.loadedAt") == loaded_at
     finally:
         nodes.stop_all()

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from eventmill.backends.base import Backend
+from eventmill.groups import reset_group, retire_group
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +23,24 @@ class ConsoleAction:
     run: Callable[[Backend, Mapping[str, str]], Awaitable[str]]
 
 
+async def _reset(backend: Backend, arguments: Mapping[str, str]) -> str:
+    checkpoints = await reset_group(backend, arguments["group"], to_start=True)
+    return f"group {arguments['group']}: {len(checkpoints)} sources replay from the start"
+
+
+async def _retire(backend: Backend, arguments: Mapping[str, str]) -> str:
+    retired = await retire_group(backend, arguments["group"])
+    return (
+        f"group {retired.group} retired: {retired.holdings} holdings and "
+        f"{retired.checkpoints} checkpoints deleted"
+    )
+
+
 def available_actions() -> dict[str, ConsoleAction]:
-    """The actions by name."""
-    return {}
+    """The actions by name: ``reset`` (a group, live, to the start: ``reset_group``) and
+    ``retire`` (a group no live node registers: ``retire_group``)."""
+    actions = [
+        ConsoleAction(name="reset", fields=("group",), run=_reset),
+        ConsoleAction(name="retire", fields=("group",), run=_retire),
+    ]
+    return {action.name: action for action in actions}

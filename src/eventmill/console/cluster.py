@@ -1,5 +1,6 @@
 """What the console shows, read from storage in a few round trips: nodes, the leader,
-groups with their sources, holders, epochs, checkpoints and lag, and warnings.
+groups with their sources, holders, epochs, checkpoints and lag, parked streams, and
+warnings.
 
 ``read_cluster`` returns plain data (``ClusterState``), ready for JSON; it blocks on
 the storage and raises StorageError when a read fails.
@@ -49,6 +50,8 @@ class ClusterState:
     nodes: list[dict[str, Any]]
     groups: list[dict[str, Any]]
     warnings: list[str]
+    parked: list[dict[str, Any]] = field(default_factory=list)
+    """Parked streams: each group's streams held back after a failure."""
     checkpoints: dict[tuple[str, str], int | None] = field(default_factory=dict)
     """(group, source key) -> checkpoint, for throughput between two reads."""
 
@@ -60,6 +63,7 @@ class ClusterState:
             "nodes": self.nodes,
             "groups": self.groups,
             "warnings": self.warnings,
+            "parked": self.parked,
         }
 
 
@@ -93,6 +97,7 @@ async def read_cluster(
                 moved.append((holding.group, index, len(places)))
                 places.append((holding.source, previous.checkpoints[place]))
     lags = await backend.events.lags(places)
+    parked = await backend.parked.list()
     database_seconds = time.perf_counter() - started
     now = datetime.now(UTC)
     max_age = settings.subscriber_max_age.total_seconds()
@@ -137,6 +142,8 @@ async def read_cluster(
         )
         node["subscribers"] += 1
         node["heartbeat_age"] = round(min(node["heartbeat_age"], age), 2)
+    for group_name, _ in checkpoints:
+        group_entry(group_name)
     if leader_node is not None and leader_node not in nodes:
         nodes[leader_node] = {
             "node_id": leader_node,
@@ -190,12 +197,31 @@ async def read_cluster(
         age = node["heartbeat_age"]
         node["leader"] = node["node_id"] == leader_node
         node["health"] = "unknown" if age is None else "alive" if age <= max_age else "dead"
+    parked_streams = [
+        {
+            "group": record.group,
+            "source": str(record.source),
+            "stream": record.stream.stream,
+            "category": record.stream.category,
+            "event_name": record.event_name,
+            "sequence_number": record.sequence_number,
+            "position": record.position,
+            "held": record.held,
+            "attempts": record.attempts,
+            "error": f"{record.error_type}: {record.error_message}".splitlines()[0],
+            "since": record.first_failed_at.isoformat(),
+            "request": None if record.request is None else record.request.value,
+        }
+        for record in parked
+    ]
     if leader is None:
         warnings.append("no coordinator alive: nobody holds the coordinator lock")
     if unheld:
         warnings.append(f"{unheld} unheld sources")
     if dead_held:
         warnings.append(f"{dead_held} sources held by dead or unknown subscribers")
+    if parked_streams:
+        warnings.append(f"{len(parked_streams)} parked streams")
     for group in groups.values():
         if group["lag"] > settings.lag_warning_events:
             warnings.append(
@@ -214,5 +240,6 @@ async def read_cluster(
         nodes=sorted(nodes.values(), key=lambda node: node["node_id"]),
         groups=[groups[name] for name in sorted(groups)],
         warnings=warnings,
+        parked=parked_streams,
         checkpoints=state_checkpoints,
     )

@@ -112,15 +112,17 @@ function renderGroups(state) {
 function renderParked(state) {
   const section = document.getElementById("parked-section");
   const parked = state.parked;
-  section.hidden = !parked;
+  section.hidden = !parked || parked.length === 0;
   if (!parked) return;
   const rows = parked.map((entry) =>
     el("tr", { "data-parked": `${entry.group}/${entry.stream}` },
       el("td", {}, entry.group),
       el("td", {}, entry.stream),
       el("td", {}, entry.since ? clock(entry.since) : ""),
+      el("td", {}, `${entry.event_name} #${entry.sequence_number}, ${entry.held} held`),
       el("td", { class: "number" }, entry.attempts ?? ""),
       el("td", {}, entry.error || ""),
+      el("td", {}, entry.request || ""),
       el("td", {},
         actionButton("retry", "Retry…", { group: entry.group, stream: entry.stream }, `Retry parked stream ${entry.stream} of ${entry.group}?`),
         actionButton("skip", "Skip…", { group: entry.group, stream: entry.stream }, `Skip the held events of ${entry.stream} in ${entry.group}?`))));
