@@ -23,6 +23,7 @@ through untouched.
     ├── CatchUpTimeoutError          a node did not catch up within the time given
     ├── MissingDependencyError       an optional extra is not installed (an ImportError)
     ├── EventDecodingError           a stored event does not fit its typed class
+    ├── ProcessorFailedError         a processor's failure stops its group or node
     └── StorageError                 the backend failed (database down, timeout...)
         └── SchemaError              schema missing or of another version
 """
@@ -124,6 +125,17 @@ class MissingDependencyError(EventmillError, ImportError):
 class EventDecodingError(EventmillError):
     """A stored event cannot become its typed class: its name or version is not
     registered, an upcaster is missing, or its payload does not fit the class."""
+
+
+class ProcessorFailedError(EventmillError):
+    """A processor raised on an event and the group's failure policy stops the group
+    (``stops_node`` False) or the node (True). The message names the group, source,
+    stream, position, sequence number and event name in one line; the processor's
+    exception is the ``__cause__``."""
+
+    def __init__(self, message: str, *, stops_node: bool) -> None:
+        super().__init__(message)
+        self.stops_node = stops_node
 
 
 class StorageError(EventmillError):

@@ -28,7 +28,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -42,6 +42,7 @@ from eventmill.broker.distributed import (
     default_node_id,
 )
 from eventmill.broker.singleton import SingletonEventBroker
+from eventmill.consumers.failures import FailurePolicy, check_failure_policy
 from eventmill.consumers.processors import Processor
 from eventmill.consumers.subscription_consumer import (
     EventSubscriber,
@@ -107,7 +108,10 @@ class NodeSettings:
     - ``distributed``: use the distributed broker (True), the singleton one (False) or
       choose (None: singleton on an ``InMemoryBackend`` in BOTH mode, distributed
       otherwise). Several nodes sharing one storage need the distributed broker;
-    - ``broker_settings``: the distributed broker's intervals (None: its defaults).
+    - ``broker_settings``: the distributed broker's intervals (None: its defaults);
+    - ``failure_policy``: what a subscriber does when its processor raises on an event
+      (a default ``register_subscriber`` may override): retry, then park the stream,
+      skip the event, stop the group or stop the node (``consumers.failures``).
     """
 
     poll_interval: timedelta = timedelta(seconds=1)
@@ -118,6 +122,7 @@ class NodeSettings:
     page_size: int = DEFAULT_PAGE_SIZE
     distributed: bool | None = None
     broker_settings: DistributedEventBrokerSettings | None = None
+    failure_policy: FailurePolicy = field(default_factory=FailurePolicy)
 
     def __post_init__(self) -> None:
         check_poll_interval(self.poll_interval)
@@ -142,6 +147,7 @@ class NodeSettings:
             raise InvalidSettingsError(
                 f"broker_settings must be DistributedEventBrokerSettings: {self.broker_settings!r}"
             )
+        check_failure_policy(self.failure_policy)
 
 
 def check_poll_interval(value: object) -> timedelta:
@@ -195,6 +201,8 @@ class SubscriberStatistics:
     id: str
     status: ProcessStatus
     sources: tuple[SourceStatistics, ...]
+    parked: int = 0
+    """Streams parked in the held sources (as of their last passes)."""
 
     @property
     def lag(self) -> int:
@@ -305,8 +313,17 @@ class SubscriberHandle:
 
     @property
     def status(self) -> ProcessStatus:
-        """The status of its polling service (INITIALISED before the node runs)."""
-        return ProcessStatus.INITIALISED if self.manager is None else self.manager.status
+        """The status of its polling service (INITIALISED before the node runs), but
+        ERRORED once its failure policy stopped it and DEGRADED while it holds back
+        work (a parked stream or an event waiting for another try)."""
+        if self.manager is None:
+            return ProcessStatus.INITIALISED
+        status = self.manager.status
+        if status in (ProcessStatus.WAITING, ProcessStatus.RUNNING):
+            own = self.subscriber.health()
+            if own in (ProcessStatus.DEGRADED, ProcessStatus.ERRORED):
+                return own
+        return status
 
     async def remove(self) -> None:
         """Stop and unregister the subscriber: its in-flight batch finishes and its
@@ -389,6 +406,7 @@ class EventProcessingNode:
         id: str | None = None,
         partitions: int | None = None,
         reset_repartitioned: bool = False,
+        failure_policy: FailurePolicy | None = None,
     ) -> SubscriberHandle:
         """Add a subscriber of ``group`` asking for ``source`` (one identifier or a
         list), feeding what it is given to ``processor``; the other arguments override
@@ -396,9 +414,9 @@ class EventProcessingNode:
         asks for each category as its N partitions (see ``make_subscriber``), so the
         group's instances can share one category; a changed N is refused at
         registration (PartitioningChangedError) unless ``reset_repartitioned``
-        processes the category again from the start (see ``eventmill.partitions``).
-        Before ``run()`` it starts with the node; while the node runs it starts at once
-        (``wait_ready()`` waits for it).
+        processes the category again from the start (see ``eventmill.partitions``);
+        ``failure_policy``: see ``NodeSettings``. Before ``run()`` it starts with the
+        node; while the node runs it starts at once (``wait_ready()`` waits for it).
 
         Raises InvalidInputError / InvalidSettingsError for bad arguments (nothing is
         registered then), InvalidSettingsError on a COORDINATOR node, LifecycleError
@@ -423,6 +441,9 @@ class EventProcessingNode:
         isolation = check_isolation_mode(
             settings.isolation_mode if isolation_mode is None else isolation_mode
         )
+        policy = check_failure_policy(
+            settings.failure_policy if failure_policy is None else failure_policy
+        )
         group = check_name(group, "group")
         if id is None:
             taken = {h.id for h in self._handles if h.group == group}
@@ -443,6 +464,7 @@ class EventProcessingNode:
             page_size=settings.page_size,
             partitions=partitions,
             reset_repartitioned=reset_repartitioned,
+            failure_policy=policy,
         )
         passes = _SubscriberPasses(subscriber, self._may_process)
         polling = PollingService(
@@ -775,7 +797,11 @@ class EventProcessingNode:
                 )
             result.append(
                 SubscriberStatistics(
-                    group=handle.group, id=handle.id, status=handle.status, sources=tuple(sources)
+                    group=handle.group,
+                    id=handle.id,
+                    status=handle.status,
+                    sources=tuple(sources),
+                    parked=len(subscriber.parked),
                 )
             )
         return result

@@ -19,11 +19,13 @@ from eventmill.backends.memory import (
 from eventmill.broker.distributed import DistributedEventBroker, DistributedEventBrokerSettings
 from eventmill.broker.singleton import SingletonEventBroker
 from eventmill.consumers import EventProcessor
+from eventmill.consumers.failures import FailureAction, FailurePolicy
 from eventmill.errors import (
     CatchUpTimeoutError,
     InvalidInputError,
     InvalidSettingsError,
     LifecycleError,
+    ProcessorFailedError,
 )
 from eventmill.events import (
     CategoryIdentifier,
@@ -33,6 +35,7 @@ from eventmill.events import (
     StreamIdentifier,
 )
 from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
+from eventmill.services.error_handlers import ConstantBackoff
 from eventmill.services.manager import IsolationMode
 from eventmill.services.status import ProcessStatus
 from eventmill.store import EventStore
@@ -315,24 +318,58 @@ class Broken(Exception):
     pass
 
 
-async def test_a_failing_processor_stops_the_node_loudly() -> None:
+async def test_a_failing_processor_stops_the_node_loudly_under_stop_node() -> None:
     backend = InMemoryBackend()
     await publish(backend, 6)
 
     async def failing(event: StoredEvent) -> None:
         raise Broken(event.id)
 
-    node = EventProcessingNode(backend)
+    stop_node = FailurePolicy(max_attempts=1, then=FailureAction.STOP_NODE)
+    node = EventProcessingNode(backend, settings=NodeSettings(failure_policy=stop_node))
     node.register_subscriber(group="g", source=STREAMS, processor=failing)
-    with pytest.raises(Broken):
+    with pytest.raises(ProcessorFailedError) as raised:
         async with node:
             await node.wait_stopped()
+    assert isinstance(raised.value.__cause__, Broken)
+    assert "group g, source stream:orders/order-" in str(raised.value)
     assert node.status is ProcessStatus.ERRORED
 
     second = EventProcessingNode(backend)
-    second.register_subscriber(group="g2", source=STREAMS, processor=failing)
-    with pytest.raises(Broken):
+    second.register_subscriber(
+        group="g2", source=STREAMS, processor=failing, failure_policy=stop_node
+    )
+    with pytest.raises(ProcessorFailedError):
         await second.run()
+
+
+async def test_by_default_a_failing_stream_is_parked_and_the_node_runs_on() -> None:
+    backend = InMemoryBackend()
+    ids = await publish(backend, 12)
+    bad = {ids[0], ids[6]}  # both in stream order-0
+    counting = Counting()
+
+    async def failing(event: StoredEvent) -> None:
+        if event.id in bad:
+            raise Broken(event.id)
+        await counting.process_event(event)
+
+    quick = FailurePolicy(max_attempts=2, backoff=ConstantBackoff())
+    healthy = Counting()
+    node = EventProcessingNode(backend, settings=NodeSettings(poll_interval=timedelta(0.05)))
+    node.register_subscriber(group="g", source=STREAMS, processor=failing, failure_policy=quick)
+    node.register_subscriber(group="h", source=STREAMS, processor=healthy)
+    async with node:
+        await wait_until(lambda: len(counting.seen) == 10, within=10)
+        await wait_until(lambda: node.status is ProcessStatus.DEGRADED, within=10)
+        await node.wait_caught_up(timeout=10)
+        assert healthy.seen == Counter(dict.fromkeys(ids, 1))
+        [record] = await backend.parked.list()
+        assert (record.group, record.stream, record.held) == ("g", STREAMS[0], 2)
+        statistics = {s.group: s for s in await node.statistics()}
+        assert (statistics["g"].parked, statistics["h"].parked) == (1, 0)
+        assert node.health()[f"subscriber g/g@{node.node_id}"] is ProcessStatus.DEGRADED
+    assert counting.seen == Counter({i: 1 for i in ids if i not in bad})
 
 
 async def test_wait_caught_up_times_out() -> None:

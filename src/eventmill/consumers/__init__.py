@@ -1,6 +1,13 @@
 """Consumers: processors, the single-source consumer, checkpoints per group and
 source, and the subscriber a broker drives."""
 
+from eventmill.consumers.failures import (
+    FailureAction,
+    FailurePolicy,
+    parked_streams,
+    retry_parked,
+    skip_parked,
+)
 from eventmill.consumers.processors import (
     AutoCommitEventIteratorProcessor,
     ConsumerProgress,
@@ -26,8 +33,13 @@ __all__ = [
     "EventSourceConsumer",
     "EventSubscriber",
     "EventSubscriptionConsumer",
+    "FailureAction",
+    "FailurePolicy",
     "ManagedEventIteratorProcessor",
     "Processor",
     "TransactionalEventProcessor",
     "make_subscriber",
+    "parked_streams",
+    "retry_parked",
+    "skip_parked",
 ]

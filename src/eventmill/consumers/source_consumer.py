@@ -18,16 +18,35 @@ fenced save is refused), and every later pass ends at once until the lease is va
 again. So a process paused longer than the lease (SIGSTOP) does not process a single
 further event of a source that may have moved meanwhile; only an event whose
 processing had already begun when it was paused completes (see ``consumers.lease``).
+
+With a ``FailurePolicy`` (``failure_policy``; per-event and transactional processors
+only), an exception from the processor (other than StorageError and ConflictError) is
+not raised: the event is retried after a backoff, then parked, skipped, or the pass
+raises ProcessorFailedError (see ``consumers.failures``). A failing transactional
+batch is rolled back and its events are then processed one per transaction until the
+failing one is passed, so that one is known exactly. Before each pass the consumer
+learns its parked streams (one read, or given by its subscriber) and carries out
+operators' retry and skip requests first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncGenerator, Sequence
+import logging
+import traceback
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
+from eventmill.backends.base import (
+    ConsumerTransaction,
+    ParkedRequest,
+    ParkedStream,
+    SkippedEvent,
+)
+from eventmill.consumers.failures import FailureAction, FailurePolicy, one_line, where
 from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.processors import (
     AutoCommitEventIteratorProcessor,
@@ -39,9 +58,21 @@ from eventmill.consumers.processors import (
     TransactionalEventProcessor,
 )
 from eventmill.consumers.state import EventConsumerStateStore
-from eventmill.errors import ConflictError, InvalidInputError, InvalidSettingsError, describe
-from eventmill.events import StoredEvent
+from eventmill.errors import (
+    ConflictError,
+    InvalidInputError,
+    InvalidSettingsError,
+    ProcessorFailedError,
+    StorageError,
+    describe,
+)
+from eventmill.events import StoredEvent, StreamIdentifier
 from eventmill.sources import EventSource
+
+logger = logging.getLogger(__name__)
+
+_TRACEBACK_LIMIT = 20_000
+"""Characters of a traceback kept in a parked record."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,9 +117,28 @@ def check_processor(processor: object) -> Processor:
     )
 
 
+@dataclass(slots=True)
+class _Failing:
+    """The event being retried: its place, tries so far, and when to try again."""
+
+    place: int
+    attempts: int
+    first_failed_at: datetime
+    retry_at: float
+
+
+def _stream_key(event: StoredEvent) -> tuple[str, str]:
+    return (event.category, event.stream)
+
+
+def _is_storage_failure(error: Exception) -> bool:
+    return isinstance(error, StorageError | ConflictError)
+
+
 class EventSourceConsumer:
     """Feeds ``source`` to ``processor``, checkpointing through ``state_store``; with a
-    ``lease``, only while the lease is valid (see the module docstring)."""
+    ``lease``, only while the lease is valid; with a ``failure_policy``, handling the
+    processor's failures (see the module docstring)."""
 
     def __init__(
         self,
@@ -98,6 +148,7 @@ class EventSourceConsumer:
         *,
         settings: ConsumerSettings | None = None,
         lease: OwnershipLease | None = None,
+        failure_policy: FailurePolicy | None = None,
     ) -> None:
         if not isinstance(source, EventSource):
             raise InvalidInputError(f"source must be an EventSource, not {source!r:.80}")
@@ -117,6 +168,31 @@ class EventSourceConsumer:
         self._unsaved = 0
         self._count = 0
         self._stop = False
+        if failure_policy is not None and not isinstance(failure_policy, FailurePolicy):
+            raise InvalidInputError(
+                f"failure_policy must be a FailurePolicy, not {failure_policy!r:.80}"
+            )
+        per_event = not isinstance(
+            self.processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
+        )
+        self.failure_policy = failure_policy if per_event else None
+        """None: the processor's exceptions leave the pass (iterator processors always)."""
+        self.on_retry_due: Callable[[], None] | None = None
+        """Called (on the consumer's loop) when a backoff ends, e.g. to wake a poller."""
+        self._parked: dict[tuple[str, str], ParkedStream] = {}
+        self._failing: _Failing | None = None
+        self._narrow_until: int | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def parked(self) -> tuple[ParkedStream, ...]:
+        """The streams parked in this source, as of the last pass."""
+        return tuple(self._parked.values())
+
+    @property
+    def retrying(self) -> bool:
+        """Whether an event failed and waits for another try."""
+        return self._failing is not None
 
     @property
     def processed(self) -> int | None:
@@ -127,6 +203,8 @@ class EventSourceConsumer:
         """End the running pass (if any) at the next event boundary, saving first, and
         every later pass at once. Never blocks; see ``wait_pass_finished``."""
         self._stop = True
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
 
     def _halted(self) -> bool:
         """Whether the pass must end before the next event: stopped, or lease expired."""
@@ -137,16 +215,24 @@ class EventSourceConsumer:
         async with self._pass_lock:
             pass
 
-    async def consume_all(self) -> int:
-        """One pass: process every event after the checkpoint; return how many.
+    async def consume_all(self, parked: Sequence[ParkedStream] | None = None) -> int:
+        """One pass: process every event after the checkpoint; return how many (held
+        events included).
 
-        Ends early (after saving) when stopped or when the lease expires. Raises what
-        the processor raised (after saving the progress before it),
-        ConflictError or StaleEpochError when the checkpoint moved under us (the next
-        pass resumes from what is stored), StorageError.
+        ``parked``: this source's parked streams, when the caller read them (else, with
+        a failure policy, the pass reads them). Ends early (after saving) when stopped,
+        when the lease expires, or when an event waits for another try; returns at
+        once while that wait lasts. Raises what the processor raised (without a failure
+        policy; after saving the progress before it), ProcessorFailedError (a policy
+        that stops), ConflictError or StaleEpochError when the checkpoint moved under us
+        (the next pass resumes from what is stored), StorageError.
         """
         async with self._pass_lock:
             if self._stop:
+                return 0
+            policy = self.failure_policy
+            failing = self._failing
+            if policy is not None and failing is not None and policy.clock() < failing.retry_at:
                 return 0
             if not self._loaded:
                 self._processed = await self.state_store.load()
@@ -154,6 +240,10 @@ class EventSourceConsumer:
                 self._loaded = True
             self._count = 0
             try:
+                if policy is not None:
+                    await self._learn_parked(parked)
+                    if not await self._serve_requests():
+                        return self._count
                 await self._run_processor()
                 if self._unsaved and (self.settings.checkpoint_at_end or self._stop):
                     await self._save()
@@ -196,12 +286,26 @@ class EventSourceConsumer:
                 return
 
     async def _consume_each(self, process: ProcessEventFunction) -> None:
+        policy = self.failure_policy
         async with aclosing(self._pages()) as pages:
             async for page in pages:
                 for event in page:
                     if self._halted():
                         return
-                    await process(event)
+                    if policy is None:
+                        await process(event)
+                    elif self._parked and _stream_key(event) in self._parked:
+                        await self._hold(event, None)
+                    else:
+                        try:
+                            await process(event)
+                        except Exception as error:
+                            if _is_storage_failure(error):
+                                raise
+                            if not await self._settle(event, error, checkpoint=None):
+                                return
+                        else:
+                            self._failing = None
                     await self._mark(event)
 
     async def _auto_commit_events(
@@ -227,25 +331,320 @@ class EventSourceConsumer:
                     yield event
 
     async def _consume_transactional(self, processor: TransactionalEventProcessor) -> None:
-        every = self.settings.checkpoint_every
         while not self._halted():
             known = self.state_store.known
             reset = known is not None and known.reset_pending
+            every = 1 if self._narrow_until is not None else self.settings.checkpoint_every
             batch = await self.source.read(after=self._processed, limit=every)
             if not batch and not reset:
                 return
             place = self.source.place(batch[-1]) if batch else self._processed
-            async with self.state_store.transaction() as transaction:
-                if reset:
-                    await processor.on_reset(self.source.identifier, self._processed, transaction)
-                if batch:
-                    await processor.process_events(batch, transaction)
-                await self.state_store.save(place, transaction=transaction)
+            held = [e for e in batch if _stream_key(e) in self._parked] if self._parked else []
+            work = [e for e in batch if _stream_key(e) not in self._parked] if held else batch
+            try:
+                async with self.state_store.transaction() as transaction:
+                    if reset:
+                        await processor.on_reset(
+                            self.source.identifier, self._processed, transaction
+                        )
+                    for event in held:
+                        await self._hold(event, transaction)
+                    if work:
+                        await processor.process_events(work, transaction)
+                    await self.state_store.save(place, transaction=transaction)
+            except Exception as error:
+                if self.failure_policy is None or _is_storage_failure(error) or not batch:
+                    raise
+                if reset:  # the reset hook alone first; then find the failing event
+                    async with self.state_store.transaction() as transaction:
+                        await processor.on_reset(
+                            self.source.identifier, self._processed, transaction
+                        )
+                        await self.state_store.save(self._processed, transaction=transaction)
+                    self._narrow_until = place
+                    continue
+                if len(batch) > 1:  # find the failing event: one per transaction
+                    self._narrow_until = place
+                    continue
+                if not await self._settle(batch[0], error, checkpoint=place):
+                    return
+            else:
+                self._failing = None
             self._processed = place
             self._unsaved = 0
             self._count += len(batch)
-            if len(batch) < every:
+            if self._narrow_until is not None and place >= self._narrow_until:
+                self._narrow_until = None
+            elif len(batch) < every:
                 return
+
+    # --- failures (with a failure policy) ------------------------------------------
+
+    async def _learn_parked(self, parked: Sequence[ParkedStream] | None) -> None:
+        if parked is None:
+            state = self.state_store
+            parked = await self.source.backend.parked.list(group=state.group, source=state.source)
+        self._parked = {(r.stream.category, r.stream.stream): r for r in parked}
+
+    async def _hold(self, event: StoredEvent, transaction: ConsumerTransaction | None) -> None:
+        """Count ``event`` held in its parked stream (the caller moves past it)."""
+        state = self.state_store
+        stream = StreamIdentifier(event.category, event.stream)
+        place = self.source.place(event)
+        await self.source.backend.parked.hold(
+            state.group, state.source, stream, place, transaction=transaction
+        )
+
+    def _attempt_failed(self, event: StoredEvent, error: Exception) -> _Failing | None:
+        """Count a failed try of ``event``; return its failure record once the tries
+        are used up, None when it waits for another try (logged, wake-up scheduled).
+        Raises ProcessorFailedError when the policy stops the group or the node."""
+        policy = self.failure_policy
+        assert policy is not None
+        place = self.source.place(event)
+        failing = self._failing
+        if failing is None or failing.place != place:
+            failing = _Failing(place, 0, datetime.now(UTC), 0.0)
+        failing.attempts += 1
+        described = where(self.state_store.group, self.source.identifier, event)
+        logger.debug("%s: the processor raised", described, exc_info=error)
+        if failing.attempts < policy.max_attempts:
+            delay = policy.delay(failing.attempts)
+            failing.retry_at = policy.clock() + delay
+            self._failing = failing
+            logger.warning(
+                "%s: try %d of %d failed (%s); trying again in %.3g s",
+                described,
+                failing.attempts,
+                policy.max_attempts,
+                one_line(error),
+                delay,
+            )
+            self._schedule_retry(delay)
+            return None
+        self._failing = None
+        action = policy.then
+        if action in (FailureAction.STOP_GROUP, FailureAction.STOP_NODE):
+            stops_node = action is FailureAction.STOP_NODE
+            message = (
+                f"{described}: failed {failing.attempts} times ({one_line(error)}); "
+                f"stopping the {'node' if stops_node else 'group on this node'}"
+            )
+            logger.error("%s", message)
+            raise ProcessorFailedError(message, stops_node=stops_node) from error
+        logger.error(
+            "%s: failed %d times (%s); %s",
+            described,
+            failing.attempts,
+            one_line(error),
+            "parked the stream: it and its later events are held"
+            if action is FailureAction.PARK
+            else "skipped the event",
+        )
+        return failing
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_timer = None
+        if self.on_retry_due is not None and not self._stop:
+            self.on_retry_due()
+
+    def _parked_record(
+        self, event: StoredEvent, error: Exception, failing: _Failing
+    ) -> ParkedStream:
+        text = "".join(traceback.format_exception(error))
+        return ParkedStream(
+            group=self.state_store.group,
+            source=self.source.identifier,
+            stream=StreamIdentifier(event.category, event.stream),
+            sequence_number=event.sequence_number,
+            position=event.position,
+            event_name=event.name,
+            held=1,
+            last_held=self.source.place(event),
+            error_type=type(error).__name__,
+            error_message=str(error)[:_TRACEBACK_LIMIT],
+            traceback=text[-_TRACEBACK_LIMIT:],
+            attempts=failing.attempts,
+            first_failed_at=failing.first_failed_at,
+            last_failed_at=datetime.now(UTC),
+        )
+
+    def _skipped(self, event: StoredEvent, error: Exception | None) -> SkippedEvent:
+        return SkippedEvent(
+            group=self.state_store.group,
+            source=self.source.identifier,
+            stream=StreamIdentifier(event.category, event.stream),
+            sequence_number=event.sequence_number,
+            position=event.position,
+            event_name=event.name,
+            reason="operator" if error is None else "policy",
+            error_type="" if error is None else type(error).__name__,
+            error_message="" if error is None else str(error)[:_TRACEBACK_LIMIT],
+            skipped_at=datetime.now(UTC),
+        )
+
+    async def _settle(
+        self, event: StoredEvent, error: Exception, *, checkpoint: int | None
+    ) -> bool:
+        """After ``event`` failed in the normal flow: False when it waits for another
+        try (the pass ends); True once it is parked or skipped (the caller moves past
+        it). With ``checkpoint`` (transactional), the record and that checkpoint
+        commit together."""
+        failing = self._attempt_failed(event, error)
+        if failing is None:
+            return False
+        store = self.source.backend.parked
+        parking = self.failure_policy is not None and self.failure_policy.then is FailureAction.PARK
+        record = self._parked_record(event, error, failing) if parking else None
+        if checkpoint is None:
+            if record is not None:
+                await store.park(record)
+            else:
+                await store.record_skipped(self._skipped(event, error))
+        else:
+            async with self.state_store.transaction() as transaction:
+                if record is not None:
+                    await store.park(record, transaction=transaction)
+                else:
+                    await store.record_skipped(self._skipped(event, error), transaction=transaction)
+                await self.state_store.save(checkpoint, transaction=transaction)
+        if record is not None:
+            self._parked[_stream_key(event)] = record
+        return True
+
+    async def _serve_requests(self) -> bool:
+        """Carry out operators' requests on parked streams; False when the pass must
+        end (an event waits for another try)."""
+        for record in list(self._parked.values()):
+            if record.request is None:
+                continue
+            if not await self._replay(record):
+                return False
+        return True
+
+    async def _held_events(self, record: ParkedStream) -> list[StoredEvent]:
+        """The events of the parked stream from its first held one up to the place this
+        consumer has passed, in order."""
+        reader = EventSource(self.source.backend, record.stream, page_size=self.source.page_size)
+        found: list[StoredEvent] = []
+        after = record.position - 1 if record.position > 0 else None
+        while True:
+            page = await reader.read(after=after)
+            for event in page:
+                if self._processed is None or self.source.place(event) > self._processed:
+                    return found
+                found.append(event)
+            if len(page) < reader.page_size:
+                return found
+            after = page[-1].position
+
+    async def _replay(self, record: ParkedStream) -> bool:
+        """Replay (or skip, as requested) the held events of ``record`` in order; False
+        when one waits for another try. A failure after the last try parks the stream
+        again at that event (request cleared) or skips it, as the policy says."""
+        key = (record.stream.category, record.stream.stream)
+        held = await self._held_events(record)
+        skip = record.request is ParkedRequest.SKIP
+        for index, event in enumerate(held):
+            following = held[index + 1] if index + 1 < len(held) else None
+            if skip and (
+                record.skip_through is None or event.sequence_number <= record.skip_through
+            ):
+                logger.warning(
+                    "%s: skipped by request",
+                    where(record.group, record.source, event),
+                )
+                async with self.state_store.transaction() as transaction:
+                    await self.source.backend.parked.record_skipped(
+                        self._skipped(event, None), transaction=transaction
+                    )
+                    record = await self._advance(
+                        record, following, len(held) - index - 1, transaction
+                    )
+                continue
+            try:
+                record = await self._replay_one(record, event, following, len(held) - index - 1)
+            except Exception as error:
+                if _is_storage_failure(error):
+                    raise
+                failing = self._attempt_failed(event, error)
+                if failing is None:
+                    return False
+                assert self.failure_policy is not None
+                if self.failure_policy.then is FailureAction.PARK:
+                    fresh = self._parked_record(event, error, failing)
+                    record = replace(
+                        fresh,
+                        held=len(held) - index,
+                        last_held=max(record.last_held, fresh.last_held),
+                    )
+                    await self.source.backend.parked.park(record)
+                    self._parked[key] = record
+                    return True
+                async with self.state_store.transaction() as transaction:
+                    await self.source.backend.parked.record_skipped(
+                        self._skipped(event, error), transaction=transaction
+                    )
+                    record = await self._advance(
+                        record, following, len(held) - index - 1, transaction
+                    )
+            else:
+                self._failing = None
+            self._count += 1
+        if key in self._parked:  # nothing was held (any more): the stream flows again
+            await self.source.backend.parked.remove(record.group, record.source, record.stream)
+            del self._parked[key]
+        return True
+
+    async def _replay_one(
+        self, record: ParkedStream, event: StoredEvent, following: StoredEvent | None, left: int
+    ) -> ParkedStream:
+        """Process one held event and move the record past it (together, with a
+        transactional processor); return the record as it now is."""
+        processor = self.processor
+        if isinstance(processor, TransactionalEventProcessor):
+            async with self.state_store.transaction() as transaction:
+                await processor.process_events([event], transaction)
+                return await self._advance(record, following, left, transaction)
+        if isinstance(processor, EventProcessor):
+            await processor.process_event(event)
+        else:
+            assert not isinstance(
+                processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
+            )
+            await processor(event)
+        return await self._advance(record, following, left, None)
+
+    async def _advance(
+        self,
+        record: ParkedStream,
+        following: StoredEvent | None,
+        left: int,
+        transaction: ConsumerTransaction | None,
+    ) -> ParkedStream:
+        """Move the record's first held event to ``following``, or remove the record
+        when none is left (the stream flows again)."""
+        store = self.source.backend.parked
+        key = (record.stream.category, record.stream.stream)
+        if following is None:
+            await store.remove(record.group, record.source, record.stream, transaction=transaction)
+            self._parked.pop(key, None)
+            return record
+        moved = replace(
+            record,
+            sequence_number=following.sequence_number,
+            position=following.position,
+            event_name=following.name,
+            held=left,
+        )
+        await store.park(moved, transaction=transaction)
+        self._parked[key] = moved
+        return moved
 
     async def _mark(self, event: StoredEvent) -> None:
         """Record ``event`` processed; save when ``checkpoint_every`` are unsaved."""

@@ -12,6 +12,13 @@ Ownership lease: a distributed broker gives its subscribers an ``OwnershipLease`
 of a node that was paused or cut off too long stops mid-pass (see
 ``consumers.lease``). Without one (singleton broker) the lease is always valid.
 
+Failures: with a ``failure_policy`` each delegate consumer handles its processor's
+failures (``consumers.failures``); a pass first reads the group's parked streams in
+one query and hands each consumer its own. A policy that stops the group makes this
+subscriber stop processing (its status ERRORED) while it keeps its sources; its
+health is DEGRADED while a held source has a parked stream or an event waiting for
+another try.
+
 Wake-ups: every held source is watched (``Backend.notifications``); a publish that
 may concern one ends ``wait_for_new_events`` early and calls the ``on_new_events``
 callbacks (for example ``PollingService.wake``). Polling stays the fallback.
@@ -29,7 +36,8 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, ParkedStream
+from eventmill.consumers.failures import FailurePolicy
 from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.processors import Processor
 from eventmill.consumers.source_consumer import (
@@ -38,7 +46,7 @@ from eventmill.consumers.source_consumer import (
     check_processor,
 )
 from eventmill.consumers.state import EventConsumerStateStore
-from eventmill.errors import InvalidInputError, StaleEpochError
+from eventmill.errors import InvalidInputError, ProcessorFailedError, StaleEpochError
 from eventmill.events import EventSourceIdentifier, check_identifier, check_name
 from eventmill.partitions import check_partitioning, partition_requests
 from eventmill.services.service import Service
@@ -110,6 +118,7 @@ class EventSubscriptionConsumer(Service[int]):
         page_size: int = DEFAULT_PAGE_SIZE,
         reset_repartitioned: bool = False,
         lease: OwnershipLease | None = None,
+        failure_policy: FailurePolicy | None = None,
     ) -> None:
         if not isinstance(backend, Backend):
             raise InvalidInputError(f"a subscriber needs a Backend, not {backend!r:.80}")
@@ -146,6 +155,13 @@ class EventSubscriptionConsumer(Service[int]):
         self._tokens = itertools.count()
         self._new_events: asyncio.Event | None = None
         self._status = ProcessStatus.INITIALISED
+        if failure_policy is not None and not isinstance(failure_policy, FailurePolicy):
+            raise InvalidInputError(
+                f"failure_policy must be a FailurePolicy, not {failure_policy!r:.80}"
+            )
+        self.failure_policy = failure_policy
+        self.stopped_by: ProcessorFailedError | None = None
+        """The failure that stopped this subscriber (policy STOP_GROUP), or None."""
 
     @property
     def group(self) -> str:
@@ -210,7 +226,9 @@ class EventSubscriptionConsumer(Service[int]):
             state,
             settings=self.settings,
             lease=self._lease,
+            failure_policy=self.failure_policy,
         )
+        consumer.on_retry_due = self._wake
         self._holdings[source] = _Holding(consumer, epoch, lambda: None)
         unwatch = await consumer.source.watch(self._wake)
         if self._holdings.get(source) is None:  # withdrawn while the watch was set up
@@ -243,14 +261,29 @@ class EventSubscriptionConsumer(Service[int]):
         """
         if self._new_events is not None:
             self._new_events.clear()
+        if self.stopped_by is not None:
+            return 0
         self._status = ProcessStatus.RUNNING
         total = 0
         try:
+            parked: dict[EventSourceIdentifier, list[ParkedStream]] | None = None
+            if self.failure_policy is not None and self._holdings:
+                parked = {source: [] for source in self._holdings}
+                for record in await self.backend.parked.list(group=self._group):
+                    parked.setdefault(record.source, []).append(record)
             for source, holding in list(self._holdings.items()):
                 if self._holdings.get(source) is not holding:
                     continue
                 try:
-                    total += await holding.consumer.consume_all()
+                    total += await holding.consumer.consume_all(
+                        None if parked is None else parked.get(source, [])
+                    )
+                except ProcessorFailedError as failure:
+                    if failure.stops_node:
+                        raise
+                    self.stopped_by = failure
+                    self._status = ProcessStatus.ERRORED
+                    return total
                 except StaleEpochError:
                     logger.warning("%s/%s lost %s to a newer epoch", self._group, self._id, source)
                     if self._holdings.get(source) is holding:
@@ -268,12 +301,28 @@ class EventSubscriptionConsumer(Service[int]):
 
     def health(self) -> ProcessStatus:
         """INITIALISED before the first pass, RUNNING during one, WAITING between passes,
-        ERRORED after a pass that raised (until one succeeds)."""
+        ERRORED after a pass that raised (until one succeeds) and once stopped by its
+        failure policy; DEGRADED instead of WAITING or RUNNING while a held source has a
+        parked stream or an event waiting for another try."""
+        if self.stopped_by is not None:
+            return ProcessStatus.ERRORED
+        if self._status in (ProcessStatus.WAITING, ProcessStatus.RUNNING) and self.degraded:
+            return ProcessStatus.DEGRADED
         return self._status
 
     @property
+    def degraded(self) -> bool:
+        """Whether a held source has a parked stream or an event waiting for a try."""
+        return any(h.consumer.parked or h.consumer.retrying for h in self._holdings.values())
+
+    @property
+    def parked(self) -> tuple[ParkedStream, ...]:
+        """The parked streams of the held sources, as of their last passes."""
+        return tuple(r for h in self._holdings.values() for r in h.consumer.parked)
+
+    @property
     def status(self) -> ProcessStatus:
-        return self._status
+        return self.health()
 
     def on_new_events(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` whenever a held source may have new events; return the
@@ -322,13 +371,16 @@ def make_subscriber(
     page_size: int = DEFAULT_PAGE_SIZE,
     partitions: int | None = None,
     reset_repartitioned: bool = False,
+    failure_policy: FailurePolicy | None = None,
 ) -> EventSubscriptionConsumer:
     """A subscriber of ``group`` asking for ``sources``, feeding every source it is
     given to the one ``processor`` (passes run one source at a time). ``id`` defaults
     to the group plus a random suffix. With ``partitions=N`` each category source is
     asked for as its N partitions, which the group's instances share (N a power of two
     up to 64; changing it later is refused unless ``reset_repartitioned``, see
-    ``eventmill.partitions``). Raises InvalidInputError for bad arguments."""
+    ``eventmill.partitions``). ``failure_policy``: see ``consumers.failures`` (None:
+    the processor's exceptions leave the pass). Raises InvalidInputError for bad
+    arguments."""
     requests = [sources] if not isinstance(sources, Sequence) else list(sources)
     requests = partition_requests(requests, partitions)
     chosen = check_processor(processor)
@@ -341,4 +393,5 @@ def make_subscriber(
         settings=ConsumerSettings(checkpoint_every=checkpoint_every),
         page_size=page_size,
         reset_repartitioned=reset_repartitioned,
+        failure_policy=failure_policy,
     )

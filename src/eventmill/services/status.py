@@ -18,6 +18,8 @@ class ProcessStatus(StrEnum):
     """Running and idle: waiting for work or for its next turn."""
     RUNNING = "running"
     """Running and busy."""
+    DEGRADED = "degraded"
+    """Running, but some work is held back (a parked stream, an event being retried)."""
     STOPPING = "stopping"
     """Asked to stop, or partly stopped; not yet finished."""
     STOPPED = "stopped"
@@ -57,13 +59,14 @@ def combine_statuses(statuses: Iterable[ProcessStatus]) -> ProcessStatus:
     any STARTING                                            STARTING
     INITIALISED together with WAITING or RUNNING            STARTING
     only INITIALISED                                        INITIALISED
+    any DEGRADED (the rest WAITING or RUNNING)              DEGRADED
     any RUNNING (the rest WAITING)                          RUNNING
     only WAITING                                            WAITING
     ======================================================  ===========
 
     In words: one failure makes the whole failed; a whole that is partly stopped is
-    stopping; a whole that is partly started is starting; it is waiting only when every
-    part is waiting.
+    stopping; a whole that is partly started is starting; a whole with held-back work is
+    degraded; it is waiting only when every part is waiting.
     """
     present = set(statuses)
     if not present:
@@ -77,6 +80,8 @@ def combine_statuses(statuses: Iterable[ProcessStatus]) -> ProcessStatus:
         return ProcessStatus.STARTING
     if ProcessStatus.INITIALISED in present:
         return ProcessStatus.INITIALISED if len(present) == 1 else ProcessStatus.STARTING
+    if ProcessStatus.DEGRADED in present:
+        return ProcessStatus.DEGRADED
     if ProcessStatus.RUNNING in present:
         return ProcessStatus.RUNNING
     return ProcessStatus.WAITING

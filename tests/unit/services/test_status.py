@@ -18,20 +18,22 @@ P = ProcessStatus.STOPPING
 S = ProcessStatus.STOPPED
 E = ProcessStatus.ERRORED
 U = ProcessStatus.UNKNOWN
+D = ProcessStatus.DEGRADED
 
-ORDER = [N, A, W, R, P, S, E, U]
+ORDER = [N, A, W, R, P, S, E, U, D]
 
 # Row: the first status; column: the second, in ORDER. Written out by hand from the
 # rule table in the docstring, so a change to either shows up here.
 EXPECTED = {
-    N: [N, A, A, A, P, P, E, U],
-    A: [A, A, A, A, P, P, E, U],
-    W: [A, A, W, R, P, P, E, U],
-    R: [A, A, R, R, P, P, E, U],
-    P: [P, P, P, P, P, P, E, U],
-    S: [P, P, P, P, P, S, E, U],
-    E: [E, E, E, E, E, E, E, E],
-    U: [U, U, U, U, U, U, E, U],
+    N: [N, A, A, A, P, P, E, U, A],
+    A: [A, A, A, A, P, P, E, U, A],
+    W: [A, A, W, R, P, P, E, U, D],
+    R: [A, A, R, R, P, P, E, U, D],
+    P: [P, P, P, P, P, P, E, U, P],
+    S: [P, P, P, P, P, S, E, U, P],
+    E: [E, E, E, E, E, E, E, E, E],
+    U: [U, U, U, U, U, U, E, U, U],
+    D: [A, A, D, D, P, P, E, U, D],
 }
 
 PAIRS = [
