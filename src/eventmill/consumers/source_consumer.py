@@ -373,7 +373,8 @@ class EventSourceConsumer:
             self._processed = place
             self._unsaved = 0
             self._count += len(batch)
-            if self._narrow_until is not None and place >= self._narrow_until:
+            narrow_until = self._narrow_until
+            if narrow_until is not None and place is not None and place >= narrow_until:
                 self._narrow_until = None
             elif len(batch) < every:
                 return
