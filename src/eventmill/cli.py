@@ -6,14 +6,17 @@
 - ``eventmill run MODULE:ATTRIBUTE [--dsn DSN] [--mode MODE] [--node-id ID]``: run a
   node made by ``ATTRIBUTE(backend, mode=..., node_id=...)`` until SIGINT/SIGTERM;
 - ``eventmill migrate --dsn DSN``: install or upgrade the schema;
-- ``eventmill status --dsn DSN [--json]``: nodes, subscribers, holdings and lag;
+- ``eventmill status --dsn DSN [--json] [--fail-on-lag N|Ns]``: leader, nodes, groups,
+  sources, exact lag and warnings (``eventmill.cluster_status``); exit code 0 healthy,
+  1 warnings, 2 cannot check.
 - ``eventmill groups list|retire`` and ``eventmill reset``: see ``eventmill.group_commands``;
 - ``eventmill console --dsn DSN [--port P] [--host H]``: the operations console, a live
   web page of the cluster (needs the ``console`` extra); actions only with an operator
   token from ``$EVENTMILL_CONSOLE_TOKEN`` or ``--token-file``.
 
-Errors (bad arguments, an unreachable database, a missing schema) print one line on
-stderr and exit with a non-zero code.
+Every option also comes from an ``EVENTMILL_*`` environment variable (``--dsn``:
+``EVENTMILL_DSN``). Errors (bad arguments, an unreachable database, a missing schema)
+print one line on stderr and exit with a non-zero code.
 """
 
 from __future__ import annotations
@@ -29,22 +32,25 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from eventmill import __version__, group_commands
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.broker.distributed import default_node_id
+from eventmill.cluster_status import ClusterStatus, LagBound, gather_cluster_status
 from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
-from eventmill.errors import EventmillError
+from eventmill.errors import EventmillError, InvalidSettingsError
 from eventmill.events import check_name, identifier_from_json
 from eventmill.node import EventProcessingNode, NodeMode
-from eventmill.sources import EventSource
-from eventmill.store import MAX_PAGE_SIZE
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_HEALTHY = 0
+"""``eventmill status``: no warning."""
+EXIT_WARNINGS = 1
+"""``eventmill status``: at least one warning (printed)."""
 EXIT_CANNOT_CHECK = 2
 """``eventmill status`` could not check: cannot connect, or no schema."""
 EXIT_BROKEN_PIPE = 141
@@ -221,85 +227,64 @@ async def migrate(dsn: str, schema: str) -> int:
     return 0
 
 
-async def gather_status(backend: Backend) -> dict[str, Any]:
-    """Nodes, groups, subscribers with their holdings (epoch, checkpoint, lag)."""
-    now = datetime.now(UTC)
-    records = await backend.subscribers.list()
-    holdings = await backend.subscriptions.list()
-    checkpoints = {(c.group, c.source): c for c in await backend.checkpoints.list()}
-    subscribers: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in records:
-        subscribers[(record.group, record.id)] = {
-            "group": record.group,
-            "id": record.id,
-            "node_id": record.node_id,
-            "last_seen": record.last_seen.isoformat(),
-            "seconds_since_heartbeat": round((now - record.last_seen).total_seconds(), 3),
-            "requests": len(record.subscription_requests),
-            "sources": [],
-        }
-    released = []
-    for holding in holdings:
-        checkpoint = checkpoints.get((holding.group, holding.source))
-        after = None if checkpoint is None else checkpoint.after
-        reader = EventSource(backend, holding.source, page_size=MAX_PAGE_SIZE)
-        entry = {
-            "source": holding.source.to_json(),
-            "epoch": holding.epoch,
-            "state": holding.state.value,
-            "checkpoint": after,
-            "lag": len(await reader.read(after=after)),
-        }
-        owner = subscribers.get((holding.group, holding.subscriber_id or ""))
-        if owner is None:
-            released.append({"group": holding.group, **entry})
-        else:
-            owner["sources"].append(entry)
-    nodes: dict[str, list[str]] = {}
-    for (group, id), subscriber in subscribers.items():
-        nodes.setdefault(subscriber["node_id"], []).append(f"{group}/{id}")
-    return {
-        "nodes": [{"node_id": n, "subscribers": s} for n, s in sorted(nodes.items())],
-        "groups": sorted({group for group, _ in subscribers} | {h.group for h in holdings}),
-        "subscribers": list(subscribers.values()),
-        "unheld": released,
-    }
-
-
-def print_status(status: dict[str, Any]) -> None:
-    """The status as tables."""
-    print(f"{len(status['nodes'])} nodes, {len(status['groups'])} groups")
-    for subscriber in status["subscribers"]:
-        lag = sum(source["lag"] for source in subscriber["sources"])
-        print(
-            f"{subscriber['group']:<24} {subscriber['id']:<40} node {subscriber['node_id']} "
-            f"heartbeat {subscriber['seconds_since_heartbeat']:.1f}s ago, "
-            f"{len(subscriber['sources'])} sources, lag {lag}"
+def print_status(found: ClusterStatus) -> None:
+    """The status as lines: summary, leader, nodes, groups, sources, warnings."""
+    live = sum(node.alive for node in found.nodes)
+    print(
+        f"{len(found.nodes)} nodes ({live} alive), {len(found.groups)} groups, "
+        f"schema version {found.schema_version}"
+    )
+    if found.leader is None:
+        print("leader: none")
+    else:
+        since = (
+            "" if found.leader_since is None else f" since {found.leader_since:%Y-%m-%d %H:%M:%S%z}"
         )
-        for source in subscriber["sources"]:
-            print(
-                f"    {identifier_from_json(source['source'])!s:<40} epoch {source['epoch']:<4} "
-                f"{source['state']:<9} checkpoint {source['checkpoint']} lag {source['lag']}"
-            )
-    for source in status["unheld"]:
-        print(
-            f"{source['group']:<24} unheld {identifier_from_json(source['source'])!s} "
-            f"epoch {source['epoch']} checkpoint {source['checkpoint']} lag {source['lag']}"
+        print(f"leader: {found.leader} (term {found.leader_term}{since})")
+    for node in found.nodes:
+        seen = (
+            "" if node.seconds_since_seen is None else f", seen {node.seconds_since_seen:.1f}s ago"
         )
+        state = "alive" if node.alive else "DEAD"
+        print(
+            f"node {node.node_id:<32} {node.mode:<11} {state}{seen}, "
+            f"{len(node.subscribers)} subscribers"
+        )
+    for group in found.groups:
+        print(
+            f"group {group.group:<24} {group.live_subscribers} live subscribers, "
+            f"{group.sources} sources, lag {group.lag_events} events "
+            f"({group.lag_seconds:.1f}s), {group.parked_streams} parked streams"
+        )
+    for source in found.sources:
+        holder = (
+            "unheld"
+            if source.subscriber_id is None
+            else f"{source.subscriber_id} on {source.node_id}"
+            + ("" if source.holder_alive else " (dead)")
+        )
+        print(
+            f"    {source.group:<24} {identifier_from_json(source.source)!s:<32} "
+            f"epoch {source.epoch:<4} {source.state:<9} {holder}, checkpoint "
+            f"{source.checkpoint}, lag {source.lag_events} ({source.lag_seconds:.1f}s)"
+        )
+    for warning in found.warnings:
+        print(f"WARNING: {warning}")
 
 
-async def status(dsn: str, schema: str, as_json: bool) -> int:
-    """Print the cluster's state read from the database."""
+async def status(dsn: str, schema: str, as_json: bool, lag_bound: LagBound | None = None) -> int:
+    """Print the deployment's state; return 0 when healthy, 1 with warnings."""
     backend = await connect(dsn, schema)
     try:
-        found = await gather_status(backend)
+        await backend.check_schema()
+        found = await gather_cluster_status(backend, lag_bound=lag_bound)
     finally:
         await backend.close()
     if as_json:
-        print(json.dumps(found, indent=2))
+        print(json.dumps(found.to_json(), indent=2))
     else:
         print_status(found)
-    return 0
+    return EXIT_HEALTHY if found.healthy else EXIT_WARNINGS
 
 
 # --- console ------------------------------------------------------------------------
@@ -475,6 +460,12 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(status_parser, "--dsn", help="PostgreSQL DSN (required)")
     _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
+    _from_environment(
+        status_parser,
+        "--fail-on-lag",
+        type=_lag_bound,
+        help="warn (exit 1) when a group lags more than N events or Ns seconds",
+    )
     group_commands.add_parsers(commands, _connection_options)
     console_parser = commands.add_parser(
         "console",
@@ -495,6 +486,13 @@ def parser() -> argparse.ArgumentParser:
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     _from_environment(parser, "--dsn", help="PostgreSQL DSN (required)")
     _from_environment(parser, "--schema", default="eventmill", help="PostgreSQL schema")
+
+
+def _lag_bound(text: str) -> LagBound:
+    try:
+        return LagBound.parse(text)
+    except InvalidSettingsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _needs_dsn(dsn: str | None, command: str) -> str:
@@ -546,7 +544,7 @@ def _dispatch(arguments: argparse.Namespace) -> int:
     if arguments.command == "console":
         token = console_token(arguments.token_file)
         return asyncio.run(console(dsn, arguments.schema, arguments.host, arguments.port, token))
-    return asyncio.run(status(dsn, arguments.schema, arguments.json))
+    return asyncio.run(status(dsn, arguments.schema, arguments.json, arguments.fail_on_lag))
 
 
 if __name__ == "__main__":

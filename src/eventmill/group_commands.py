@@ -92,12 +92,12 @@ def add_parsers(
     ):
         sub = actions.add_parser(action, help=text)
         if action == "retire":
-            sub.add_argument("group")
+            sub.add_argument("group", help="the subscriber group")
         connection_options(sub)
         if action == "list":
             sub.add_argument("--json", action="store_true", help="print JSON")
     reset = commands.add_parser("reset", help="replay a group live on the running nodes")
-    reset.add_argument("group")
+    reset.add_argument("group", help="the subscriber group")
     connection_options(reset)
     where = reset.add_mutually_exclusive_group(required=True)
     where.add_argument("--to-start", action="store_true", help="replay every event")

@@ -633,6 +633,12 @@ class EventProcessingNode:
                 self._fail(failure)
         broker_task.cancel()
         await asyncio.wait([broker_task])  # a failure is reported by _run_broker
+        if isinstance(self.broker, DistributedEventBroker):
+            try:  # status stops listing this node at once
+                async with asyncio.timeout(self.settings.shutdown_timeout.total_seconds()):
+                    await self.backend.nodes.remove(self.node_id)
+            except (TimeoutError, StorageError, LifecycleError) as error:
+                logger.warning("node %s: could not remove its record: %r", self.node_id, error)
 
     def stop(self) -> None:
         """Ask a running node to stop gracefully (``run()`` returns when done). Never

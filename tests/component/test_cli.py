@@ -129,7 +129,7 @@ def test_migrate_then_status_then_run_stops_on_sigterm() -> None:
         assert again.returncode == 0 and "up to date" in again.stdout
         empty = eventmill("status", "--dsn", TEST_DSN, "--schema", schema, "--json")
         assert empty.returncode == 0, empty.stderr
-        assert json.loads(empty.stdout)["subscribers"] == []
+        assert json.loads(empty.stdout)["sources"] == []
         table = eventmill("status", "--dsn", TEST_DSN, "--schema", schema)
         assert table.returncode == 0 and "0 nodes" in table.stdout
 

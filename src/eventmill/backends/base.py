@@ -268,6 +268,44 @@ class SubscriberStateStore(ABC):
         """Delete the records last seen more than ``max_age`` ago; return how many."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeRecord:
+    """A node that heartbeats (any mode, coordinator-only ones included): its
+    ``mode`` (``coordinator``, ``observer`` or ``both``), when it started and was last
+    seen (the storage's clock) and, while it leads, ``leader_term`` (the how-manieth
+    time this node became the leader) and ``leader_since``."""
+
+    node_id: str
+    mode: str
+    started_at: datetime
+    last_seen: datetime
+    leader_term: int | None
+    leader_since: datetime | None
+
+
+class NodeStateStore(ABC):
+    """One record per node, refreshed by its subscriber manager's heartbeat; read by
+    ``eventmill status``. Raises InvalidIdentifierError for a bad node id and
+    StorageError when storage fails."""
+
+    @abstractmethod
+    async def heartbeat(self, node_id: str, mode: str, *, leader_term: int | None) -> None:
+        """Create or refresh the record: ``last_seen`` now; ``leader_since`` now when
+        ``leader_term`` changes from None or another term, None when it is None."""
+
+    @abstractmethod
+    async def remove(self, node_id: str) -> None:
+        """Delete the record (graceful stop). Harmless when missing."""
+
+    @abstractmethod
+    async def list(self) -> list[NodeRecord]:
+        """Every record, ordered by node id."""
+
+    @abstractmethod
+    async def purge(self, max_age: timedelta) -> int:
+        """Delete the records last seen more than ``max_age`` ago; return how many."""
+
+
 class HoldingState(enum.Enum):
     """Where a (group, source) stands in a handover."""
 
@@ -841,6 +879,15 @@ class Backend(ABC):
     @abstractmethod
     def parked(self) -> ParkedStreamStorage:
         """Streams held back after a processor failed, and skipped events."""
+
+    @property
+    @abstractmethod
+    def nodes(self) -> NodeStateStore:
+        """Which nodes are alive, in which mode, and which leads."""
+
+    async def schema_version(self) -> int | None:
+        """The newest schema migration applied (None: a backend without a schema)."""
+        return None
 
     async def check_schema(self) -> None:  # noqa: B027 (storage without a schema)
         """Raise SchemaError when the storage is not at this code's schema version (a

@@ -34,6 +34,8 @@ from eventmill.backends.base import (
     Lock,
     LockHolder,
     LockManager,
+    NodeRecord,
+    NodeStateStore,
     ParkedRequest,
     ParkedStream,
     ParkedStreamStorage,
@@ -1014,6 +1016,48 @@ class InMemoryGroupStorage(GroupStorage):
         return log[-1].sequence_number if log else None
 
 
+class InMemoryNodeStateStore(NodeStateStore):
+    """Node records in a dict; ages by this process's clock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, NodeRecord] = {}
+
+    async def heartbeat(self, node_id: str, mode: str, *, leader_term: int | None) -> None:
+        check_name(node_id, "node id")
+        with self._lock:
+            now = datetime.now(UTC)
+            old = self._records.get(node_id)
+            since = None
+            if leader_term is not None:
+                kept = old is not None and old.leader_term == leader_term
+                since = old.leader_since if kept and old is not None else now
+            self._records[node_id] = NodeRecord(
+                node_id=node_id,
+                mode=mode,
+                started_at=now if old is None else old.started_at,
+                last_seen=now,
+                leader_term=leader_term,
+                leader_since=since,
+            )
+
+    async def remove(self, node_id: str) -> None:
+        with self._lock:
+            self._records.pop(node_id, None)
+
+    async def list(self) -> list[NodeRecord]:
+        with self._lock:
+            return [self._records[key] for key in sorted(self._records)]
+
+    async def purge(self, max_age: timedelta) -> int:
+        limit = datetime.now(UTC) - check_age(max_age, "max_age")
+        with self._lock:
+            old = [key for key, record in self._records.items() if record.last_seen < limit]
+            for key in old:
+                del self._records[key]
+            return len(old)
+
+
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
 
@@ -1029,6 +1073,7 @@ class InMemoryBackend(Backend):
         self._groups = InMemoryGroupStorage(
             self._events, self._checkpoints, self._subscribers, self._subscriptions, self._parked
         )
+        self._nodes = InMemoryNodeStateStore()
 
     @property
     def events(self) -> InMemoryEventStorage:
@@ -1065,6 +1110,10 @@ class InMemoryBackend(Backend):
     @property
     def groups(self) -> InMemoryGroupStorage:
         return self._groups
+
+    @property
+    def nodes(self) -> InMemoryNodeStateStore:
+        return self._nodes
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

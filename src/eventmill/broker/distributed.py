@@ -138,6 +138,8 @@ class DistributedEventBroker(EventBroker):
             purge_interval=s.subscriber_manager_purge_interval,
             subscriber_max_age=max_age,
             on_membership_change=self._membership_changed,
+            mode="both" if coordinate and observe else "coordinator" if coordinate else "observer",
+            leader_term=self._leader_term,
         )
         if self.observer is not None:  # the observer's rounds confirm the manager's lease
             self.observer.lease = self.manager.lease
@@ -163,6 +165,9 @@ class DistributedEventBroker(EventBroker):
     def is_leader(self) -> bool:
         """Whether this node coordinates now."""
         return self.coordinator is not None and self.coordinator.is_leader
+
+    def _leader_term(self) -> int | None:
+        return self.coordinator.terms if self.is_leader and self.coordinator else None
 
     async def register(self, subscriber: EventSubscriber) -> None:
         """Record ``subscriber`` alive; the leader will give it sources. Raises

@@ -21,6 +21,10 @@ class EventSubscriberManager(BrokerLoop):
     than ``subscriber_max_age`` every ``purge_interval``, and removes its own records
     when unregistering (so their sources move at once).
 
+    Each heartbeat also refreshes the node's own record (``backend.nodes``): its
+    ``mode`` and, from ``leader_term``, the term it leads in (None: not leading); node
+    records not seen for 12 max ages are purged.
+
     ``on_membership_change`` (if given) is called after a register or unregister.
     """
 
@@ -33,6 +37,8 @@ class EventSubscriberManager(BrokerLoop):
         purge_interval: timedelta = timedelta(seconds=5),
         subscriber_max_age: timedelta = timedelta(seconds=5),
         on_membership_change: Callable[[], None] | None = None,
+        mode: str = "observer",
+        leader_term: Callable[[], int | None] | None = None,
     ) -> None:
         super().__init__(heartbeat_interval, what="subscriber_manager_heartbeat_interval")
         self._backend = backend
@@ -40,6 +46,8 @@ class EventSubscriberManager(BrokerLoop):
         self._purge_interval = check_interval(purge_interval, "subscriber_manager_purge_interval")
         self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
         self._on_change = on_membership_change
+        self.mode = mode
+        self._leader_term = leader_term
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._next_purge = 0.0
         """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
@@ -82,16 +90,19 @@ class EventSubscriberManager(BrokerLoop):
             self._on_change()
 
     async def run_round(self) -> timedelta | None:
-        """Heartbeat every local subscriber (one ``heartbeat_all``), then purge when due.
-        Raises StorageError."""
+        """Heartbeat every local subscriber (one ``heartbeat_all``) and the node, then
+        purge when due. Raises StorageError."""
         started = time.monotonic()
         await self._backend.subscribers.heartbeat_all(
             self.node_id,
             [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()],
         )
         self.lease.renewed(started)
+        term = None if self._leader_term is None else self._leader_term()
+        await self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
         if started >= self._next_purge:
             await self._backend.subscribers.purge(self._max_age)
+            await self._backend.nodes.purge(self._max_age * 12)
             self._next_purge = started + self._purge_interval.total_seconds()
         return None
 

@@ -43,6 +43,7 @@ from eventmill.backends.postgres.event_storage import PostgresEventStorage
 from eventmill.backends.postgres.groups import PostgresGroupStorage
 from eventmill.backends.postgres.locks import PostgresLockManager
 from eventmill.backends.postgres.loop_pools import LoopConnectionPool
+from eventmill.backends.postgres.nodes import PostgresNodeStateStore
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
@@ -96,6 +97,7 @@ class PostgresBackend(Backend):
         self._locks = PostgresLockManager(self)
         self._subscribers = PostgresSubscriberStateStore(self)
         self._subscriptions = PostgresSubscriptionStateStore(self)
+        self._nodes = PostgresNodeStateStore(self)
         self._parked = PostgresParkedStreamStorage(self)
         self._groups = PostgresGroupStorage(self)
 
@@ -207,6 +209,10 @@ class PostgresBackend(Backend):
     def groups(self) -> PostgresGroupStorage:
         return self._groups
 
+    @property
+    def nodes(self) -> PostgresNodeStateStore:
+        return self._nodes
+
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.
 
@@ -308,6 +314,15 @@ class PostgresBackend(Backend):
         """
         async with self.connection() as connection:
             return await schema_installer.install(connection, self.schema)
+
+    async def schema_version(self) -> int | None:
+        """The newest migration applied. Raises SchemaError when not installed."""
+        async with self.connection() as connection:
+            cursor = await connection.execute(
+                self.sql("SELECT max(version) FROM {schema}.schema_version")
+            )
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
 
     async def check_schema(self) -> None:
         """Raise SchemaError, naming ``eventmill migrate``, when the schema is missing,
