@@ -10,7 +10,8 @@ For each backend (in memory, PostgreSQL):
 - ``drain.checkpoint_1``: the same over 10,000 events, saving after every event.
 - ``latency.push`` / ``latency.poll``: publish-to-processor time, p50 and p99, for a
   subscriber that waits for wake-ups (push) or only polls every second (poll), one event
-  at a time; and the CPU an idle push subscriber uses (share of one core).
+  at a time, publishes 0-10 ms apart (dense) and 10-250 ms apart (sparse); and the CPU
+  an idle push subscriber uses (share of one core).
 
 Medians of 3 runs. PostgreSQL: ``EVENTMILL_TEST_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``), in a throwaway schema.
@@ -53,6 +54,8 @@ PUSH_SAMPLES = 200
 POLL_SAMPLES = 10
 POLL_INTERVAL = timedelta(seconds=1)
 IDLE_SECONDS = 3.0
+DENSE_GAPS = (0.0, 0.01)
+SPARSE_GAPS = (0.01, 0.25)
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 BENCH = CategoryIdentifier("bench")
 
@@ -135,8 +138,11 @@ async def drain_rate(
     return count / (time.perf_counter() - started), count
 
 
-async def latency(backend: Backend, *, push: bool, samples: int) -> list[float]:
-    """Publish one event at a time; the time until the processor sees each, in ms."""
+async def latency(
+    backend: Backend, *, push: bool, samples: int, gaps: tuple[float, float]
+) -> list[float]:
+    """Publish one event at a time, ``gaps`` (min, max seconds, uniform) apart; the time
+    until the processor sees each, in ms."""
     seen: asyncio.Queue[float] = asyncio.Queue()
 
     async def record(event: StoredEvent) -> None:
@@ -163,7 +169,7 @@ async def latency(backend: Backend, *, push: bool, samples: int) -> list[float]:
     results: list[float] = []
     try:
         for _ in range(samples):
-            await asyncio.sleep(chooser.random() * (0.01 if push else 1.0))
+            await asyncio.sleep(gaps[0] + chooser.random() * (gaps[1] - gaps[0]))
             await stream.publish([NewEvent(name="ping", payload={"sent": time.perf_counter()})])
             results.append(await asyncio.wait_for(seen.get(), 10))
     finally:
@@ -222,10 +228,11 @@ async def measure(kind: str, backend: Backend) -> None:
         for repeat in range(REPEATS)
     ]
     report(f"{kind}.consumers.drain.checkpoint_1", median(eager), "events/s", repeats=REPEATS)
-    pushed = await latency(backend, push=True, samples=PUSH_SAMPLES)
-    report(f"{kind}.consumers.latency.push.p50", percentile(pushed, 0.5), "ms")
-    report(f"{kind}.consumers.latency.push.p99", percentile(pushed, 0.99), "ms")
-    polled = await latency(backend, push=False, samples=POLL_SAMPLES)
+    for spacing, gaps in (("dense", DENSE_GAPS), ("sparse", SPARSE_GAPS)):
+        pushed = await latency(backend, push=True, samples=PUSH_SAMPLES, gaps=gaps)
+        report(f"{kind}.consumers.latency.push.{spacing}.p50", percentile(pushed, 0.5), "ms")
+        report(f"{kind}.consumers.latency.push.{spacing}.p99", percentile(pushed, 0.99), "ms")
+    polled = await latency(backend, push=False, samples=POLL_SAMPLES, gaps=(0.0, 1.0))
     report(f"{kind}.consumers.latency.poll_1s.p50", percentile(polled, 0.5), "ms")
     report(f"{kind}.consumers.latency.poll_1s.p99", percentile(polled, 0.99), "ms")
     report(f"{kind}.consumers.idle_cpu", await idle_cpu(backend) * 100, "% of a core")
