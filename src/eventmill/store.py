@@ -133,7 +133,9 @@ class EventStream(EventSourceHandle):
         UnmetWriteConditionError when ``condition`` does not hold, StorageError when
         the backend fails. In every failure case nothing is written.
         """
-        if isinstance(events, NewEvent) or not isinstance(events, Sequence):
+        if type(events) is not list and (
+            isinstance(events, NewEvent) or not isinstance(events, Sequence)
+        ):
             raise InvalidEventError(f"publish takes a sequence of NewEvent, not {describe(events)}")
         if not events:
             raise InvalidEventError("publish needs at least one event")

@@ -76,7 +76,7 @@ from eventmill.events import (
     StoredEvent,
     StreamIdentifier,
     check_name,
-    new_event_id,
+    new_event_ids,
     source_key,
     stream_bucket,
 )
@@ -120,7 +120,7 @@ class InMemoryEventStorage(EventStorage):
             sequence_number = len(self._log) + 1
             stored = [
                 StoredEvent(
-                    id=new_event_id(),
+                    id=event_id,
                     name=event.name,
                     category=stream.category,
                     stream=stream.stream,
@@ -131,7 +131,9 @@ class InMemoryEventStorage(EventStorage):
                     occurred_at=event.occurred_at,
                     observed_at=observed_at,
                 )
-                for offset, event in enumerate(events)
+                for offset, (event_id, event) in enumerate(
+                    zip(new_event_ids(len(events)), events, strict=True)
+                )
             ]
             self._log.extend(stored)
             category.extend(stored)
