@@ -5,7 +5,8 @@ recorders (PostgreSQL and POPO), run by the interpreter of ``.venv-peers``.
 ``{"values": [...]}`` (events/s, or latencies in ms for the latency workloads).
 
 What each workload does on this side, so the work matches eventmill's: publishing
-encodes the payload dict to JSON bytes (``state``) and records it with a fresh UUID
+(in memory timed in CPU seconds of the process, as on eventmill's side) encodes the
+payload dict to JSON bytes (``state``) and records it with a fresh UUID
 originator per stream and the next version; reading pages through the notifications in
 order (``select_notifications``, the application sequence: the table holds one kind of
 event, so it is the category) and decodes each ``state`` back to a dict. Latency is a
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -81,12 +83,14 @@ class Streams:
         ]
 
 
-def publish_rate(insert: Any, events: int, batch: int) -> float:
+def publish_rate(
+    insert: Any, events: int, batch: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     streams = Streams()
-    started = time.perf_counter()
+    started = clock()
     for start in range(0, events, batch):
         insert(streams.events(range(start, start + batch)))
-    return events / (time.perf_counter() - started)
+    return events / (clock() - started)
 
 
 def writers_rate(made: PostgresApplicationRecorder, writers: int, each: int) -> float:
@@ -162,12 +166,22 @@ def latencies(
 def run(workload: str, repeats: int, schema: str, sizes: dict[str, int]) -> list[float]:
     if workload == "memory.publish.single":
         return [
-            publish_rate(POPOApplicationRecorder().insert_events, sizes["memory_single"], 1)
+            publish_rate(
+                POPOApplicationRecorder().insert_events,
+                sizes["memory_single"],
+                1,
+                time.process_time,
+            )
             for _ in range(repeats)
         ]
     if workload == "memory.publish.batch_100":
         return [
-            publish_rate(POPOApplicationRecorder().insert_events, sizes["memory_batch"], 100)
+            publish_rate(
+                POPOApplicationRecorder().insert_events,
+                sizes["memory_batch"],
+                100,
+                time.process_time,
+            )
             for _ in range(repeats)
         ]
     if workload == "postgres.publish.single":
