@@ -10,6 +10,8 @@
   sources, exact lag and warnings (``eventmill.cluster_status``); exit code 0 healthy,
   1 warnings, 2 cannot check.
 - ``eventmill groups list|retire`` and ``eventmill reset``: see ``eventmill.group_commands``;
+- ``eventmill parked list|retry|skip``: streams held back after a processor failed, see
+  ``eventmill.parked_commands``;
 - ``eventmill console --dsn DSN [--port P] [--host H]``: the operations console, a live
   web page of the cluster (needs the ``console`` extra); actions only with an operator
   token from ``$EVENTMILL_CONSOLE_TOKEN`` or ``--token-file``.
@@ -35,7 +37,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from eventmill import __version__, group_commands
+from eventmill import __version__, group_commands, parked_commands
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.broker.distributed import default_node_id
@@ -467,6 +469,7 @@ def parser() -> argparse.ArgumentParser:
         help="warn (exit 1) when a group lags more than N events or Ns seconds",
     )
     group_commands.add_parsers(commands, _connection_options)
+    parked_commands.add_parsers(commands, _connection_options)
     console_parser = commands.add_parser(
         "console",
         help="serve the operations console, a live web page of the cluster",
@@ -539,6 +542,8 @@ def _dispatch(arguments: argparse.Namespace) -> int:
     dsn = _needs_dsn(arguments.dsn, arguments.command)
     if arguments.command in group_commands.COMMANDS:
         return asyncio.run(group_commands.run(arguments, dsn, connect))
+    if arguments.command in parked_commands.COMMANDS:
+        return asyncio.run(parked_commands.run(arguments, dsn, connect))
     if arguments.command == "migrate":
         return asyncio.run(migrate(dsn, arguments.schema))
     if arguments.command == "console":
