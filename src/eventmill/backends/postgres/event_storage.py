@@ -26,7 +26,7 @@ as well.
 Reading. The log, categories and partitions are read by two statements pipelined
 (one round trip): the first takes the visibility watermark ({schema}.read_watermark():
 the oldest transaction id among publishers in flight, found in ``pg_locks``, or the
-snapshot's xmax when none is; migration 0007 says why it is exact, prepared (2PC)
+snapshot's xmax when none is; migration 0008 says why it is exact, prepared (2PC)
 publishers included), the second reads. Under READ COMMITTED the read's snapshot is
 taken after the watermark's lock scan, so it sees every publisher that had ended by
 then. The reads run under READ COMMITTED whatever the server's, database's, role's or
