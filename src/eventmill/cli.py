@@ -46,6 +46,7 @@ from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
 from eventmill.errors import EventmillError, InvalidSettingsError
 from eventmill.events import check_name, identifier_from_json
 from eventmill.node import EventProcessingNode, NodeMode
+from eventmill.rebuilds import print_projections, projection_status
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -280,12 +281,14 @@ async def status(dsn: str, schema: str, as_json: bool, lag_bound: LagBound | Non
     try:
         await backend.check_schema()
         found = await gather_cluster_status(backend, lag_bound=lag_bound)
+        projections = await projection_status(backend)
     finally:
         await backend.close()
     if as_json:
-        print(json.dumps(found.to_json(), indent=2))
+        print(json.dumps({**found.to_json(), "projections": projections}, indent=2))
     else:
         print_status(found)
+        print_projections(projections)
     return EXIT_HEALTHY if found.healthy else EXIT_WARNINGS
 
 

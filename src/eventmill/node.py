@@ -43,7 +43,7 @@ from eventmill.broker.distributed import (
 )
 from eventmill.broker.singleton import SingletonEventBroker
 from eventmill.consumers.failures import FailurePolicy, check_failure_policy
-from eventmill.consumers.processors import Processor
+from eventmill.consumers.processors import Processor, TransactionalEventProcessor
 from eventmill.consumers.subscription_consumer import (
     EventSubscriber,
     EventSubscriptionConsumer,
@@ -58,6 +58,7 @@ from eventmill.errors import (
     StorageError,
 )
 from eventmill.events import EventSourceIdentifier, StreamIdentifier, check_name
+from eventmill.rebuilds import ProjectionKeeper, Setup, check_projection, versioned_group
 from eventmill.services.error_handlers import (
     ErrorHandler,
     ErrorHandlingService,
@@ -300,6 +301,9 @@ class SubscriberHandle:
         self.started: asyncio.Task[None] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.removed = False
+        self.keeper: ProjectionKeeper | None = None
+        """The upkeep of a versioned projection (``register_projection``), else None."""
+        self.keeping: asyncio.Task[None] | None = None
 
     @property
     def group(self) -> str:
@@ -480,6 +484,53 @@ class EventProcessingNode:
             handle.started = asyncio.get_running_loop().create_task(self._start(handle))
         return handle
 
+    def register_projection(
+        self,
+        *,
+        name: str,
+        version: int,
+        source: EventSourceIdentifier | Sequence[EventSourceIdentifier],
+        processor: TransactionalEventProcessor,
+        setup: Setup | None = None,
+        partitions: int | None = None,
+        cutover_lag: int = 100,
+        retire_grace: timedelta = timedelta(minutes=10),
+        check_interval: timedelta = timedelta(seconds=1),
+    ) -> SubscriberHandle:
+        """Register ``version`` of the versioned projection ``name``: the subscriber
+        group ``name-vN`` builds it with ``processor`` (after ``setup`` created its
+        tables) while the serving version keeps serving; once at most ``cutover_lag``
+        events behind it takes over the read alias, and the version it replaced is
+        dropped ``retire_grace`` later. A node registering a version a newer one
+        replaced does not run it. See ``eventmill.rebuilds``. Raises as
+        ``register_subscriber`` does."""
+        if not isinstance(processor, TransactionalEventProcessor):
+            raise InvalidInputError(
+                f"a versioned projection needs a TransactionalEventProcessor: {processor!r:.80}"
+            )
+        name, version = check_projection(name, version)
+        handle = self.register_subscriber(
+            group=versioned_group(name, version),
+            source=source,
+            processor=processor,
+            partitions=partitions,
+        )
+        handle.keeper = ProjectionKeeper(
+            self.backend,
+            name=name,
+            version=version,
+            sources=handle.subscriber.subscription_requests,
+            setup=setup,
+            cutover_lag=cutover_lag,
+            retire_grace=retire_grace,
+            check_interval=check_interval,
+        )
+        return handle
+
+    async def _keep(self, handle: SubscriberHandle, keeper: ProjectionKeeper) -> None:
+        await keeper.run()
+        await self._remove(handle)  # replaced by a newer version
+
     @property
     def subscribers(self) -> list[SubscriberHandle]:
         """The registered subscribers (not removed), in registration order."""
@@ -493,6 +544,9 @@ class EventProcessingNode:
         """Start the handle's polling (in its isolation) and register it with the
         broker; a failure is reported to ``run()`` and raised."""
         try:
+            if handle.keeper is not None and not await handle.keeper.prepare():
+                handle.removed = True  # a newer version of the projection serves
+                return
             registered: EventSubscriber = handle.subscriber
             if handle.isolation_mode is not IsolationMode.MAIN_THREAD:
                 bound = _LoopBoundSubscriber(handle.subscriber)
@@ -507,6 +561,10 @@ class EventProcessingNode:
             handle.watcher = asyncio.get_running_loop().create_task(self._watch(manager))
             await self.broker.register(registered)
             handle.registered = registered
+            if handle.keeper is not None:
+                handle.keeping = asyncio.get_running_loop().create_task(
+                    self._keep(handle, handle.keeper)
+                )
         except BaseException as failure:
             self._fail(failure)
             raise
@@ -536,6 +594,8 @@ class EventProcessingNode:
     async def _stop_subscriber(self, handle: SubscriberHandle) -> None:
         """Unregister (withdraw: batches finish, checkpoints saved; record removed),
         then stop the polling."""
+        if handle.keeping is not None and handle.keeping is not asyncio.current_task():
+            handle.keeping.cancel()
         if handle.registered is not None:
             try:
                 async with asyncio.timeout(self.settings.shutdown_timeout.total_seconds()):

@@ -837,6 +837,70 @@ class GroupStorage(ABC):
         number, or the latest sequence number when there is none (None: no events)."""
 
 
+class VersionState(enum.Enum):
+    """Where one version of a versioned projection stands (blue/green rebuilds)."""
+
+    BUILDING = "building"
+    """Being built in its own tables; readers do not see it."""
+    SERVING = "serving"
+    """What the projection's read alias shows."""
+    RETIRING = "retiring"
+    """Replaced by a newer version; dropped once ``retire_after`` has passed."""
+    RETIRED = "retired"
+    """Its tables are dropped (or it was declared after a newer version served)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProjectionVersion:
+    """One version of a versioned projection. ``changed_at``: when it entered its
+    state; ``behind`` and ``eta_seconds``: the build's progress as last reported."""
+
+    name: str
+    version: int
+    state: VersionState
+    declared_at: datetime
+    changed_at: datetime
+    retire_after: datetime | None = None
+    behind: int | None = None
+    eta_seconds: float | None = None
+
+
+class ProjectionVersionStorage(ABC):
+    """The versions of versioned projections and their read alias. On PostgreSQL each
+    version has a schema of its own for its tables, and the alias is a schema of views
+    (see ``backends/postgres/projection_versions.py``). Every method raises
+    StorageError when storage fails."""
+
+    @abstractmethod
+    async def declare(self, name: str, version: int) -> ProjectionVersion:
+        """The record of ``version``, created BUILDING (with its empty namespace) when
+        new, unless a newer version already serves: then a RETIRED record is returned
+        and nothing stored (an old node must not build an old version)."""
+
+    @abstractmethod
+    async def versions(self, name: str | None = None) -> list[ProjectionVersion]:
+        """Every recorded version (of ``name``), by name then version."""
+
+    @abstractmethod
+    async def report(
+        self, name: str, version: int, *, behind: int, eta_seconds: float | None
+    ) -> None:
+        """Record a BUILDING version's progress (shown by ``eventmill status``)."""
+
+    @abstractmethod
+    async def cut_over(self, name: str, version: int, *, grace: timedelta) -> bool:
+        """Atomically make the BUILDING ``version`` serve (the alias shows it from the
+        commit on) and the version serving until now RETIRING, to be dropped after
+        ``grace``. False, changing nothing, when ``version`` is not BUILDING or a newer
+        version serves or retires already."""
+
+    @abstractmethod
+    async def retire(self, name: str, version: int, *, now: bool = False) -> bool:
+        """Drop the tables of the RETIRING ``version`` once its ``retire_after`` has
+        passed (at once with ``now``, also for a BUILDING version) and mark it RETIRED;
+        False, changing nothing, when it is not due or is not in such a state."""
+
+
 class Backend(ABC):
     """A storage backend: the bundle of ports one deployment shares."""
 
@@ -897,6 +961,11 @@ class Backend(ABC):
     @abstractmethod
     def groups(self) -> GroupStorage:
         """Whole groups: list, retire, reset."""
+
+    @property
+    @abstractmethod
+    def projection_versions(self) -> ProjectionVersionStorage:
+        """Versions of versioned projections (blue/green) and their read alias."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -42,6 +42,8 @@ from eventmill.backends.base import (
     Projection,
     ProjectionFilterValue,
     ProjectionStorage,
+    ProjectionVersion,
+    ProjectionVersionStorage,
     Release,
     Remove,
     Revoke,
@@ -51,6 +53,7 @@ from eventmill.backends.base import (
     SubscriberStateStore,
     SubscriptionChange,
     SubscriptionStateStore,
+    VersionState,
     check_age,
     check_changes,
     check_requests,
@@ -1060,6 +1063,89 @@ class InMemoryNodeStateStore(NodeStateStore):
             return len(old)
 
 
+class InMemoryProjectionVersionStorage(ProjectionVersionStorage):
+    """Versions in a dict; there are no tables, so the alias is the SERVING record."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[str, int], ProjectionVersion] = {}
+
+    def _newer_done(self, name: str, version: int) -> bool:
+        return any(
+            n == name and v > version and r.state is not VersionState.BUILDING
+            for (n, v), r in self._records.items()
+        )
+
+    async def declare(self, name: str, version: int) -> ProjectionVersion:
+        now = datetime.now(UTC)
+        with self._lock:
+            found = self._records.get((name, version))
+            if found is not None:
+                return found
+            record = ProjectionVersion(
+                name=name,
+                version=version,
+                state=VersionState.BUILDING,
+                declared_at=now,
+                changed_at=now,
+            )
+            if self._newer_done(name, version):
+                return replace(record, state=VersionState.RETIRED)
+            self._records[name, version] = record
+            return record
+
+    async def versions(self, name: str | None = None) -> list[ProjectionVersion]:
+        with self._lock:
+            return [r for key, r in sorted(self._records.items()) if name in (None, key[0])]
+
+    async def report(
+        self, name: str, version: int, *, behind: int, eta_seconds: float | None
+    ) -> None:
+        with self._lock:
+            found = self._records.get((name, version))
+            if found is not None and found.state is VersionState.BUILDING:
+                self._records[name, version] = replace(
+                    found, behind=behind, eta_seconds=eta_seconds
+                )
+
+    async def cut_over(self, name: str, version: int, *, grace: timedelta) -> bool:
+        now = datetime.now(UTC)
+        with self._lock:
+            found = self._records.get((name, version))
+            if found is None or found.state is not VersionState.BUILDING:
+                return False
+            if self._newer_done(name, version):
+                return False
+            for key, record in self._records.items():
+                if key[0] == name and record.state is VersionState.SERVING:
+                    self._records[key] = replace(
+                        record,
+                        state=VersionState.RETIRING,
+                        changed_at=now,
+                        retire_after=now + grace,
+                    )
+            self._records[name, version] = replace(
+                found, state=VersionState.SERVING, changed_at=now, behind=0, eta_seconds=None
+            )
+            return True
+
+    async def retire(self, name: str, version: int, *, now: bool = False) -> bool:
+        moment = datetime.now(UTC)
+        with self._lock:
+            found = self._records.get((name, version))
+            if found is None:
+                return False
+            due = found.state is VersionState.RETIRING and (
+                now or (found.retire_after is not None and found.retire_after <= moment)
+            )
+            if not (due or (now and found.state is VersionState.BUILDING)):
+                return False
+            self._records[name, version] = replace(
+                found, state=VersionState.RETIRED, changed_at=moment
+            )
+            return True
+
+
 class InMemoryBackend(Backend):
     """Every port kept in this process. Constructing it does no I/O."""
 
@@ -1072,6 +1158,7 @@ class InMemoryBackend(Backend):
         self._subscribers = InMemorySubscriberStateStore()
         self._subscriptions = InMemorySubscriptionStateStore(self._subscribers)
         self._parked = InMemoryParkedStreamStorage()
+        self._projection_versions = InMemoryProjectionVersionStorage()
         self._groups = InMemoryGroupStorage(
             self._events, self._checkpoints, self._subscribers, self._subscriptions, self._parked
         )
@@ -1116,6 +1203,10 @@ class InMemoryBackend(Backend):
     @property
     def nodes(self) -> InMemoryNodeStateStore:
         return self._nodes
+
+    @property
+    def projection_versions(self) -> InMemoryProjectionVersionStorage:
+        return self._projection_versions
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""

@@ -46,6 +46,7 @@ from eventmill.backends.postgres.loop_pools import LoopConnectionPool
 from eventmill.backends.postgres.nodes import PostgresNodeStateStore
 from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
+from eventmill.backends.postgres.projection_versions import PostgresProjectionVersionStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
@@ -100,6 +101,7 @@ class PostgresBackend(Backend):
         self._nodes = PostgresNodeStateStore(self)
         self._parked = PostgresParkedStreamStorage(self)
         self._groups = PostgresGroupStorage(self)
+        self._projection_versions = PostgresProjectionVersionStorage(self)
 
     @classmethod
     async def connect(
@@ -212,6 +214,10 @@ class PostgresBackend(Backend):
     @property
     def nodes(self) -> PostgresNodeStateStore:
         return self._nodes
+
+    @property
+    def projection_versions(self) -> PostgresProjectionVersionStorage:
+        return self._projection_versions
 
     def sql(self, text: str) -> sql.Composed:
         """``text`` with ``{schema}`` replaced by the quoted schema name.

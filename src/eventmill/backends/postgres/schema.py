@@ -23,6 +23,7 @@ from eventmill.errors import SchemaError
 # Advisory lock class ids used by eventmill (first key of the two-integer form).
 PUBLISH_LOCK_CLASS = 1162690868  # publish's critical section, keyed by sequence oid
 MIGRATION_LOCK_CLASS = 1162690869  # schema installs, keyed by hashtext(schema name)
+VERSION_LOCK_CLASS = 1162690870  # projection version upkeep, keyed by hashtext(name)
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
