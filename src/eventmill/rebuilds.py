@@ -15,9 +15,8 @@ version serving until now keeps serving through the read alias (PostgreSQL: the 
 of ``alias_schema``). A ``ProjectionKeeper`` runs next to each version's subscriber on
 every node that registers it; every ``check_interval`` it:
 
-1. reports the build's progress (``behind``: at most this many events are left, the
-   sum over its sources of the sequence-number distance from the checkpoint to the
-   source's latest event; the ETA from how fast that shrinks), shown by
+1. reports the build's progress (``behind``: the events left after its checkpoints,
+   counted by ``EventStorage.lags``; the ETA from how fast that shrinks), shown by
    ``eventmill status``;
 2. once the building version is at most ``cutover_lag`` behind, cuts over: in one
    transaction the alias switches to it and the old version becomes RETIRING;
@@ -49,7 +48,7 @@ from eventmill.backends.base import (
     VersionState,
 )
 from eventmill.errors import GroupInUseError, InvalidSettingsError, StorageError, describe
-from eventmill.events import EventSourceIdentifier, StreamIdentifier
+from eventmill.events import EventSourceIdentifier
 from eventmill.groups import IN_USE_MAX_AGE
 
 logger = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class ProjectionKeeper:
                 raise InvalidSettingsError(f"{what} must be a timedelta >= 0: {describe(value)}")
         self.retire_grace = retire_grace
         self.check_interval = check_interval
-        self._last: tuple[float, int] | None = None  # (monotonic time, summed checkpoints)
+        self._last: tuple[float, int] | None = None  # (monotonic time, events behind)
 
     async def prepare(self) -> bool:
         """Declare the version and run ``setup``; False when a newer version already
@@ -172,32 +171,20 @@ class ProjectionKeeper:
             logger.info("projection %s: version %d retired", self.name, version)
 
     async def progress(self) -> tuple[int, float | None]:
-        """(at most how many events are left to build, the ETA in seconds or None)."""
-        behind = 0
-        done = 0
+        """(how many events are left to build, the ETA in seconds or None while the
+        backlog does not shrink). Raises StorageError."""
+        places = []
         for source in self.sources:
             checkpoint = await self.backend.checkpoints.get(self.group, source)
-            after = 0 if checkpoint is None or checkpoint.after is None else checkpoint.after
-            latest = await self.backend.events.latest(source)
-            place = (
-                0
-                if latest is None
-                else (latest.position if source_is_stream(source) else latest.sequence_number)
-            )
-            behind += max(0, place - after)
-            done += after
+            places.append((source, None if checkpoint is None else checkpoint.after))
+        behind = sum(lag.events for lag in await self.backend.events.lags(places))
         now = time.monotonic()
         eta = None
-        if self._last is not None and now > self._last[0] and done > self._last[1]:
-            rate = (done - self._last[1]) / (now - self._last[0])
+        if self._last is not None and now > self._last[0] and behind < self._last[1]:
+            rate = (self._last[1] - behind) / (now - self._last[0])
             eta = round(behind / rate, 1)
-        self._last = (now, done)
+        self._last = (now, behind)
         return behind, eta
-
-
-def source_is_stream(source: EventSourceIdentifier) -> bool:
-    """Whether places in ``source`` are positions (a stream) rather than sequence numbers."""
-    return isinstance(source, StreamIdentifier)
 
 
 def _due(record: ProjectionVersion) -> bool:
@@ -229,7 +216,7 @@ def print_projections(projections: list[dict[str, Any]]) -> None:
         progress = ""
         if entry["state"] == VersionState.BUILDING.value and entry["behind"] is not None:
             eta = entry["eta_seconds"]
-            progress = f", at most {entry['behind']} events behind" + (
+            progress = f", {entry['behind']} events behind" + (
                 "" if eta is None else f", ETA {eta:.0f} s"
             )
         elif entry["retire_after"] is not None and entry["state"] == "retiring":

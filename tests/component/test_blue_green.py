@@ -67,6 +67,7 @@ class Summary(TransactionalEventProcessor):
         ).format(table)
 
     async def setup(self, transaction: ConsumerTransaction) -> None:
+        assert transaction.connection is not None  # PostgreSQL
         await transaction.connection.execute(self.create)
 
     async def process_events(
@@ -79,6 +80,7 @@ class Summary(TransactionalEventProcessor):
             total = sums.setdefault(event.stream, [0, 0])
             total[0] += 1
             total[1] += 1 if self.version == 1 else amount
+        assert transaction.connection is not None  # PostgreSQL
         async with transaction.connection.cursor() as cursor:
             await cursor.executemany(
                 self.add, [(stream, n, total) for stream, (n, total) in sorted(sums.items())]
@@ -94,6 +96,7 @@ class Mailer(TransactionalEventProcessor):
     async def process_events(
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
+        assert transaction.connection is not None  # PostgreSQL
         async with transaction.connection.cursor() as cursor:
             await cursor.executemany(self.insert, [(event.id,) for event in events])
 
