@@ -148,7 +148,7 @@ async def test_poison_events_park_move_with_the_source_and_recover(
     nodes = {node_id: start_node(backend.schema, node_id) for node_id in ("n1", "n2", "n3")}
     killed: str | None = None
     try:
-        for _ in range(3):
+        for _ in range(2):
             await publish_round()
 
         async def parked_and_flowing() -> bool:
@@ -157,7 +157,7 @@ async def test_poison_events_park_move_with_the_source_and_recover(
                 sorted(await applied("totals")) == expected({RETRIED: 1, SKIPPED: 1})
                 and sorted(await applied("audit")) == expected({})
                 and sorted((r.stream.stream, r.held) for r in records)
-                == [(RETRIED, 2), (SKIPPED, 2)]
+                == [(RETRIED, 1), (SKIPPED, 1)]
             )
 
         await wait_for(parked_and_flowing, 60, "the poison streams to park, the rest to flow")
@@ -193,7 +193,7 @@ async def test_poison_events_park_move_with_the_source_and_recover(
                 holder not in ([killed], [])
                 and sorted(await applied("totals")) == expected({RETRIED: 1, SKIPPED: 1})
                 and sorted(await applied("audit")) == expected({})
-                and records == {RETRIED: 3, SKIPPED: 3}
+                and records == {RETRIED: 2, SKIPPED: 2}
             )
 
         await wait_for(moved_and_still_held, 60, "the partition to move, still parked")
@@ -231,8 +231,8 @@ async def test_poison_events_park_move_with_the_source_and_recover(
             )
 
         await wait_for(recovered, 60, "the retry and the skip")
-        assert await applied_in_order("totals", RETRIED) == [0, 1, 2, 3]
-        assert await applied_in_order("totals", SKIPPED) == [0, 2, 3]
+        assert await applied_in_order("totals", RETRIED) == [0, 1, 2]
+        assert await applied_in_order("totals", SKIPPED) == [0, 2]
         [skipped] = await backend.parked.skipped(group="totals")
         assert (skipped.stream, skipped.position, skipped.reason) == (
             StreamIdentifier("orders", SKIPPED),
