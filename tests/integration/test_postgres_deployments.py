@@ -20,11 +20,12 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from eventmill import NewEvent, StoredEvent
-from eventmill.backends.postgres import PostgresBackend
+from eventmill.backends.postgres import PostgresBackend, server_checks
+from eventmill.errors import InvalidSettingsError, SchemaError, StorageError
 from eventmill.store import EventSourceHandle, EventStore
 from tests.integration.test_postgres_ordering import raw_publish_numbered, wait_until
 from tests.postgres_support import unique_schema_name
-from tests.servers import PrivateCluster
+from tests.servers import Bouncer, PrivateCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -186,3 +187,121 @@ async def test_readers_miss_nothing_under_any_default_isolation_with_2pc_publish
             ids = {event.id for event in seen}
             assert not ids - wanted, f"{handle}: rolled-back events seen"
             assert not wanted - ids, f"{handle}: {len(wanted - ids)} of {len(wanted)} skipped"
+
+
+async def test_an_orphaned_prepared_publish_holds_readers_back_and_is_not_skipped(
+    private_cluster: PrivateCluster,
+) -> None:
+    async with (
+        private_backend(private_cluster.dsn()) as backend,
+        await psycopg.AsyncConnection.connect(private_cluster.dsn(), autocommit=True) as holder,
+    ):
+        store = EventStore(backend)
+        await holder.execute("BEGIN")
+        held, _ = await raw_publish_numbered(holder, backend, "c", "held", 2)
+        gid = sql.Literal(f"em-{secrets.token_hex(8)}")
+        await holder.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
+        later = await store.stream(category="c", stream="later").publish(events(1))
+        # The prepared publish belongs to no session; it still holds readers back.
+        assert await store.log().read() == []
+        assert await store.category("c").read() == []
+        assert await store.stream(category="c", stream="later").read() == later
+        await holder.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+        assert [e.id for e in await store.log().read()] == [*held, later[0].id]
+        assert [e.id for e in await store.category("c").read()] == [*held, later[0].id]
+
+
+async def test_pgbouncer_in_transaction_mode_is_refused_with_one_line(
+    transaction_bouncer: Bouncer,
+) -> None:
+    with pytest.raises(StorageError) as refused:
+        await PostgresBackend.connect(transaction_bouncer.dsn())
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "pool_mode = transaction" in message and "pool_mode = session" in message
+
+
+async def test_pgbouncer_in_session_mode_works(session_bouncer: Bouncer) -> None:
+    first = await PostgresBackend.connect(
+        session_bouncer.dsn(), schema=unique_schema_name(), max_size=3
+    )
+    second = await PostgresBackend.connect(session_bouncer.dsn(), schema=first.schema)
+    try:
+        await first.install_schema()
+        store = EventStore(first)
+        published = await store.stream(category="c", stream="s").publish(events(3))
+        assert await EventStore(second).category("c").read() == published
+        lock = await first.locks.try_lock("leader")
+        assert lock is not None and await lock.confirm()
+        assert await second.locks.try_lock("leader") is None  # no split brain
+        await lock.release()
+        again = await second.locks.try_lock("leader")
+        assert again is not None
+        await again.release()
+    finally:
+        async with first.connection() as connection:
+            await connection.execute(first.sql("DROP SCHEMA {schema} CASCADE"))
+        await second.close()
+        await first.close()
+
+
+async def test_an_unsupported_server_version_is_refused_at_connect_and_migrate(
+    private_cluster: PrivateCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This machine has PostgreSQL 15 only: the minimum is raised above it instead."""
+    async with private_backend(private_cluster.dsn()) as backend:
+        monkeypatch.setattr(server_checks, "MINIMUM_SERVER_VERSION", 990000)
+        with pytest.raises(StorageError, match=r"^PostgreSQL 15\.\d+ is not supported: "):
+            await PostgresBackend.connect(private_cluster.dsn())
+        with pytest.raises(StorageError, match="eventmill needs PostgreSQL 99 or newer") as caught:
+            await backend.install_schema()
+        assert not isinstance(caught.value, SchemaError)
+
+
+@pytest.mark.parametrize("dsn", [None, 5432, b"host=127.0.0.1"])
+async def test_connect_refuses_a_dsn_that_is_not_text(dsn: object) -> None:
+    with pytest.raises(InvalidSettingsError, match="dsn must be a connection string"):
+        await PostgresBackend.connect(dsn)  # type: ignore[arg-type]
+
+
+async def test_only_errors_about_eventmills_own_objects_are_schema_errors(
+    private_cluster: PrivateCluster,
+) -> None:
+    async with private_backend(private_cluster.dsn()) as backend:
+        with pytest.raises(StorageError) as caught:
+            async with backend.connection() as connection:
+                await connection.execute("SELECT * FROM not_eventmills_table")
+        assert not isinstance(caught.value, SchemaError)
+        with pytest.raises(StorageError) as caught:
+            async with backend.connection() as connection:
+                await connection.execute("SET idle_sessions_timeout = 1")  # unknown setting
+        assert not isinstance(caught.value, SchemaError)
+        other = PostgresBackend(backend.pool, schema=unique_schema_name())
+        with pytest.raises(SchemaError, match="eventmill migrate"):
+            await EventStore(other).log().read()
+
+
+async def test_on_a_standby_log_and_category_reads_refuse_and_stream_reads_work(
+    private_cluster: PrivateCluster, standby: PrivateCluster
+) -> None:
+    async with private_backend(private_cluster.dsn()) as backend:
+        published = await EventStore(backend).stream(category="c", stream="s").publish(events(2))
+        replica = await PostgresBackend.connect(standby.dsn(), schema=backend.schema)
+        try:
+            stream = EventStore(replica).stream(category="c", stream="s")
+
+            async def replayed() -> bool:
+                try:
+                    return len(await stream.read()) == 2
+                except SchemaError:  # the schema itself not replayed yet
+                    return False
+
+            await wait_until(replayed)
+            assert await stream.read() == published
+            for handle in (EventStore(replica).log(), EventStore(replica).category("c")):
+                with pytest.raises(StorageError, match="standby") as refused:
+                    await handle.read()
+                assert "target_session_attrs=read-write" in str(refused.value)
+                assert "\n" not in str(refused.value)
+        finally:
+            await replica.close()

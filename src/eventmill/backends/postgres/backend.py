@@ -48,6 +48,7 @@ from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
 from eventmill.backends.postgres.projection_versions import PostgresProjectionVersionStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
+from eventmill.backends.postgres.server_checks import check_server
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
 from eventmill.errors import (
@@ -122,8 +123,11 @@ class PostgresBackend(Backend):
 
         Blocks until ``min_size`` connections work (at most ``connect_timeout``). Raises
         InvalidSettingsError for bad arguments, StorageError when the database cannot be
-        reached.
+        reached, is older than PostgreSQL 14, or sits behind a pooler that does not keep
+        sessions (PgBouncer in transaction mode; see ``server_checks``).
         """
+        if not isinstance(dsn, str):
+            raise InvalidSettingsError(f"dsn must be a connection string, not {describe(dsn)}")
         check_schema_name(schema)
         if type(min_size) is not int or type(max_size) is not int or not 0 <= min_size <= max_size:
             raise InvalidSettingsError(
@@ -146,14 +150,9 @@ class PostgresBackend(Backend):
             )
         seconds = connect_timeout.total_seconds()
         settings: dict[str, Any] = {"autocommit": True, "application_name": application_name}
-        try:
-            # One direct connection first: a wrong DSN fails at once with the real reason.
-            probe = await psycopg.AsyncConnection.connect(
-                dsn, connect_timeout=max(1, round(seconds)), **settings
-            )
-            await probe.close()
-        except psycopg.Error as error:
-            raise StorageError(f"cannot connect to PostgreSQL: {error}") from error
+        # Direct connections first: a wrong DSN fails at once with the real reason, and
+        # an unsupported server or a pooler that does not keep sessions is refused.
+        await check_server(dsn, settings, max(1, round(seconds)))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             min_size=min_size,

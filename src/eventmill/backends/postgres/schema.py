@@ -18,6 +18,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from eventmill.backends.postgres.server_checks import check_server_version
 from eventmill.errors import SchemaError
 
 # Advisory lock class ids used by eventmill (first key of the two-integer form).
@@ -58,9 +59,11 @@ async def install(connection: AsyncConnection[Any], schema: str) -> list[int]:
     """Create or upgrade ``schema`` over an autocommit ``connection``.
 
     Returns the versions applied now (empty when already up to date). Raises
-    SchemaError when the database records a version this code does not know; driver
-    errors propagate (the caller translates them).
+    SchemaError when the database records a version this code does not know,
+    StorageError when the server is older than eventmill supports; driver errors
+    propagate (the caller translates them).
     """
+    check_server_version(connection.info.server_version)
     identifier = sql.Identifier(schema)
     lock = sql.SQL("SELECT pg_advisory_xact_lock({}, hashtext({}))").format(
         sql.Literal(MIGRATION_LOCK_CLASS), sql.Literal(schema)
