@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade 'pip>=25.1'
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[postgres,console]' --group dev
+	$(BIN)/python -m pip install --quiet -e '.[postgres,console,http,otel]' --group dev
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -34,6 +34,7 @@ import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +46,7 @@ from eventmill.cluster_status import ClusterStatus, LagBound, gather_cluster_sta
 from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
 from eventmill.errors import EventmillError, InvalidSettingsError
 from eventmill.events import check_name, identifier_from_json
+from eventmill.logs import FORMATS, LEVELS, configure_logging
 from eventmill.node import EventProcessingNode, NodeMode
 from eventmill.rebuilds import print_projections, projection_status
 
@@ -132,6 +134,17 @@ def load_factory(target: str, app_dir: str = ".") -> NodeFactory:
     return value  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operations:
+    """``eventmill run``'s logging and HTTP settings."""
+
+    log_level: str = "INFO"
+    log_format: str = "text"
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    ready_max_lag: LagBound | None = None
+
+
 async def run(
     target: str,
     dsn: str | None,
@@ -141,11 +154,14 @@ async def run(
     *,
     pool_size: int = 10,
     app_dir: str = ".",
+    operations: Operations | None = None,
 ) -> int:
     """Make the node with the factory and run it until SIGINT/SIGTERM; return 0. Its
     PostgreSQL connections carry ``application_name`` ``eventmill:<node id>``."""
+    operations = operations or Operations()
     factory = load_factory(target, app_dir)
     node_id = check_name(node_id or default_node_id(), "node id")
+    configure_logging(operations.log_level, operations.log_format, default_node=node_id)
     backend: Backend = (
         InMemoryBackend()
         if dsn is None
@@ -176,7 +192,18 @@ async def run(
         )
         print(f"node {node.node_id} ({node.mode.name}) running{where}; SIGINT or SIGTERM stops it")
         sys.stdout.flush()
-        await node.run()
+        async with contextlib.AsyncExitStack() as stack:
+            if operations.http_port is not None:
+                from eventmill.http import NodeEndpoints, serving
+
+                endpoints = NodeEndpoints(node, lag_bound=operations.ready_max_lag)
+                try:
+                    await stack.enter_async_context(
+                        serving(endpoints, host=operations.http_host, port=operations.http_port)
+                    )
+                except OSError as error:
+                    raise CommandError(str(error)) from None
+            await node.run()
         print(f"node {node.node_id} stopped")
         return 0
     finally:
@@ -453,6 +480,35 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(
         run_parser, "--app-dir", default=".", help="folder to import MODULE from first"
     )
+    _from_environment(
+        run_parser,
+        "--log-level",
+        default="INFO",
+        type=_log_level,
+        help="lowest level logged on stderr: debug, info, warning, error",
+    )
+    _from_environment(
+        run_parser,
+        "--log-format",
+        default="text",
+        type=_log_format,
+        help="text (one line per record) or json (one object per line)",
+    )
+    _from_environment(
+        run_parser,
+        "--http-port",
+        type=_port,
+        help="serve /metrics, /healthz and /readyz on this port (needs eventmill[http])",
+    )
+    _from_environment(
+        run_parser, "--http-host", default="127.0.0.1", help="address to serve HTTP on"
+    )
+    _from_environment(
+        run_parser,
+        "--ready-max-lag",
+        type=_lag_bound,
+        help="/readyz fails while a group lags more than N events or Ns seconds",
+    )
     migrate_parser = commands.add_parser("migrate", help="install or upgrade the schema")
     _from_environment(migrate_parser, "--dsn", help="PostgreSQL DSN (required)")
     _from_environment(migrate_parser, "--schema", default="eventmill", help="PostgreSQL schema")
@@ -492,6 +548,28 @@ def parser() -> argparse.ArgumentParser:
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     _from_environment(parser, "--dsn", help="PostgreSQL DSN (required)")
     _from_environment(parser, "--schema", default="eventmill", help="PostgreSQL schema")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LEVELS).lower()}")
+    return text.upper()
+
+
+def _log_format(text: str) -> str:
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not text or json")
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return value
 
 
 def _lag_bound(text: str) -> LagBound:
@@ -540,6 +618,13 @@ def _dispatch(arguments: argparse.Namespace) -> int:
                 arguments.node_id,
                 pool_size=arguments.pool_size,
                 app_dir=arguments.app_dir,
+                operations=Operations(
+                    log_level=arguments.log_level,
+                    log_format=arguments.log_format,
+                    http_host=arguments.http_host,
+                    http_port=arguments.http_port,
+                    ready_max_lag=arguments.ready_max_lag,
+                ),
             )
         )
     dsn = _needs_dsn(arguments.dsn, arguments.command)

@@ -411,6 +411,8 @@ class NodeProcesses:
             "eventmill",
             "run",
             FACTORY,
+            "--log-level",
+            "warning",
             "--dsn",
             self.dsn,
             "--schema",

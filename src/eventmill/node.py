@@ -58,6 +58,7 @@ from eventmill.errors import (
     StorageError,
 )
 from eventmill.events import EventSourceIdentifier, StreamIdentifier, check_name
+from eventmill.log_fields import CURRENT_NODE
 from eventmill.rebuilds import ProjectionKeeper, Setup, check_projection, versioned_group
 from eventmill.services.error_handlers import (
     ErrorHandler,
@@ -223,6 +224,10 @@ class _SubscriberPasses(Service[int]):
         self._subscriber = subscriber
         self._may_process = may_process
         self.on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None
+        self.events_processed = 0
+        """Events processed by the passes that finished (for metrics)."""
+        self.on_pass: Callable[[float, int], None] | None = None
+        """Called after each pass that finished with its duration (s) and event count."""
 
     async def execute(self) -> int:
         if self.on_loop is not None:
@@ -230,7 +235,12 @@ class _SubscriberPasses(Service[int]):
             self.on_loop = None
         if not self._may_process():
             return 0
-        return await self._subscriber.consume_all()
+        started = time.perf_counter()
+        count = await self._subscriber.consume_all()
+        self.events_processed += count
+        if self.on_pass is not None:
+            self.on_pass(time.perf_counter() - started, count)
+        return count
 
 
 class _LoopBoundSubscriber:
@@ -622,6 +632,7 @@ class EventProcessingNode:
         if self._phase is not _Phase.NEW:
             raise LifecycleError("a node runs only once")
         self._phase = _Phase.RUNNING
+        CURRENT_NODE.set(self.node_id)  # this task's log records, and its children's
         try:
             await self.backend.check_schema()
         except BaseException:
@@ -699,6 +710,17 @@ class EventProcessingNode:
                     await self.backend.nodes.remove(self.node_id)
             except (TimeoutError, StorageError, LifecycleError) as error:
                 logger.warning("node %s: could not remove its record: %r", self.node_id, error)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the node runs and no component has failed (a broker backing off
+        from a storage failure still counts as alive: it recovers by itself)."""
+        return self._phase is _Phase.RUNNING and not self._failures
+
+    @property
+    def ready(self) -> bool:
+        """Whether the node is alive, got ready, and its broker's view is current."""
+        return self.alive and self._ready.is_set() and self._may_process()
 
     def stop(self) -> None:
         """Ask a running node to stop gracefully (``run()`` returns when done). Never

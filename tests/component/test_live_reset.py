@@ -92,6 +92,8 @@ async def test_live_reset_to_start_replays_every_partition_exactly_once(
         node_id: eventmill(
             "run",
             "tests.component.replay_app:make_node",
+            "--log-level",
+            "warning",
             "--dsn",
             TEST_DSN,
             "--schema",

@@ -66,6 +66,8 @@ class Nodes:
                 "eventmill",
                 "run",
                 "tests.component.node_app:make_node",
+                "--log-level",
+                "warning",
                 "--dsn",
                 TEST_DSN,
                 "--schema",

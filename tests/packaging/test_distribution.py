@@ -63,7 +63,14 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
     assert metadata.get_all("Project-URL")
     assert metadata["Keywords"]
     # Dev tools live in a dependency group, not in a published extra.
-    assert set(metadata.get_all("Provides-Extra") or []) == {"postgres", "uvloop", "console"}
+    assert set(metadata.get_all("Provides-Extra") or []) == {
+        "postgres",
+        "uvloop",
+        "console",
+        "metrics",
+        "http",
+        "otel",
+    }
 
 
 def test_version_comes_from_the_metadata() -> None:

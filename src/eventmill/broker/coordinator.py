@@ -40,10 +40,11 @@ import logging
 import time
 from datetime import timedelta
 
-from eventmill.backends.base import Assign, Backend, Lock, SubscriptionChange
+from eventmill.backends.base import Assign, Backend, Lock, Revoke, SubscriptionChange
 from eventmill.broker.allocation import GroupAllocation, allocate
 from eventmill.broker.loop import BrokerLoop, check_interval
 from eventmill.events import check_name
+from eventmill.log_fields import fields
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,22 @@ class EventSubscriptionCoordinator(BrokerLoop):
         if not self.is_leader:
             return None
         await self._backend.subscriptions.apply(changes)
+        for change in changes:
+            if isinstance(change, Assign):
+                logger.info(
+                    "assigned %s to %s on node %s (epoch %d)",
+                    change.source,
+                    change.subscriber_id,
+                    change.node_id,
+                    change.epoch,
+                    extra=fields(group=change.group, source=change.source),
+                )
+            elif isinstance(change, Revoke):
+                logger.info(
+                    "revoking %s from its holder (handover)",
+                    change.source,
+                    extra=fields(group=change.group, source=change.source),
+                )
         return self._next_wait(allocations, changed=True)
 
     def _next_wait(
@@ -180,6 +197,8 @@ class EventSubscriptionCoordinator(BrokerLoop):
         release does not finish in time is left to die with its connection."""
         lock, self._lock = self._lock, None
         watch, self._watch = self._watch, None
+        if lock is not None:
+            logger.info("coordinator: no longer leading (term %d ended)", self.terms)
         if watch is not None:
             watch.cancel()
         try:

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 
 from eventmill.errors import ConflictError, InvalidSettingsError, LifecycleError, StorageError
+from eventmill.log_fields import one_line
 from eventmill.services.cancellation import raise_if_cancelling
 from eventmill.services.error_handlers import ExponentialBackoff
 from eventmill.services.polling import wait_until_woken
@@ -35,7 +36,9 @@ def check_interval(value: object, what: str) -> timedelta:
 class BrokerLoop(Service[None], ABC):
     """Runs ``run_round()`` every ``interval`` until cancelled.
 
-    A round that raises StorageError or ConflictError is logged; the loop then reports
+    A round that raises StorageError or ConflictError is logged (the first of a run of
+    failures at WARNING, the rest at DEBUG, and "recovered after N s" at INFO when a
+    round succeeds again); the loop then reports
     ERRORED (also during the rounds that retry) and waits ``interval`` doubled per
     consecutive failure (capped at 10 s, with jitter) before the next round, and
     recovers by itself after one that succeeds. Any other exception ends the loop.
@@ -107,6 +110,7 @@ class BrokerLoop(Service[None], ABC):
         StorageError or ConflictError."""
         woken = self._woken = asyncio.Event()
         self._status = ProcessStatus.STARTING
+        failing_since = 0.0
         try:
             while True:
                 raise_if_cancelling()
@@ -118,18 +122,28 @@ class BrokerLoop(Service[None], ABC):
                     wait = await self.run_round()
                 except (StorageError, ConflictError) as error:
                     self._failures += 1
+                    if self._failures == 1:
+                        failing_since = started
                     self.last_error = error
                     self._status = ProcessStatus.ERRORED
                     delay = self._backoff.delay(self._failures)
-                    logger.warning(
-                        "%r: round failed (%d in a row), next in %.2fs: %r",
+                    # One WARNING per failure episode; the retries at DEBUG.
+                    (logger.warning if self._failures == 1 else logger.debug)(
+                        "%r: round failed (%d in a row), retrying in %.2fs: %s",
                         self,
                         self._failures,
                         delay.total_seconds(),
-                        error,
+                        one_line(error),
                     )
                     await asyncio.sleep(delay.total_seconds())
                     continue
+                if self._failures:
+                    logger.info(
+                        "%r: recovered after %.1f s (%d failed rounds)",
+                        self,
+                        time.monotonic() - failing_since,
+                        self._failures,
+                    )
                 self._failures = 0
                 self.last_error = None
                 self.rounds += 1

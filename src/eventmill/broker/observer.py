@@ -21,6 +21,7 @@ distributed broker): after a lapse the lease stays invalid until such a round.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 
@@ -30,6 +31,9 @@ from eventmill.consumers.lease import OwnershipLease
 from eventmill.consumers.subscription_consumer import EventSubscriber
 from eventmill.errors import InvalidInputError
 from eventmill.events import EventSourceIdentifier, check_name
+from eventmill.log_fields import fields
+
+logger = logging.getLogger(__name__)
 
 
 class EventSubscriptionObserver(BrokerLoop):
@@ -50,6 +54,8 @@ class EventSubscriptionObserver(BrokerLoop):
         self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._accepted: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
+        self.changes = {"accepted": 0, "withdrawn": 0}
+        """Sources accepted and withdrawn so far (for metrics)."""
         self._busy = asyncio.Lock()  # rounds, removals and releases take turns
         self.lease: OwnershipLease | None = None
         """The lease each successful round confirms (see ``consumers.lease``)."""
@@ -87,8 +93,11 @@ class EventSubscriptionObserver(BrokerLoop):
     async def _release_all(
         self, subscriber: EventSubscriber, held: dict[EventSourceIdentifier, int]
     ) -> None:
-        for source in held:
+        for source, epoch in held.items():
             await subscriber.withdraw(source)
+            self._log_change(
+                "withdrew (unregistering)", (subscriber.group, subscriber.id), source, epoch
+            )
         await self._backend.subscriptions.apply(
             [
                 Release(group=subscriber.group, source=source, subscriber_id=subscriber.id, epoch=e)
@@ -124,6 +133,7 @@ class EventSubscriptionObserver(BrokerLoop):
             subscriber = self._subscribers[key]
             self._accepted[key].pop(source, None)
             await subscriber.withdraw(source)
+            self._log_change("withdrew (revoked)", key, source, epoch)
             releases.append(Release(group=key[0], source=source, subscriber_id=key[1], epoch=epoch))
         for key, subscriber in list(self._subscribers.items()):
             accepted = self._accepted[key]
@@ -132,6 +142,7 @@ class EventSubscriptionObserver(BrokerLoop):
                 if wanted.get(source) != epoch:
                     del accepted[source]
                     await subscriber.withdraw(source)
+                    self._log_change("withdrew (no longer assigned)", key, source, epoch)
         if releases:
             await self._backend.subscriptions.apply(releases)
         for key, wanted in assigned.items():
@@ -141,6 +152,19 @@ class EventSubscriptionObserver(BrokerLoop):
                 if accepted.get(source) != epoch:
                     await subscriber.accept(source, epoch)
                     accepted[source] = epoch
+                    self._log_change("accepted", key, source, epoch)
+
+    def _log_change(
+        self, what: str, key: tuple[str, str], source: EventSourceIdentifier, epoch: int
+    ) -> None:
+        self.changes["accepted" if what == "accepted" else "withdrawn"] += 1
+        logger.info(
+            "%s %s (epoch %d)",
+            what,
+            source,
+            epoch,
+            extra=fields(group=key[0], subscriber=key[1], source=source),
+        )
 
     def __repr__(self) -> str:
         return f"<EventSubscriptionObserver {self.node_id} observing {len(self._subscribers)}>"

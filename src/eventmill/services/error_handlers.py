@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import random as random_module
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from datetime import timedelta
 from typing import Any, Generic, Never, TypeAlias, TypeVar, overload
 
 from eventmill.errors import ExitRequestedError, InvalidSettingsError, describe
+from eventmill.log_fields import one_line
 from eventmill.services.service import Service
 from eventmill.services.status import ProcessStatus
 
@@ -224,7 +226,14 @@ class RetryErrorHandler(ErrorHandler[T_co]):
         if not retryable or exhausted:
             return self._fallback.handle(exception, attempt)
         after = self._backoff.delay(attempt)
-        logger.warning("retrying in %s (failure %d): %r", after, attempt, exception)
+        # One WARNING per failure episode; the retries at DEBUG.
+        (logger.warning if attempt == 1 else logger.debug)(
+            "retrying in %s (failure %d): %s: %s",
+            after,
+            attempt,
+            type(exception).__name__,
+            one_line(exception),
+        )
         return RetryDecision(after)
 
 
@@ -291,6 +300,8 @@ class ErrorHandlingService(Service[T_co]):
         self._sleep = sleep
         self._retrying = False
         self._executing = False
+        self.failures = 0
+        """How many executions of the service raised, in total (for metrics)."""
 
     @property
     def service(self) -> Service[T_co]:
@@ -308,15 +319,27 @@ class ErrorHandlingService(Service[T_co]):
     async def execute(self) -> T_co:
         """Run the service, retrying as decided; blocks while it runs and between tries."""
         attempt = 0
+        failing_since = 0.0
         self._executing = True
         try:
             while True:
                 try:
-                    return await self._service.execute()
+                    result = await self._service.execute()
                 except Exception as raised:
+                    if attempt == 0:
+                        failing_since = time.monotonic()
                     attempt += 1
+                    self.failures += 1
                     exception = raised
                     decision = self._error_handler.handle(raised, attempt)
+                else:
+                    if attempt:
+                        logger.info(
+                            "recovered after %.1f s (%d failures)",
+                            time.monotonic() - failing_since,
+                            attempt,
+                        )
+                    return result
                 if isinstance(decision, ContinueDecision):
                     return decision.value
                 if isinstance(decision, RetryDecision):
