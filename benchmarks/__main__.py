@@ -15,6 +15,7 @@ MODULES = [
     "coordinator",
     "failover",
     "peers",
+    "console",
 ]
 
 

@@ -108,17 +108,10 @@ class NodeProcesses:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
 
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes.clear()
+    def kill_all(self) -> None:
+        """SIGKILL the nodes still running (a test's end: nothing to stop gracefully)."""
+        for node_id in list(self.processes):
+            self.kill(node_id)
 
 
 async def wait_for(condition: Callable[[], Awaitable[bool]], within: float, what: str) -> None:

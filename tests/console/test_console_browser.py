@@ -195,4 +195,4 @@ async def follow_the_cluster(backend: PostgresBackend) -> None:
             await wait_for(parked_gone, 10, "the parked stream to leave the page")
             assert await page.evaluate("window.eventmillConsole.loadedAt") == loaded_at
     finally:
-        nodes.stop_all()
+        nodes.kill_all()

@@ -1,5 +1,5 @@
 """EventStorage.lags and LockManager.holder, run against every backend: the counts
-equal what reading from each place returns, for every kind of source."""
+equal what reading each span returns, for every kind of source."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from eventmill import (
     NewEvent,
     StreamIdentifier,
 )
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, LagPlace
 from eventmill.events import EventSourceIdentifier
 from eventmill.store import EventStore
 
@@ -33,15 +33,22 @@ async def test_lags_count_the_events_after_each_place(backend: Backend) -> None:
         CategoryPartitionIdentifier("orders", 0, 1),
         StreamIdentifier("orders", "order-3"),
     ]
-    places: list[tuple[EventSourceIdentifier, int | None]] = []
+    places: list[LagPlace] = []
     for source in sources:
-        places += [(source, None), (source, 2 if isinstance(source, StreamIdentifier) else middle)]
-        places.append((source, 10**9))
+        mid = 2 if isinstance(source, StreamIdentifier) else middle
+        places += [(source, None, None), (source, mid, None), (source, 10**9, None)]
+        places += [(source, None, mid), (source, mid, mid), (source, mid, 10**9), (source, 0, 1)]
     lags = await backend.events.lags(places)
     assert len(lags) == len(places)
-    for (source, after), lag in zip(places, lags, strict=True):
+    for (source, after, through), lag in zip(places, lags, strict=True):
         unread = await backend.events.read(source, after=after, limit=1000)
-        assert lag.events == len(unread), (source, after)
+        spot = [
+            e.position if isinstance(source, StreamIdentifier) else e.sequence_number
+            for e in unread
+        ]
+        counted = [place for place in spot if through is None or place <= through]
+        assert lag.events == len(counted), (source, after, through)
+        assert lag.newest == (counted[-1] if counted else None), (source, after, through)
         assert lag.oldest_at == (unread[0].observed_at if unread else None), (source, after)
     assert await backend.events.lags([]) == []
 

@@ -39,12 +39,19 @@ if TYPE_CHECKING:  # only the PostgreSQL backend imports psycopg at run time
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SourceLag:
-    """How far a reader of a source is behind: ``events`` stored after its place, and
-    ``oldest_at``, when the first of them was stored (None when there is none)."""
+    """What lies in one span of a source: ``events`` counted in it and ``newest``, the
+    place (sequence number, or position in a stream) of the last of them (None when
+    there are none); and ``oldest_at``, when the first event after the span's start was
+    stored, counted or not (None when there is none)."""
 
     events: int
+    newest: int | None
     oldest_at: datetime | None
 
+
+LagPlace: TypeAlias = tuple[EventSourceIdentifier, int | None, int | None]
+"""A span of a source to count: (source, after, through); places as for
+``EventStorage.read``, ``after`` None from the start, ``through`` None to the end."""
 
 _LAG_PAGE = 1000
 """Events per read when ``EventStorage.lags`` counts by reading."""
@@ -80,28 +87,28 @@ class EventStorage(ABC):
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
         """The last event of ``source`` readable now, or None if there is none."""
 
-    async def lags(
-        self, places: Sequence[tuple[EventSourceIdentifier, int | None]]
-    ) -> list[SourceLag]:
-        """For each (source, after) of ``places``, in order: the events of ``source``
-        after ``after`` (as for ``read``; None: from the start), counted, and the
-        stored time of the first of them. This reads every such event; a backend may
-        count them without reading (PostgreSQL does, for all places in one statement).
-        Raises StorageError."""
+    async def lags(self, places: Sequence[LagPlace]) -> list[SourceLag]:
+        """For each (source, after, through) of ``places``, in order, what lies in that
+        span of the source (``SourceLag``). This reads the events; a backend may count
+        them without reading (PostgreSQL does, for all places in one statement), so a
+        reader's lag costs what the span holds: count it once, then only what arrived
+        and what was processed since. Raises StorageError."""
         lags = []
-        for source, after in places:
-            count, oldest_at, place = 0, None, after
+        for source, after, through in places:
+            count, newest, oldest_at, place = 0, None, None, after
             while page := await self.read(source, after=place, limit=_LAG_PAGE):
-                if oldest_at is None:
-                    oldest_at = page[0].observed_at
-                count += len(page)
-                last = page[-1]
-                place = (
-                    last.position
-                    if isinstance(source, StreamIdentifier)
-                    else (last.sequence_number)
-                )
-            lags.append(SourceLag(events=count, oldest_at=oldest_at))
+                oldest_at = oldest_at or page[0].observed_at
+                read = [
+                    e.position if isinstance(source, StreamIdentifier) else e.sequence_number
+                    for e in page
+                ]
+                counted = [place for place in read if through is None or place <= through]
+                count += len(counted)
+                newest = counted[-1] if counted else newest
+                if len(counted) < len(read):
+                    break
+                place = read[-1]
+            lags.append(SourceLag(events=count, newest=newest, oldest_at=oldest_at))
         return lags
 
 

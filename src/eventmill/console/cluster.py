@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from eventmill.backends.base import Backend, HoldingState
+from eventmill.backends.base import Backend, HoldingState, LagPlace, SourceLag
 from eventmill.broker.coordinator import COORDINATOR_LOCK
 from eventmill.events import EventSourceIdentifier, source_key
 
@@ -39,6 +39,80 @@ class ConsoleSettings:
     coordinator_lock: str = COORDINATOR_LOCK
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """A source's lag as counted: ``lag`` events after ``checkpoint`` through
+    ``counted_through`` (places as for reads; None: the start)."""
+
+    checkpoint: int | None
+    counted_through: int | None
+    lag: int
+
+
+RECOUNT_EVERY = 60
+"""Reads between two full counts of a source's lag (staggered over the sources); in
+between only what arrived and what was processed is counted."""
+
+
+@dataclass(slots=True)
+class _LagReading:
+    """One holding's places in the lag statement, and what they found."""
+
+    key: tuple[str, str]
+    checkpoint: int | None
+    base: Count | None
+    places: list[int] = field(default_factory=list)
+
+
+def _plan_counts(
+    holdings: list[tuple[str, str, EventSourceIdentifier, int | None]],
+    previous: ClusterState | None,
+    places: list[LagPlace],
+) -> list[_LagReading]:
+    """Add each holding's places to ``places``: from scratch, (checkpoint, end) once
+    every RECOUNT_EVERY reads, when new, or after its checkpoint moved back; otherwise
+    what arrived (counted_through, end), what was processed (old checkpoint, new
+    checkpoint] and where the first unprocessed event is (checkpoint, checkpoint]."""
+    serial = 0 if previous is None else previous.serial + 1
+    readings = []
+    for index, (group, key, source, checkpoint) in enumerate(holdings):
+        base = None if previous is None else previous.counts.get((group, key))
+        if base is not None and (
+            (index + serial) % RECOUNT_EVERY == 0
+            or (
+                base.checkpoint is not None and (checkpoint is None or checkpoint < base.checkpoint)
+            )
+        ):
+            base = None
+        reading = _LagReading(key=(group, key), checkpoint=checkpoint, base=base)
+        if base is None:
+            reading.places.append(len(places))
+            places.append((source, checkpoint, None))
+        else:
+            reading.places += [len(places), len(places) + 1]
+            places.append((source, base.counted_through, None))
+            places.append((source, checkpoint, checkpoint))
+            if checkpoint != base.checkpoint:
+                reading.places.append(len(places))
+                places.append((source, base.checkpoint, checkpoint))
+        readings.append(reading)
+    return readings
+
+
+def _counted(reading: _LagReading, lags: list[SourceLag]) -> tuple[Count, int, datetime | None]:
+    """The holding's new count, the events processed since the previous read, and when
+    its first unprocessed event was stored."""
+    first = lags[reading.places[0]]
+    if reading.base is None:
+        through = reading.checkpoint if first.newest is None else first.newest
+        return Count(reading.checkpoint, through, first.events), 0, first.oldest_at
+    arrived, oldest = first, lags[reading.places[1]].oldest_at
+    processed = lags[reading.places[2]].events if len(reading.places) > 2 else 0
+    through = reading.base.counted_through if arrived.newest is None else arrived.newest
+    lag = max(0, reading.base.lag + arrived.events - processed)
+    return Count(reading.checkpoint, through, lag), processed, None if lag == 0 else oldest
+
+
 @dataclass(slots=True, kw_only=True)
 class ClusterState:
     """One read of the cluster, as plain data (``to_json``)."""
@@ -52,8 +126,10 @@ class ClusterState:
     warnings: list[str]
     parked: list[dict[str, Any]] = field(default_factory=list)
     """Parked streams: each group's streams held back after a failure."""
-    checkpoints: dict[tuple[str, str], int | None] = field(default_factory=dict)
-    """(group, source key) -> checkpoint, for throughput between two reads."""
+    counts: dict[tuple[str, str], Count] = field(default_factory=dict)
+    """(group, source key) -> what was counted, so the next read counts only changes."""
+    serial: int = 0
+    """This read's number (0, 1, ...): staggers the full recounts."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,26 +152,22 @@ def _leader_node(application_name: str | None) -> str | None:
 async def read_cluster(
     backend: Backend, settings: ConsoleSettings, previous: ClusterState | None = None
 ) -> ClusterState:
-    """Read the cluster's state from ``backend``; with the ``previous`` read, each
-    group's throughput since then (events its checkpoints moved past, per second).
-    Raises StorageError."""
+    """Read the cluster's state from ``backend``. With the ``previous`` read, lags are
+    counted from what changed since (``_plan_counts``) and each group's throughput is
+    the events its checkpoints moved past since then, per second. Raises StorageError."""
     started = time.perf_counter()
     holder = await backend.locks.holder(settings.coordinator_lock)
     records = await backend.subscribers.list()
     holdings = await backend.subscriptions.list()
     checkpoints = {(c.group, source_key(c.source)): c for c in await backend.checkpoints.list()}
-    places: list[tuple[EventSourceIdentifier, int | None]] = []
+    planned = []
     for holding in holdings:
-        checkpoint = checkpoints.get((holding.group, source_key(holding.source)))
-        places.append((holding.source, None if checkpoint is None else checkpoint.after))
-    # (group, index of the place now, index of the place at the previous read)
-    moved: list[tuple[str, int, int]] = []
-    if previous is not None:
-        for index, holding in enumerate(holdings):
-            place = (holding.group, source_key(holding.source))
-            if place in previous.checkpoints and places[index][1] != previous.checkpoints[place]:
-                moved.append((holding.group, index, len(places)))
-                places.append((holding.source, previous.checkpoints[place]))
+        key = source_key(holding.source)
+        checkpoint = checkpoints.get((holding.group, key))
+        after = None if checkpoint is None else checkpoint.after
+        planned.append((holding.group, key, holding.source, after))
+    places: list[LagPlace] = []
+    readings = _plan_counts(planned, previous, places)
     lags = await backend.events.lags(places)
     parked = await backend.parked.list()
     database_seconds = time.perf_counter() - started
@@ -154,14 +226,15 @@ async def read_cluster(
 
     warnings: list[str] = []
     unheld = dead_held = 0
-    state_checkpoints: dict[tuple[str, str], int | None] = {}
-    for holding, lag in zip(holdings, lags[: len(holdings)], strict=True):
-        key = source_key(holding.source)
-        checkpoint = checkpoints.get((holding.group, key))
-        after = None if checkpoint is None else checkpoint.after
-        state_checkpoints[(holding.group, key)] = after
+    counts: dict[tuple[str, str], Count] = {}
+    processed = dict.fromkeys(groups, 0)
+    for holding, reading in zip(holdings, readings, strict=True):
+        key = reading.key[1]
+        count, moved_past, oldest_at = _counted(reading, lags)
+        counts[reading.key] = count
+        after = count.checkpoint
         owner = subscribers.get((holding.group, holding.subscriber_id or ""))
-        seconds = 0.0 if lag.oldest_at is None else max(0.0, (now - lag.oldest_at).total_seconds())
+        seconds = 0.0 if oldest_at is None else max(0.0, (now - oldest_at).total_seconds())
         if holding.state is HoldingState.RELEASED:
             unheld += 1
         elif owner is None or not owner["alive"]:
@@ -169,6 +242,7 @@ async def read_cluster(
         if holding.node_id is not None and holding.node_id in nodes:
             nodes[holding.node_id]["sources"] += 1
         group = group_entry(holding.group)
+        processed[holding.group] = processed.get(holding.group, 0) + moved_past
         group["sources"].append(
             {
                 "key": key,
@@ -179,20 +253,19 @@ async def read_cluster(
                 "state": holding.state.value,
                 "epoch": holding.epoch,
                 "checkpoint": after,
-                "lag": lag.events,
+                "lag": count.lag,
                 "lag_seconds": round(seconds, 2),
             }
         )
-        group["lag"] += lag.events
+        group["lag"] += count.lag
         group["lag_seconds"] = round(max(group["lag_seconds"], seconds), 2)
 
     if previous is not None:
         interval = max((now - previous.read_at).total_seconds(), 1e-3)
-        processed = dict.fromkeys(groups, 0)
-        for name, index, before in moved:
-            processed[name] += max(0, lags[before].events - lags[index].events)
         for name, group in groups.items():
-            group["throughput"] = round(processed[name] / interval, 1)
+            group["throughput"] = round(processed.get(name, 0) / interval, 1)
+    for name, group in groups.items():
+        group["processed"] = processed.get(name, 0)
     for node in nodes.values():
         age = node["heartbeat_age"]
         node["leader"] = node["node_id"] == leader_node
@@ -241,5 +314,6 @@ async def read_cluster(
         groups=[groups[name] for name in sorted(groups)],
         warnings=warnings,
         parked=parked_streams,
-        checkpoints=state_checkpoints,
+        counts=counts,
+        serial=0 if previous is None else previous.serial + 1,
     )

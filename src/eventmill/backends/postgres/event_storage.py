@@ -66,7 +66,7 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.rows import RowMaker
 
-from eventmill.backends.base import EventStorage, SourceLag
+from eventmill.backends.base import EventStorage, LagPlace, SourceLag
 from eventmill.backends.postgres.driver_errors import NOT_READ_COMMITTED, UNMET_WRITE_CONDITION
 from eventmill.backends.postgres.lags import count_lags
 from eventmill.backends.postgres.notifications import channel_name
@@ -399,9 +399,7 @@ class PostgresEventStorage(EventStorage):
                 )
         return await self._fetch(query, parameters)
 
-    async def lags(
-        self, places: Sequence[tuple[EventSourceIdentifier, int | None]]
-    ) -> list[SourceLag]:
+    async def lags(self, places: Sequence[LagPlace]) -> list[SourceLag]:
         """Counted in one statement without reading the events (``lags.count_lags``)."""
         return await count_lags(self._backend, places)
 

@@ -4,15 +4,13 @@ number of (source, after) places, each counted with the index its reads use."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from eventmill.backends.base import SourceLag
+from eventmill.backends.base import LagPlace, SourceLag
 from eventmill.events import (
     PARTITION_BUCKETS,
     CategoryIdentifier,
     CategoryPartitionIdentifier,
-    EventSourceIdentifier,
     LogIdentifier,
     StreamIdentifier,
 )
@@ -21,84 +19,88 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 
-def _counted(table_filter: str, order: str) -> str:
-    """The count and first stored time of the events of one place, as a LATERAL."""
+def _counted(where: str, place: str) -> str:
+    """A place's count and newest place, and the first stored time after ``p.after``,
+    as LATERALs over the events matching ``where``."""
     return (
-        "CROSS JOIN LATERAL (SELECT count(*) AS events FROM {schema}.events AS e"
-        f" WHERE {table_filter}) AS c"
+        f"CROSS JOIN LATERAL (SELECT count(*) AS events, max(e.{place}) AS newest"
+        f" FROM {{schema}}.events AS e WHERE {where} AND e.{place} > p.after"
+        f" AND e.{place} <= p.through) AS c"
         " LEFT JOIN LATERAL (SELECT e.observed_at FROM {schema}.events AS e"
-        f" WHERE {table_filter} ORDER BY {order} LIMIT 1) AS f ON true"
+        f" WHERE {where} AND e.{place} > p.after ORDER BY e.{place} LIMIT 1) AS f ON true"
     )
 
 
-_LOG = "e.sequence_number > p.after"
-_CATEGORY = "e.category = p.category AND e.sequence_number > p.after"
-_PARTITION = (
-    f"e.category = p.category AND e.stream_hash %% {PARTITION_BUCKETS} = ANY (p.buckets)"
-    " AND e.sequence_number > p.after"
-)
-_STREAM = "e.category = p.category AND e.stream = p.stream AND e.position > p.after"
-
+_COLUMNS = "SELECT p.i, c.events, c.newest, f.observed_at FROM "
 _LAGS = " UNION ALL ".join(
     [
-        "SELECT p.i, c.events, f.observed_at"
-        " FROM unnest(%(log_i)s::int[], %(log_after)s::bigint[]) AS p(i, after) "
-        + _counted(_LOG, "e.sequence_number"),
-        "SELECT p.i, c.events, f.observed_at FROM unnest(%(category_i)s::int[],"
-        " %(category)s::text[], %(category_after)s::bigint[]) AS p(i, category, after) "
-        + _counted(_CATEGORY, "e.sequence_number"),
-        "SELECT p.i, c.events, f.observed_at FROM (SELECT q.i, q.category,"
-        " string_to_array(q.buckets, ',')::int[] AS buckets, q.after FROM"
-        " unnest(%(partition_i)s::int[], %(partition_category)s::text[],"
-        " %(partition_buckets)s::text[], %(partition_after)s::bigint[])"
-        " AS q(i, category, buckets, after)) AS p " + _counted(_PARTITION, "e.sequence_number"),
-        "SELECT p.i, c.events, f.observed_at FROM unnest(%(stream_i)s::int[],"
-        " %(stream_category)s::text[], %(stream)s::text[], %(stream_after)s::bigint[])"
-        " AS p(i, category, stream, after) " + _counted(_STREAM, "e.position"),
+        _COLUMNS + "unnest(%(log_i)s::int[], %(log_after)s::bigint[], %(log_through)s::bigint[])"
+        " AS p(i, after, through) " + _counted("true", "sequence_number"),
+        _COLUMNS + "unnest(%(category_i)s::int[], %(category)s::text[],"
+        " %(category_after)s::bigint[], %(category_through)s::bigint[])"
+        " AS p(i, category, after, through) "
+        + _counted("e.category = p.category", "sequence_number"),
+        _COLUMNS + "(SELECT q.i, q.category, string_to_array(q.buckets, ',')::int[] AS buckets,"
+        " q.after, q.through FROM unnest(%(partition_i)s::int[], %(partition_category)s::text[],"
+        " %(partition_buckets)s::text[], %(partition_after)s::bigint[],"
+        " %(partition_through)s::bigint[]) AS q(i, category, buckets, after, through)) AS p "
+        + _counted(
+            f"e.category = p.category AND e.stream_hash %% {PARTITION_BUCKETS} = ANY (p.buckets)",
+            "sequence_number",
+        ),
+        _COLUMNS + "unnest(%(stream_i)s::int[], %(stream_category)s::text[], %(stream)s::text[],"
+        " %(stream_after)s::bigint[], %(stream_through)s::bigint[])"
+        " AS p(i, category, stream, after, through) "
+        + _counted("e.category = p.category AND e.stream = p.stream", "position"),
     ]
 )
 
-
 _PARAMETERS = (
-    *("log_i", "log_after", "category_i", "category", "category_after"),
-    *("partition_i", "partition_category", "partition_buckets", "partition_after"),
-    *("stream_i", "stream_category", "stream", "stream_after"),
+    *("log_i", "log_after", "log_through", "category_i", "category", "category_after"),
+    *("category_through", "partition_i", "partition_category", "partition_buckets"),
+    *("partition_after", "partition_through", "stream_i", "stream_category", "stream"),
+    *("stream_after", "stream_through"),
 )
+_END = 2**63 - 1
+"""``through`` for no bound."""
 
 
-async def count_lags(
-    backend: PostgresBackend, places: Sequence[tuple[EventSourceIdentifier, int | None]]
-) -> list[SourceLag]:
-    """``EventStorage.lags`` in one statement. Counts the committed events after each
-    place, including any not yet readable below the visibility watermark."""
+async def count_lags(backend: PostgresBackend, places: Sequence[LagPlace]) -> list[SourceLag]:
+    """``EventStorage.lags`` in one statement. Counts the committed events of each
+    span, including any not yet readable below the visibility watermark."""
     if not places:
         return []
     parameters: dict[str, list[Any]] = {name: [] for name in _PARAMETERS}
-    for i, (source, after) in enumerate(places):
+    for i, (source, after, through) in enumerate(places):
         start = -1 if after is None else after
+        end = _END if through is None else through
         if isinstance(source, LogIdentifier):
             parameters["log_i"].append(i)
             parameters["log_after"].append(start)
+            parameters["log_through"].append(end)
         elif isinstance(source, CategoryIdentifier) or (
             isinstance(source, CategoryPartitionIdentifier) and source.partitions == 1
         ):
             parameters["category_i"].append(i)
             parameters["category"].append(source.category)
             parameters["category_after"].append(start)
+            parameters["category_through"].append(end)
         elif isinstance(source, CategoryPartitionIdentifier):
             parameters["partition_i"].append(i)
             parameters["partition_category"].append(source.category)
             parameters["partition_buckets"].append(",".join(map(str, source.buckets)))
             parameters["partition_after"].append(start)
+            parameters["partition_through"].append(end)
         else:
             assert isinstance(source, StreamIdentifier)
             parameters["stream_i"].append(i)
             parameters["stream_category"].append(source.category)
             parameters["stream"].append(source.stream)
             parameters["stream_after"].append(start)
-    found: dict[int, tuple[int, datetime | None]] = {}
+            parameters["stream_through"].append(end)
+    found: dict[int, SourceLag] = {}
     async with backend.connection() as connection:
         cursor = await connection.execute(backend.sql(_LAGS), parameters)
-        for i, events, oldest_at in await cursor.fetchall():
-            found[i] = (events, oldest_at)
-    return [SourceLag(events=found[i][0], oldest_at=found[i][1]) for i in range(len(places))]
+        for i, events, newest, oldest_at in await cursor.fetchall():
+            found[i] = SourceLag(events=events, newest=newest, oldest_at=oldest_at)
+    return [found[i] for i in range(len(places))]

@@ -1,0 +1,84 @@
+"""read_cluster on every backend: lags counted from changes between reads stay equal
+to a count from scratch while events arrive and checkpoints move forward and back;
+throughput counts the events checkpoints moved past."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from eventmill.backends.base import Assign, Backend
+from eventmill.console.cluster import ClusterState, ConsoleSettings, read_cluster
+from eventmill.events import (
+    CategoryPartitionIdentifier,
+    EventSourceIdentifier,
+    NewEvent,
+    StreamIdentifier,
+)
+from eventmill.store import EventStore
+
+SOURCES: list[EventSourceIdentifier] = [
+    CategoryPartitionIdentifier("orders", 0, 2),
+    CategoryPartitionIdentifier("orders", 1, 2),
+    StreamIdentifier("orders", "order-1"),
+]
+
+
+def lags(state: ClusterState) -> dict[str, int]:
+    return {source["key"]: source["lag"] for group in state.groups for source in group["sources"]}
+
+
+async def test_lags_counted_from_changes_equal_lags_counted_from_scratch(
+    backend: Backend,
+) -> None:
+    store = EventStore(backend)
+    await backend.subscribers.register("g", "g-1", "node-1", SOURCES)
+    await backend.subscriptions.apply(
+        [
+            Assign(group="g", source=source, subscriber_id="g-1", node_id="node-1", epoch=1)
+            for source in SOURCES
+        ]
+    )
+    settings = ConsoleSettings(subscriber_max_age=timedelta(hours=1))
+    state = await read_cluster(backend, settings)
+    versions: dict[int, int | None] = {}
+    for step in range(12):
+        for number in range(5):
+            await store.stream(category="orders", stream=f"order-{number}").publish(
+                [NewEvent(name="placed", payload={"step": step})] * (1 + step % 3)
+            )
+        for index, source in enumerate(SOURCES):
+            events = await backend.events.read(source, after=None, limit=1000)
+            if not events:
+                continue
+            # forward most steps, back to the start every fifth
+            chosen = events[(step * 7 + index) % len(events)] if step % 5 != 4 else None
+            place = None
+            if chosen is not None:
+                stream = isinstance(source, StreamIdentifier)
+                place = chosen.position if stream else chosen.sequence_number
+            saved = await backend.checkpoints.save(
+                "g", source, place, expected_version=versions.get(index)
+            )
+            versions[index] = saved.version
+        state = await read_cluster(backend, settings, state)
+        fresh = await read_cluster(backend, settings)
+        assert lags(state) == lags(fresh), step
+        assert sum(lags(state).values()) > 0 or step == 0
+
+
+async def test_throughput_counts_what_checkpoints_moved_past(backend: Backend) -> None:
+    store = EventStore(backend)
+    source = StreamIdentifier("orders", "order-1")
+    await backend.subscribers.register("g", "g-1", "node-1", [source])
+    await backend.subscriptions.apply(
+        [Assign(group="g", source=source, subscriber_id="g-1", node_id="node-1", epoch=1)]
+    )
+    await store.stream(category="orders", stream="order-1").publish([NewEvent(name="e")] * 10)
+    settings = ConsoleSettings(subscriber_max_age=timedelta(hours=1))
+    first = await read_cluster(backend, settings)
+    assert first.groups[0]["throughput"] is None and first.groups[0]["lag"] == 10
+    assert first.groups[0]["processed"] == 0
+    await backend.checkpoints.save("g", source, 6, expected_version=None)
+    second = await read_cluster(backend, settings, first)
+    assert second.groups[0]["lag"] == 3
+    assert second.groups[0]["processed"] == 7 and second.groups[0]["throughput"] > 0
