@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, LagPlace
 from eventmill.errors import InvalidSettingsError
 
 DEFAULT_MAX_AGE = timedelta(seconds=5)
@@ -173,13 +173,13 @@ async def gather_cluster_status(
     ]
     leader = max(leaders, key=lambda r: r.leader_since or now, default=None)
 
-    places = []
+    places: list[LagPlace] = []
     for holding in holdings:
         checkpoint = checkpoints.get((holding.group, holding.source))
-        places.append((holding.source, None if checkpoint is None else checkpoint.after))
+        places.append((holding.source, None if checkpoint is None else checkpoint.after, None))
     lags = await backend.events.lags(places)
     sources: list[SourceStatus] = []
-    for holding, (_, after), lag in zip(holdings, places, lags, strict=True):
+    for holding, (_, after, _), lag in zip(holdings, places, lags, strict=True):
         oldest = lag.oldest_at
         sources.append(
             SourceStatus(

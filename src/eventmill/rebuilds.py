@@ -44,6 +44,7 @@ from typing import Any
 from eventmill.backends.base import (
     Backend,
     ConsumerTransaction,
+    LagPlace,
     ProjectionVersion,
     VersionState,
 )
@@ -173,10 +174,10 @@ class ProjectionKeeper:
     async def progress(self) -> tuple[int, float | None]:
         """(how many events are left to build, the ETA in seconds or None while the
         backlog does not shrink). Raises StorageError."""
-        places = []
+        places: list[LagPlace] = []
         for source in self.sources:
             checkpoint = await self.backend.checkpoints.get(self.group, source)
-            places.append((source, None if checkpoint is None else checkpoint.after))
+            places.append((source, None if checkpoint is None else checkpoint.after, None))
         behind = sum(lag.events for lag in await self.backend.events.lags(places))
         now = time.monotonic()
         eta = None
