@@ -113,7 +113,7 @@ class NodeMetrics:
                 places.append(
                     (handle.group, source, None if consumer is None else consumer.processed)
                 )
-        lags = await backend.events.lags([(source, after) for _, source, after in places])
+        lags = await backend.events.lags([(source, after, None) for _, source, after in places])
         now_wall = time.time()
         found: dict[tuple[str, str], tuple[int, float]] = {}
         for (group, source, _), lag in zip(places, lags, strict=True):
