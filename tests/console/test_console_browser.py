@@ -92,6 +92,12 @@ async def follow_the_cluster(backend: PostgresBackend) -> None:
             [leader] = await table_rows(page, "#nodes tr[data-leader=true]", "data-node")
             holder = await backend.locks.holder("eventmill-coordinator")
             assert holder is not None and holder.application_name == f"eventmill:{leader}"
+            role = await page.text_content("#nodes tr[data-leader=true] td:nth-child(3)")
+            assert role is not None and role.startswith("leader, term ")
+            modes = await page.eval_on_selector_all(
+                "#nodes tr[data-node] td:nth-child(2)", "cells => cells.map(c => c.textContent)"
+            )
+            assert modes == ["both"] * 3
             await page.screenshot(path=str(SCREENSHOTS / "three-nodes.png"), full_page=True)
 
             # SIGKILL a node holding sources: they move to the others, no reload.

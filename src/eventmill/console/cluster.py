@@ -157,6 +157,7 @@ async def read_cluster(
     the events its checkpoints moved past since then, per second. Raises StorageError."""
     started = time.perf_counter()
     holder = await backend.locks.holder(settings.coordinator_lock)
+    node_records = await backend.nodes.list()
     records = await backend.subscribers.list()
     holdings = await backend.subscriptions.list()
     checkpoints = {(c.group, source_key(c.source)): c for c in await backend.checkpoints.list()}
@@ -174,17 +175,41 @@ async def read_cluster(
     now = datetime.now(UTC)
     max_age = settings.subscriber_max_age.total_seconds()
 
+    nodes: dict[str, dict[str, Any]] = {}
+    for node_record in node_records:
+        age = max(0.0, (now - node_record.last_seen).total_seconds())
+        nodes[node_record.node_id] = {
+            "node_id": node_record.node_id,
+            "mode": node_record.mode,
+            "subscribers": 0,
+            "sources": 0,
+            "heartbeat_age": round(age, 2),
+            "term": node_record.leader_term,
+        }
+    # The leader: the live node whose record says it leads (latest term start), else
+    # the node named by the coordinator lock's session.
+    leading = [
+        r
+        for r in node_records
+        if r.leader_term is not None and nodes[r.node_id]["heartbeat_age"] <= max_age
+    ]
+    elected = max(leading, key=lambda r: r.leader_since or now, default=None)
     leader: dict[str, Any] | None = None
     leader_node: str | None = None
-    if holder is not None:
-        leader_node = _leader_node(holder.application_name)
+    if elected is not None or holder is not None:
+        if elected is not None:
+            leader_node = elected.node_id
+        elif holder is not None:
+            leader_node = _leader_node(holder.application_name)
         leader = {
             "node_id": leader_node,
-            "session": holder.session,
-            "application_name": holder.application_name,
+            "term": None if elected is None else elected.leader_term,
+            "since": None
+            if elected is None or elected.leader_since is None
+            else elected.leader_since.isoformat(),
+            "session": None if holder is None else holder.session,
         }
 
-    nodes: dict[str, dict[str, Any]] = {}
     subscribers: dict[tuple[str, str], dict[str, Any]] = {}
     groups: dict[str, dict[str, Any]] = {}
 
@@ -210,18 +235,26 @@ async def read_cluster(
         group_entry(record.group)["subscribers"].append(entry)
         node = nodes.setdefault(
             record.node_id,
-            {"node_id": record.node_id, "subscribers": 0, "sources": 0, "heartbeat_age": age},
+            {
+                "node_id": record.node_id,
+                "mode": "unknown",
+                "subscribers": 0,
+                "sources": 0,
+                "heartbeat_age": round(age, 2),
+                "term": None,
+            },
         )
         node["subscribers"] += 1
-        node["heartbeat_age"] = round(min(node["heartbeat_age"], age), 2)
     for group_name, _ in checkpoints:
         group_entry(group_name)
     if leader_node is not None and leader_node not in nodes:
         nodes[leader_node] = {
             "node_id": leader_node,
+            "mode": "unknown",
             "subscribers": 0,
             "sources": 0,
             "heartbeat_age": None,
+            "term": None,
         }
 
     warnings: list[str] = []

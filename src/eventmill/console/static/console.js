@@ -42,7 +42,8 @@ function renderNodes(state) {
   const rows = state.nodes.map((node) =>
     el("tr", { "data-node": node.node_id, "data-leader": String(node.leader), "data-health": node.health },
       el("td", {}, node.node_id),
-      el("td", { class: node.leader ? "leader" : null }, node.leader ? "leader" : (node.subscribers ? "subscribers" : "")),
+      el("td", {}, node.mode),
+      el("td", { class: node.leader ? "leader" : null }, node.leader ? (state.leader && state.leader.term ? `leader, term ${state.leader.term}` : "leader") : ""),
       el("td", {}, node.health),
       el("td", { class: "number" }, seconds(node.heartbeat_age)),
       el("td", { class: "number" }, node.subscribers),
