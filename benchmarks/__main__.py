@@ -14,6 +14,7 @@ MODULES = [
     "partitions",
     "coordinator",
     "failover",
+    "rebuilds",
     "peers",
     "console",
 ]

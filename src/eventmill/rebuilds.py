@@ -15,9 +15,9 @@ version serving until now keeps serving through the read alias (PostgreSQL: the 
 of ``alias_schema``). A ``ProjectionKeeper`` runs next to each version's subscriber on
 every node that registers it; every ``check_interval`` it:
 
-1. reports the build's progress (``behind``: the events left after its checkpoints,
-   counted by ``EventStorage.lags``; the ETA from how fast that shrinks), shown by
-   ``eventmill status``;
+1. reports the build's progress every PROGRESS_EVERY seconds (``behind``: the events
+   left after its checkpoints, counted by ``EventStorage.lags``; the ETA from how fast
+   that shrinks), shown by ``eventmill status``;
 2. once the building version is at most ``cutover_lag`` behind, cuts over: in one
    transaction the alias switches to it and the old version becomes RETIRING;
 3. stops its own subscriber when its version was replaced (RETIRING or RETIRED), so
@@ -51,8 +51,14 @@ from eventmill.backends.base import (
 from eventmill.errors import GroupInUseError, InvalidSettingsError, StorageError, describe
 from eventmill.events import EventSourceIdentifier
 from eventmill.groups import IN_USE_MAX_AGE
+from eventmill.sources import EventSource
+from eventmill.store import MAX_PAGE_SIZE
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 5.0
+"""Seconds between two counts of the events a building version has left (a count
+reads the index of every such event; the cutover check reads at most ``cutover_lag``)."""
 
 Setup = Callable[[ConsumerTransaction], Awaitable[None]]
 """Creates a version's tables (idempotently: ``CREATE TABLE IF NOT EXISTS``)."""
@@ -103,8 +109,10 @@ class ProjectionKeeper:
         if setup is not None and not callable(setup):
             raise InvalidSettingsError(f"setup must be an async function: {describe(setup)}")
         self.setup = setup
-        if type(cutover_lag) is not int or cutover_lag < 0:
-            raise InvalidSettingsError(f"cutover_lag must be an int >= 0: {describe(cutover_lag)}")
+        if type(cutover_lag) is not int or not 0 <= cutover_lag < MAX_PAGE_SIZE:
+            raise InvalidSettingsError(
+                f"cutover_lag must be an int from 0 to {MAX_PAGE_SIZE - 1}: {describe(cutover_lag)}"
+            )
         self.cutover_lag = cutover_lag
         for what, value in (("retire_grace", retire_grace), ("check_interval", check_interval)):
             if not isinstance(value, timedelta) or value < timedelta(0):
@@ -150,9 +158,10 @@ class ProjectionKeeper:
             logger.info("projection %s: version %d was replaced", self.name, self.version)
             return True
         if mine.state is VersionState.BUILDING:
-            behind, eta = await self.progress()
-            await versions.report(self.name, self.version, behind=behind, eta_seconds=eta)
-            if behind <= self.cutover_lag and await versions.cut_over(
+            if self._last is None or time.monotonic() - self._last[0] >= PROGRESS_EVERY:
+                behind, eta = await self.progress()
+                await versions.report(self.name, self.version, behind=behind, eta_seconds=eta)
+            if await self.caught_up() and await versions.cut_over(
                 self.name, self.version, grace=self.retire_grace
             ):
                 logger.info("projection %s: version %d serves now", self.name, self.version)
@@ -170,6 +179,19 @@ class ProjectionKeeper:
             return  # a node still runs it; it stops it soon
         if await self.backend.projection_versions.retire(self.name, version):
             logger.info("projection %s: version %d retired", self.name, version)
+
+    async def caught_up(self) -> bool:
+        """Whether at most ``cutover_lag`` events are left to build (reads at most that
+        many, plus one, per source). Raises StorageError."""
+        left = self.cutover_lag
+        for source in self.sources:
+            checkpoint = await self.backend.checkpoints.get(self.group, source)
+            after = None if checkpoint is None else checkpoint.after
+            page = await EventSource(self.backend, source).read(after=after, limit=left + 1)
+            left -= len(page)
+            if left < 0:
+                return False
+        return True
 
     async def progress(self) -> tuple[int, float | None]:
         """(how many events are left to build, the ETA in seconds or None while the

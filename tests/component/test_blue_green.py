@@ -27,6 +27,7 @@ from eventmill.backends.postgres.projection_versions import alias_schema, versio
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.consumers.processors import TransactionalEventProcessor
 from eventmill.events import CategoryIdentifier, StoredEvent
+from eventmill.rebuilds import projection_status
 from eventmill.store import EventStore
 from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
 
@@ -248,6 +249,8 @@ async def test_version_2_rebuilds_while_version_1_serves_then_takes_over(
     switch = versions.index(2)
     assert set(versions[:switch]) == {1} and set(versions[switch:]) == {2}, "went back"
     assert all(rows == STREAMS and events >= FIRST for _, rows, events in observations)
+    shown = {(p["group"], p["state"]) for p in await projection_status(backend)}
+    assert shown == {("summary-v1", "retired"), ("summary-v2", "serving")}
     groups = {summary.group for summary in await backend.groups.overview(max_age=timedelta(0))}
     assert "summary-v1" not in groups and {"summary-v2", "mailer"} <= groups
     async with backend.connection() as connection:

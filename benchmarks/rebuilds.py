@@ -1,0 +1,210 @@
+"""Blue/green rebuilds of a versioned projection on PostgreSQL (``make bench``).
+
+50,000 events in 50 streams. Version 1 of a per-stream totals projection is built and
+serves; then versions 2, 3 and 4 are rebuilt in turn, each by a new node registering
+it, while the previous version serves a reader polling the read alias every 20 ms and
+one event per 20 ms keeps being published. Reported:
+
+- ``rebuild.events_per_s``: events a version built, divided by the time from its
+  node's start to its cutover (node start, allocation and the keeper's checks
+  included), median of the three rebuilds;
+- ``rebuild.ratio_to_drain``: that rate over the plain drain measured just before each
+  rebuild in the same run (an EventSourceConsumer with a processor doing nothing,
+  checkpoint every 100, as ``consumers.drain.checkpoint_100``), median of the ratios;
+- ``rebuild.ratio_to_projection_drain``: the same over a drain by an
+  EventSourceConsumer running the same projection processor (what the node, the
+  broker and the version upkeep cost on top of the projection's own writes);
+- ``rebuild.reader_failures``: reads through the alias that failed or saw an empty or
+  partial table, over every rebuild (must be 0), and ``rebuild.reads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import psycopg
+from psycopg import sql
+
+from benchmarks.common import median, report
+from benchmarks.consumers import DSN, Nothing
+from eventmill import EventProcessingNode, NewEvent, NodeSettings
+from eventmill.backends.base import ConsumerTransaction, VersionState
+from eventmill.backends.postgres import PostgresBackend
+from eventmill.backends.postgres.projection_versions import alias_schema, version_schema
+from eventmill.broker.distributed import DistributedEventBrokerSettings
+from eventmill.consumers import (
+    ConsumerSettings,
+    EventConsumerStateStore,
+    EventSourceConsumer,
+    TransactionalEventProcessor,
+)
+from eventmill.events import CategoryIdentifier, StoredEvent
+from eventmill.sources import EventSource
+from eventmill.store import EventStore
+
+EVENTS = 50_000
+STREAMS = 50
+ORDERS = CategoryIdentifier("orders")
+SETTINGS = NodeSettings(
+    poll_interval=timedelta(milliseconds=200),
+    checkpoint_interval=100,
+    broker_settings=DistributedEventBrokerSettings(
+        subscriber_manager_heartbeat_interval=timedelta(milliseconds=200),
+        subscriber_manager_subscriber_max_age=timedelta(milliseconds=1500),
+        coordinator_distribution_interval=timedelta(milliseconds=100),
+        observer_synchronisation_interval=timedelta(milliseconds=100),
+    ),
+)
+
+
+class Totals(TransactionalEventProcessor):
+    """Events per stream in ``{schema}.totals``, upserted once per stream per batch."""
+
+    def __init__(self, schema: str) -> None:
+        table = sql.SQL("{}.totals").format(sql.Identifier(schema))
+        self.create = sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (stream text PRIMARY KEY, events bigint NOT NULL)"
+        ).format(table)
+        self.add = sql.SQL(
+            "INSERT INTO {} AS t VALUES (%s, %s) ON CONFLICT (stream)"
+            " DO UPDATE SET events = t.events + excluded.events"
+        ).format(table)
+
+    async def setup(self, transaction: ConsumerTransaction) -> None:
+        assert transaction.connection is not None
+        await transaction.connection.execute(self.create)
+
+    async def process_events(
+        self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
+    ) -> None:
+        counts: dict[str, int] = {}
+        for event in events:
+            counts[event.stream] = counts.get(event.stream, 0) + 1
+        assert transaction.connection is not None
+        async with transaction.connection.cursor() as cursor:
+            await cursor.executemany(self.add, sorted(counts.items()))
+
+
+async def drain(backend: PostgresBackend, group: str, processor: object) -> float:
+    consumer = EventSourceConsumer(
+        EventSource(backend, ORDERS),
+        processor,  # type: ignore[arg-type]
+        EventConsumerStateStore(backend.checkpoints, group, ORDERS),
+        settings=ConsumerSettings(checkpoint_every=100),
+    )
+    started = time.perf_counter()
+    count = await consumer.consume_all()
+    return count / (time.perf_counter() - started)
+
+
+async def build(backend: PostgresBackend, version: int) -> tuple[EventProcessingNode, float]:
+    """Start a node building ``version``; return it (running) and its events/s."""
+    totals = Totals(version_schema(backend, "bench", version))
+    node = EventProcessingNode(backend, node_id=f"v{version}", settings=SETTINGS)
+    node.register_projection(
+        name="bench",
+        version=version,
+        source=ORDERS,
+        processor=totals,
+        setup=totals.setup,
+        cutover_lag=0,
+        retire_grace=timedelta(0),
+        check_interval=timedelta(milliseconds=50),
+    )
+    latest = await backend.events.latest(ORDERS)
+    assert latest is not None
+    started = time.perf_counter()
+    await node.__aenter__()
+    while True:
+        states = {r.version: r.state for r in await backend.projection_versions.versions("bench")}
+        if states.get(version) is VersionState.SERVING:
+            break
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    checkpoint = await backend.checkpoints.get(f"bench-v{version}", ORDERS)
+    built = EVENTS if checkpoint is None or checkpoint.after is None else checkpoint.after
+    return node, built / elapsed
+
+
+async def main() -> None:
+    schema = f"em_bench_{secrets.token_hex(4)}"
+    backend = await PostgresBackend.connect(DSN, schema=schema, min_size=1, max_size=8)
+    nodes: list[EventProcessingNode] = []
+    try:
+        await backend.install_schema()
+        store = EventStore(backend)
+        for batch in range(EVENTS // 1_000):
+            await store.stream(category="orders", stream=f"s{batch % STREAMS}").publish(
+                [NewEvent(name="happened", payload={"n": n}) for n in range(1_000)]
+            )
+        node, _ = await build(backend, 1)
+        nodes.append(node)
+        read = sql.SQL("SELECT stream, events FROM {}.totals").format(
+            sql.Identifier(alias_schema(backend, "bench"))
+        )
+        reads, failures = 0, 0
+        published = EVENTS
+
+        async def poll() -> None:
+            nonlocal reads, failures
+            while True:
+                async with backend.connection() as connection:
+                    try:
+                        rows = await (await connection.execute(read)).fetchall()
+                        complete = sum(events for _, events in rows) >= EVENTS
+                    except Exception:
+                        complete = False
+                reads += 1
+                failures += not complete
+                await asyncio.sleep(0.02)
+
+        async def publish() -> None:
+            nonlocal published
+            while True:
+                await store.stream(category="orders", stream="s0").publish(
+                    [NewEvent(name="happened", payload={})]
+                )
+                published += 1
+                await asyncio.sleep(0.02)
+
+        background = [asyncio.create_task(poll()), asyncio.create_task(publish())]
+        rates, to_drain, to_projection = [], [], []
+        for version in (2, 3, 4):
+            plain = await drain(backend, f"drain-{version}", Nothing())
+            projected = await drain(
+                backend, f"projected-{version}", Totals(version_schema(backend, "bench", 1))
+            )
+            node, rate = await build(backend, version)
+            nodes.append(node)
+            rates.append(rate)
+            to_drain.append(rate / plain)
+            to_projection.append(rate / projected)
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        report("postgres.rebuild.events_per_s", median(rates), "events/s", repeats=3)
+        report("postgres.rebuild.ratio_to_drain", median(to_drain), "ratio", goal=">= 0.8")
+        report("postgres.rebuild.ratio_to_projection_drain", median(to_projection), "ratio")
+        report("postgres.rebuild.reader_failures", failures, "reads", reads=reads)
+    finally:
+        for node in reversed(nodes):
+            await node.__aexit__(None, None, None)
+        await backend.close()
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as connection:
+            cursor = await connection.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"{schema}%",)
+            )
+            for (name,) in await cursor.fetchall():
+                await connection.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+                )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
