@@ -241,15 +241,22 @@ async def connect(
 
 
 async def migrate(dsn: str, schema: str) -> int:
-    """Install or upgrade the schema; print what was applied."""
+    """Install or upgrade the schema and repair events copied from another cluster;
+    print what was done."""
     from eventmill.backends.postgres import PostgresBackend
 
     backend = await connect(dsn, schema)
     try:
         assert isinstance(backend, PostgresBackend)
         applied = await backend.install_schema()
+        restamped = await backend.repair_copied_events()
     finally:
         await backend.close()
+    if restamped:
+        print(
+            f"schema {schema!r}: restamped {restamped} events copied from another cluster"
+            " (their transaction ids came from it)"
+        )
     if applied:
         print(f"schema {schema!r}: applied migrations {', '.join(map(str, applied))}")
     else:

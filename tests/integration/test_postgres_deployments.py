@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -25,7 +28,7 @@ from eventmill.errors import InvalidSettingsError, SchemaError, StorageError
 from eventmill.store import EventSourceHandle, EventStore
 from tests.integration.test_postgres_ordering import raw_publish_numbered, wait_until
 from tests.postgres_support import unique_schema_name
-from tests.servers import Bouncer, PrivateCluster
+from tests.servers import PG_BIN, Bouncer, PrivateCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -305,3 +308,73 @@ async def test_on_a_standby_log_and_category_reads_refuse_and_stream_reads_work(
                 assert "\n" not in str(refused.value)
         finally:
             await replica.close()
+
+
+async def run_tool(name: str, *arguments: str) -> None:
+    """Run one of PostgreSQL's client programs; fail the test with its stderr if it fails."""
+    done = await asyncio.to_thread(
+        subprocess.run, [str(PG_BIN / name), *arguments], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+BURN_XIDS = (
+    "CREATE TEMP TABLE burn (x int);"
+    " DO $$ BEGIN FOR i IN 1..5000 LOOP"
+    " BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN OTHERS THEN NULL; END;"
+    " END LOOP; END $$"
+)
+
+
+async def test_events_restored_into_another_cluster_stall_until_migrate_repairs_them(
+    private_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """Published on the session's cluster (its xid counter run 5,000 ahead first), dumped
+    and restored into a fresh cluster whose counter is far behind."""
+    async with private_backend(private_cluster.dsn()) as backend:
+        async with await psycopg.AsyncConnection.connect(
+            private_cluster.dsn(), autocommit=True
+        ) as connection:
+            await connection.execute(BURN_XIDS)
+        store = EventStore(backend)
+        published: list[StoredEvent] = []
+        for number in range(6):
+            category = "even" if number % 2 == 0 else "odd"
+            published += await store.stream(category=category, stream=f"s{number}").publish(
+                events(2)
+            )
+        dump = tmp_path / "events.dump"
+        await run_tool(
+            "pg_dump", "-Fc", "-n", backend.schema, "-f", str(dump), private_cluster.dsn()
+        )
+        fresh = await asyncio.to_thread(PrivateCluster.create)
+        try:
+            await run_tool("pg_restore", "-d", fresh.dsn(), str(dump))
+            copy = await PostgresBackend.connect(fresh.dsn(), schema=backend.schema)
+            try:
+                copied = EventStore(copy)
+                new = await copied.stream(category="even", stream="new").publish(events(1))
+                # Before the repair reads stop at the first foreign row: nothing is
+                # returned, and above all not the new event alone.
+                assert await copied.log().read() == []
+                assert await copied.category("even").read() == []
+                assert await copied.category("odd").read() == []
+                command = ["migrate", "--dsn", fresh.dsn(), "--schema", backend.schema]
+                migrated = await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "eventmill", *command],
+                    capture_output=True,
+                    text=True,
+                )
+                assert migrated.returncode == 0, migrated.stderr
+                assert f"restamped {len(published)} events copied" in migrated.stdout
+                everything = [e.id for e in published] + [new[0].id]
+                assert [e.id for e in await copied.log().read()] == everything
+                assert [e.id for e in await copied.category("even").read()] == [
+                    e.id for e in published + new if e.category == "even"
+                ]
+                assert await copy.repair_copied_events() == 0
+            finally:
+                await copy.close()
+        finally:
+            await asyncio.to_thread(fresh.remove)

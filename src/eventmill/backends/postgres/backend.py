@@ -320,6 +320,42 @@ class PostgresBackend(Backend):
         async with self.connection() as connection:
             return await schema_installer.install(connection, self.schema)
 
+    async def repair_copied_events(self) -> int:
+        """Restamp events copied from another cluster; return how many were restamped.
+
+        Events keep the transaction id (xid) of the cluster that wrote them. After a
+        pg_dump/pg_restore or a logical-replication copy into another cluster, xids at
+        or above this cluster's own counter make log and category reads stop there
+        (they never skip them: they wait, and new events behind them wait too). This
+        finds such rows with one read of the table (no lock); only when there are some,
+        it locks the table against writers (SHARE ROW EXCLUSIVE, readers go on), sets
+        their xid to 0 (committed long ago), and moves the sequence past the highest
+        sequence number if it is behind (logical replication does not copy sequences).
+        ``eventmill migrate`` runs it. Blocks for a scan of the events table. Raises
+        StorageError, SchemaError.
+        """
+        async with self.connection() as connection:
+            cursor = await connection.execute(self.sql(_FOREIGN_EVENTS))
+            row = await cursor.fetchone()
+            if row is None or not row[0]:
+                return 0
+            async with connection.transaction():
+                await connection.execute("SET LOCAL lock_timeout = '60s'")
+                await connection.execute(
+                    self.sql("LOCK TABLE {schema}.events IN SHARE ROW EXCLUSIVE MODE")
+                )
+                # Every writer that inserted has ended (the lock waited for it), so
+                # every row at or above this transaction's own xid is foreign.
+                cursor = await connection.execute(
+                    self.sql(
+                        "UPDATE {schema}.events SET transaction_id = '0'"
+                        " WHERE transaction_id >= pg_current_xact_id()"
+                    )
+                )
+                restamped = cursor.rowcount
+                await connection.execute(self.sql(_SEQUENCE_PAST_EVENTS))
+        return restamped
+
     async def schema_version(self) -> int | None:
         """The newest migration applied. Raises SchemaError when not installed."""
         async with self.connection() as connection:
@@ -363,6 +399,17 @@ class PostgresBackend(Backend):
 
     def __repr__(self) -> str:
         return f"<PostgresBackend schema={self.schema!r}>"
+
+
+_FOREIGN_EVENTS = (
+    "SELECT EXISTS (SELECT FROM {schema}.events"
+    " WHERE transaction_id >= pg_snapshot_xmax(pg_current_snapshot()))"
+)
+_SEQUENCE_PAST_EVENTS = (
+    "SELECT setval('{schema}.event_sequence_numbers', max(sequence_number))"
+    " FROM {schema}.events HAVING max(sequence_number) >"
+    " (SELECT last_value FROM {schema}.event_sequence_numbers)"
+)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
