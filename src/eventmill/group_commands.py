@@ -4,6 +4,9 @@
   (live ones), holdings and checkpoints;
 - ``eventmill groups retire GROUP --dsn DSN``: delete what is left of a group no node
   registers any more; exit 1 (nothing deleted) while a live node registers it;
+- ``eventmill projections list --dsn DSN [--json]``: every version of every versioned
+  projection, its state and build progress; ``eventmill projections retire NAME VERSION
+  --dsn DSN``: drop a replaced (or building) version now; exit 1 if it is not one;
 - ``eventmill reset GROUP --dsn DSN (--to-start | --to-sequence N | --to-time T)
   [--source S ...]``: replay the group live on the running nodes. ``S`` is a source as
   ``eventmill status`` prints it (``log``, ``category:C``, ``stream:C/S``,
@@ -29,8 +32,9 @@ from eventmill.events import (
     identifier_from_json,
 )
 from eventmill.groups import list_groups, reset_group, retire_group
+from eventmill.rebuilds import print_projections, projection_status, retire_version
 
-COMMANDS = ("groups", "reset")
+COMMANDS = ("groups", "reset", "projections")
 """The top-level commands this module adds."""
 
 _PARTITION = re.compile(r"^partition:(.+)/(\d+)of(\d+)$")
@@ -96,6 +100,15 @@ def add_parsers(
         connection_options(sub)
         if action == "list":
             sub.add_argument("--json", action="store_true", help="print JSON")
+    projections = commands.add_parser("projections", help="versions of versioned projections")
+    verbs = projections.add_subparsers(dest="action", required=True)
+    listing = verbs.add_parser("list", help="every version, its state and progress")
+    connection_options(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    retiring = verbs.add_parser("retire", help="drop a replaced or building version now")
+    retiring.add_argument("name")
+    retiring.add_argument("version", type=_sequence)
+    connection_options(retiring)
     reset = commands.add_parser("reset", help="replay a group live on the running nodes")
     reset.add_argument("group", help="the subscriber group")
     connection_options(reset)
@@ -133,6 +146,8 @@ async def run(
                     f"{checkpoint.after} (epoch {checkpoint.epoch})"
                 )
             return 0
+        if arguments.command == "projections":
+            return await _projections(backend, arguments)
         if arguments.action == "retire":
             gone = await retire_group(backend, arguments.group)
             print(
@@ -151,6 +166,21 @@ async def run(
             f"{summary.holdings} holdings, {summary.checkpoints} checkpoints"
         )
     return 0
+
+
+async def _projections(backend: Backend, arguments: argparse.Namespace) -> int:
+    if arguments.action == "list":
+        found = await projection_status(backend)
+        if arguments.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print_projections(found)
+        return 0
+    if await retire_version(backend, arguments.name, arguments.version):
+        print(f"projection {arguments.name} v{arguments.version} retired")
+        return 0
+    print(f"projection {arguments.name} v{arguments.version} is not a replaced or building version")
+    return 1
 
 
 def summary_json(summary: Any) -> dict[str, Any]:

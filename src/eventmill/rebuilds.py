@@ -24,7 +24,8 @@ every node that registers it; every ``check_interval`` it:
    nodes still running an old version stop processing it;
 4. retires every RETIRING version of the projection whose grace period is over and
    whose group no live node registers: the group's checkpoints, holdings and records
-   (``GroupStorage.retire``), then its tables.
+   (``GroupStorage.retire``), then its tables. ``retire_version`` (``eventmill
+   projections retire NAME VERSION``) does it at once.
 
 Side effects: a rebuild is a new group that only builds tables, so reactors (groups
 that send mails, call services...) are never run again by it. Keep side effects out
@@ -212,6 +213,22 @@ class ProjectionKeeper:
 
 def _due(record: ProjectionVersion) -> bool:
     return record.retire_after is not None and record.retire_after <= datetime.now(UTC)
+
+
+async def retire_version(
+    backend: Backend, name: str, version: int, *, max_age: timedelta = IN_USE_MAX_AGE
+) -> bool:
+    """Retire ``version`` of the projection ``name`` now, without waiting for its grace
+    period: delete its group, then drop its tables. Only a RETIRING or BUILDING version
+    (never the serving one); False when it is not one. Raises GroupInUseError while a
+    node runs it (seen within ``max_age``), StorageError."""
+    name, version = check_projection(name, version)
+    records = {r.version: r for r in await backend.projection_versions.versions(name)}
+    found = records.get(version)
+    if found is None or found.state not in (VersionState.RETIRING, VersionState.BUILDING):
+        return False
+    await backend.groups.retire(versioned_group(name, version), max_age=max_age)
+    return await backend.projection_versions.retire(name, version, now=True)
 
 
 async def projection_status(backend: Backend) -> list[dict[str, Any]]:

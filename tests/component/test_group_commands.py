@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 
@@ -118,3 +119,46 @@ def test_bad_arguments_are_one_line_with_exit_code_2(
         main(list(arguments))
     assert exited.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+async def two_versions(schema: str) -> None:
+    backend = await PostgresBackend.connect(TEST_DSN, schema=schema, max_size=2)
+    try:
+        await backend.install_schema()
+        await backend.projection_versions.declare("summary", 1)
+        assert await backend.projection_versions.cut_over("summary", 1, grace=timedelta(hours=1))
+        await backend.projection_versions.declare("summary", 2)
+        await backend.checkpoints.save("summary-v2", P0, 3, expected_version=None)
+    finally:
+        await backend.close()
+
+
+@pytest.mark.postgres
+def test_projections_list_and_retire(capsys: pytest.CaptureFixture[str]) -> None:
+    schema = unique_schema_name()
+    where = ("--dsn", TEST_DSN, "--schema", schema)
+    try:
+        asyncio.run(two_versions(schema))
+        assert main(["projections", "list", *where, "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [(p["group"], p["state"]) for p in listed] == [
+            ("summary-v1", "serving"),
+            ("summary-v2", "building"),
+        ]
+        assert main(["projections", "retire", "summary", "1", *where]) == 1
+        assert "not a replaced or building version" in capsys.readouterr().out
+        assert main(["projections", "retire", "summary", "2", *where]) == 0
+        assert capsys.readouterr().out.strip() == "projection summary v2 retired"
+        assert main(["projections", "list", *where]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(":")[0] for line in lines] == [
+            "projection summary v1 (summary-v1)",
+            "projection summary v2 (summary-v2)",
+        ]
+        assert "retired" in lines[1]
+        assert main(["groups", "list", *where, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+    finally:
+        for name in (f"{schema}__summary", f"{schema}__summary__v1", f"{schema}__summary__v2"):
+            asyncio.run(drop_schema(name))
+        asyncio.run(drop_schema(schema))
