@@ -11,6 +11,7 @@ MODULES = [
     "store_postgres",
     "allocation",
     "consumers",
+    "parking",
     "partitions",
     "coordinator",
     "failover",

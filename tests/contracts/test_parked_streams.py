@@ -81,13 +81,12 @@ async def test_list_orders_by_group_source_and_stream(backend: Backend) -> None:
 async def test_hold_counts_each_later_place_once(backend: Backend) -> None:
     store = backend.parked
     await store.park(parked())
-    assert await store.hold("totals", ORDERS, ORDER_7, 50) is True
-    assert await store.hold("totals", ORDERS, ORDER_7, 50) is False  # replayed pass
-    assert await store.hold("totals", ORDERS, ORDER_7, 44) is False
-    assert await store.hold("totals", ORDERS, ORDER_7, 77) is True
+    assert await store.hold("totals", ORDERS, ORDER_7, [50]) == 2
+    assert await store.hold("totals", ORDERS, ORDER_7, [44, 50]) == 2  # replayed pass
+    assert await store.hold("totals", ORDERS, ORDER_7, [50, 60, 77]) == 4
     [record] = await store.list()
-    assert (record.held, record.last_held) == (3, 77)
-    assert await store.hold("totals", ORDERS, StreamIdentifier("orders", "nope"), 90) is False
+    assert (record.held, record.last_held) == (4, 77)
+    assert await store.hold("totals", ORDERS, StreamIdentifier("orders", "nope"), [90]) is None
 
 
 async def test_request_marks_the_stream_in_every_source_of_the_group(backend: Backend) -> None:
@@ -139,7 +138,7 @@ async def test_writes_in_a_transaction_roll_back_with_it(backend: Backend) -> No
             await store.park(
                 parked(stream=StreamIdentifier("orders", "other")), transaction=transaction
             )
-            assert await store.hold("totals", ORDERS, ORDER_7, 60, transaction=transaction)
+            assert await store.hold("totals", ORDERS, ORDER_7, [60], transaction=transaction) == 2
             assert await store.remove("totals", ORDERS, ORDER_7, transaction=transaction)
             await store.record_skipped(
                 SkippedEvent(
@@ -163,6 +162,6 @@ async def test_writes_in_a_transaction_roll_back_with_it(backend: Backend) -> No
     assert await store.list() == [parked()]
     assert await store.skipped() == []
     async with backend.checkpoints.transaction() as transaction:
-        assert await store.hold("totals", ORDERS, ORDER_7, 60, transaction=transaction)
+        assert await store.hold("totals", ORDERS, ORDER_7, [60], transaction=transaction) == 2
     [record] = await store.list()
     assert record.held == 2

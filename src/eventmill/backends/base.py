@@ -741,12 +741,13 @@ class ParkedStreamStorage(ABC):
         group: str,
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
-        place: int,
+        places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
-    ) -> bool:
-        """Count one more held event at ``place`` (in the source) if ``place`` is after
-        ``last_held``; return whether it was counted (False too when not parked)."""
+    ) -> int | None:
+        """Count as held the events at ``places`` (in the source) that are after
+        ``last_held`` (so a replayed pass never counts one twice) and move ``last_held``
+        to the greatest; return the record's ``held`` now, None when not parked."""
 
     @abstractmethod
     async def remove(

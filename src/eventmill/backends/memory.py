@@ -505,17 +505,19 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         group: str,
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
-        place: int,
+        places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
-    ) -> bool:
+    ) -> int | None:
         key = (group, source_key(source), stream)
         with self._lock:
             current = self._records.get(key)
-        if current is None or place <= current.last_held:
-            return False
-        self._write(key, replace(current, held=current.held + 1, last_held=place), transaction)
-        return True
+        if current is None:
+            return None
+        counted = sum(1 for place in places if place > current.last_held)
+        last = max([current.last_held, *places])
+        self._write(key, replace(current, held=current.held + counted, last_held=last), transaction)
+        return current.held + counted
 
     async def remove(
         self,

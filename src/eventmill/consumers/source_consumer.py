@@ -180,6 +180,9 @@ class EventSourceConsumer:
         self.on_retry_due: Callable[[], None] | None = None
         """Called (on the consumer's loop) when a backoff ends, e.g. to wake a poller."""
         self._parked: dict[tuple[str, str], ParkedStream] = {}
+        self._parked_names: frozenset[str] = frozenset()
+        self._pending_holds: dict[tuple[str, str], list[int]] = {}
+        self._recounted: set[tuple[str, str]] = set()
         self._failing: _Failing | None = None
         self._narrow_until: int | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -245,11 +248,14 @@ class EventSourceConsumer:
                     if not await self._serve_requests():
                         return self._count
                 await self._run_processor()
+                if self._pending_holds:
+                    await self._save_holds(None)
                 if self._unsaved and (self.settings.checkpoint_at_end or self._stop):
                     await self._save()
             except BaseException as error:
                 if isinstance(error, ConflictError):
                     self._loaded = False
+                    self._pending_holds.clear()  # the source moved: its next holder recounts
                 else:
                     await self._save_after_failure(error)
                 raise
@@ -294,8 +300,8 @@ class EventSourceConsumer:
                         return
                     if policy is None:
                         await process(event)
-                    elif self._parked and _stream_key(event) in self._parked:
-                        await self._hold(event, None)
+                    elif event.stream in self._parked_names and self._held(event):
+                        pass  # counted at the end of the pass
                     else:
                         try:
                             await process(event)
@@ -339,20 +345,22 @@ class EventSourceConsumer:
             if not batch and not reset:
                 return
             place = self.source.place(batch[-1]) if batch else self._processed
-            held = [e for e in batch if _stream_key(e) in self._parked] if self._parked else []
-            work = [e for e in batch if _stream_key(e) not in self._parked] if held else batch
+            names = self._parked_names
+            held = [e for e in batch if e.stream in names and self._held(e)] if names else []
+            work = [e for e in batch if e not in held] if held else batch
             try:
                 async with self.state_store.transaction() as transaction:
                     if reset:
                         await processor.on_reset(
                             self.source.identifier, self._processed, transaction
                         )
-                    for event in held:
-                        await self._hold(event, transaction)
+                    if held:
+                        await self._save_holds(transaction)
                     if work:
                         await processor.process_events(work, transaction)
                     await self.state_store.save(place, transaction=transaction)
             except Exception as error:
+                self._pending_holds.clear()  # rolled back: counted again when re-read
                 if self.failure_policy is None or _is_storage_failure(error) or not batch:
                     raise
                 if reset:  # the reset hook alone first; then find the failing event
@@ -382,19 +390,45 @@ class EventSourceConsumer:
     # --- failures (with a failure policy) ------------------------------------------
 
     async def _learn_parked(self, parked: Sequence[ParkedStream] | None) -> None:
+        """Take this pass's parked records (read them if not given); a stream parked
+        before this consumer saw it has its held events recounted once."""
         if parked is None:
             state = self.state_store
             parked = await self.source.backend.parked.list(group=state.group, source=state.source)
+        known = self._parked
         self._parked = {(r.stream.category, r.stream.stream): r for r in parked}
+        self._parked_names = frozenset(stream for _, stream in self._parked)
+        for key, record in self._parked.items():
+            if key not in known and key not in self._recounted and record.request is None:
+                self._recounted.add(key)
+                places = [self.source.place(e) for e in await self._held_events(record)]
+                by_position = isinstance(self.source.identifier, StreamIdentifier)
+                first = record.position if by_position else record.sequence_number
+                last = places[-1] if places else first - 1
+                if (len(places), last) != (record.held, record.last_held):
+                    store = self.source.backend.parked
+                    await store.park(replace(record, held=len(places), last_held=last))
 
-    async def _hold(self, event: StoredEvent, transaction: ConsumerTransaction | None) -> None:
-        """Count ``event`` held in its parked stream (the caller moves past it)."""
+    def _held(self, event: StoredEvent) -> bool:
+        """Whether ``event`` belongs to a parked stream; if so, note it to be counted."""
+        key = (event.category, event.stream)
+        if key not in self._parked:
+            return False
+        self._pending_holds.setdefault(key, []).append(self.source.place(event))
+        return True
+
+    async def _save_holds(self, transaction: ConsumerTransaction | None) -> None:
+        """Count the noted held events in their records: one statement per stream."""
+        pending, self._pending_holds = self._pending_holds, {}
         state = self.state_store
-        stream = StreamIdentifier(event.category, event.stream)
-        place = self.source.place(event)
-        await self.source.backend.parked.hold(
-            state.group, state.source, stream, place, transaction=transaction
-        )
+        for (category, stream), places in pending.items():
+            await self.source.backend.parked.hold(
+                state.group,
+                state.source,
+                StreamIdentifier(category, stream),
+                places,
+                transaction=transaction,
+            )
 
     def _attempt_failed(self, event: StoredEvent, error: Exception) -> _Failing | None:
         """Count a failed try of ``event``; return its failure record once the tries
@@ -516,6 +550,7 @@ class EventSourceConsumer:
                 await self.state_store.save(checkpoint, transaction=transaction)
         if record is not None:
             self._parked[_stream_key(event)] = record
+            self._parked_names = self._parked_names | {event.stream}
         return True
 
     async def _serve_requests(self) -> bool:
@@ -667,6 +702,11 @@ class EventSourceConsumer:
         self._unsaved = 0
 
     async def _save_after_failure(self, error: BaseException) -> None:
+        try:
+            if self._pending_holds:
+                await self._save_holds(None)
+        except Exception as save_error:
+            error.add_note(f"eventmill: held events could not be counted: {save_error!r}")
         if not self._unsaved:
             return
         try:

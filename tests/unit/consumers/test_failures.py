@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -351,3 +352,16 @@ def test_bad_policies_are_refused() -> None:
         FailurePolicy(then="park")  # type: ignore[arg-type]
     with pytest.raises(InvalidSettingsError):
         FailurePolicy(backoff=timedelta(1))  # type: ignore[arg-type]
+
+
+async def test_a_new_holder_recounts_held_events_a_crash_did_not_count() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, "bad", "bad", "a", "bad")
+    await consumer(backend, Handler(poison=[("bad", 0)]), at_once()).consume_all()
+    [record] = await backend.parked.list()
+    assert record.held == 3
+    await backend.parked.park(replace(record, held=1))  # as if killed before counting
+    successor = consumer(backend, Handler(), at_once())
+    assert await successor.consume_all() == 0
+    [record] = await backend.parked.list()
+    assert record.held == 3

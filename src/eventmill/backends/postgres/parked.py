@@ -8,7 +8,7 @@ A consumer reads the markers of its group with one indexed query per pass.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +106,10 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             " skip_through = excluded.skip_through"
         )
         self._hold = sql(
-            "UPDATE {schema}.parked_streams SET held = held + 1, last_held = %s"
-            f" WHERE {_KEY} AND last_held < %s"
+            "UPDATE {schema}.parked_streams SET"
+            " held = held + (SELECT count(*) FROM unnest(%s::bigint[]) AS p WHERE p > last_held),"
+            " last_held = greatest(last_held, (SELECT max(p) FROM unnest(%s::bigint[]) AS p))"
+            f" WHERE {_KEY} RETURNING held"
         )
         self._remove = sql(f"DELETE FROM {{schema}}.parked_streams WHERE {_KEY}")
         order = " ORDER BY group_name, source_key, category, stream"
@@ -171,14 +173,16 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         group: str,
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
-        place: int,
+        places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
-    ) -> bool:
-        parameters = (place, group, source_key(source), stream.category, stream.stream, place)
+    ) -> int | None:
+        listed = list(places)
+        key = (group, source_key(source), stream.category, stream.stream)
         async with self._connection(transaction) as connection:
-            cursor = await connection.execute(self._hold, parameters)
-            return cursor.rowcount == 1
+            cursor = await connection.execute(self._hold, (listed, listed, *key))
+            row = await cursor.fetchone()
+        return None if row is None else int(row[0])
 
     async def remove(
         self,
