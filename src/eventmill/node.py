@@ -538,7 +538,11 @@ class EventProcessingNode:
         return handle
 
     async def _keep(self, handle: SubscriberHandle, keeper: ProjectionKeeper) -> None:
-        await keeper.run()
+        try:
+            await keeper.run()
+        except Exception as failure:  # a bug: fail the node like any component
+            self._fail(failure)
+            raise
         await self._remove(handle)  # replaced by a newer version
 
     @property

@@ -49,7 +49,7 @@ from eventmill.backends.base import (
     ProjectionVersion,
     VersionState,
 )
-from eventmill.errors import GroupInUseError, InvalidSettingsError, StorageError, describe
+from eventmill.errors import EventmillError, GroupInUseError, InvalidSettingsError, describe
 from eventmill.events import EventSourceIdentifier
 from eventmill.groups import IN_USE_MAX_AGE
 from eventmill.sources import EventSource
@@ -141,12 +141,13 @@ class ProjectionKeeper:
 
     async def run(self) -> None:
         """Keep the version until it is replaced (then return: the caller stops its
-        subscriber) or cancelled. Storage failures are logged and retried next round."""
+        subscriber) or cancelled. A round that fails with an eventmill error (storage
+        down, a row locked too long) is logged and the next one tries again."""
         while True:
             try:
                 if await self.keep():
                     return
-            except StorageError as error:
+            except EventmillError as error:  # e.g. storage down, a row locked: next round
                 logger.warning("projection %s v%d: %s", self.name, self.version, error)
             await asyncio.sleep(self.check_interval.total_seconds())
 
