@@ -146,7 +146,8 @@ class EventStream(EventSourceHandle):
         new_events = [
             event if isinstance(event, NewEvent) else encode_event(event) for event in events
         ]
-        check_condition(condition)
+        if condition is not None:
+            check_condition(condition)
         return await self._backend.events.publish(self.identifier, new_events, condition)
 
     def _place(self, event: StoredEvent) -> int:

@@ -107,26 +107,28 @@ class InMemoryEventStorage(EventStorage):
         events: Sequence[NewEvent],
         condition: WriteCondition | None,
     ) -> list[StoredEvent]:
+        category_name, stream_name = stream.category, stream.stream
+        ids = new_event_ids(len(events))
+        observed_at = datetime.now(UTC)
         with self._lock:
-            streams = self._streams.get(stream.category)
-            existing = streams.get(stream.stream) if streams is not None else None
+            streams = self._streams.get(category_name)
+            existing = streams.get(stream_name) if streams is not None else None
             latest = len(existing) - 1 if existing else None
             if condition is not None and latest not in condition.allowed:
                 raise UnmetWriteConditionError(condition, latest)
             if streams is None:
-                streams = self._streams[stream.category] = {}
+                streams = self._streams[category_name] = {}
             if existing is None:
-                existing = streams[stream.stream] = []
-            category = self._categories.setdefault(stream.category, [])
-            observed_at = datetime.now(UTC)
+                existing = streams[stream_name] = []
+            category = self._categories.setdefault(category_name, [])
             position = len(existing)
             sequence_number = len(self._log) + 1
             stored = [
                 StoredEvent(
                     id=event_id,
                     name=event.name,
-                    category=stream.category,
-                    stream=stream.stream,
+                    category=category_name,
+                    stream=stream_name,
                     position=position + offset,
                     sequence_number=sequence_number + offset,
                     payload=event.payload,
@@ -134,19 +136,17 @@ class InMemoryEventStorage(EventStorage):
                     occurred_at=event.occurred_at,
                     observed_at=observed_at,
                 )
-                for offset, (event_id, event) in enumerate(
-                    zip(new_event_ids(len(events)), events, strict=True)
-                )
+                for offset, (event_id, event) in enumerate(zip(ids, events, strict=True))
             ]
             self._log.extend(stored)
             category.extend(stored)
             existing.extend(stored)
-            buckets = self._buckets.get(stream.category)
+            buckets = self._buckets.get(category_name)
             if buckets is None:
-                buckets = self._buckets[stream.category] = [[] for _ in range(PARTITION_BUCKETS)]
-            buckets[stream_bucket(stream.stream)].extend(stored)
+                buckets = self._buckets[category_name] = [[] for _ in range(PARTITION_BUCKETS)]
+            buckets[stream_bucket(stream_name)].extend(stored)
         if self._notifications is not None:
-            self._notifications.registry.wake(stream.category)
+            self._notifications.registry.wake(category_name)
         return stored
 
     async def read(

@@ -41,6 +41,8 @@ class WakeupRegistry:
 
     def wake(self, category: str | None) -> None:
         """Schedule the callbacks of the watchers that ``category`` may concern."""
+        if not self._watchers:  # every publish calls this; most stores have no watcher
+            return
         with self._lock:
             targets = [
                 (token, wake, loop)
