@@ -16,6 +16,7 @@ MODULES = [
     "coordinator",
     "failover",
     "rebuilds",
+    "shared_tail",
     "peers",
     "console",
 ]

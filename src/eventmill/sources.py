@@ -14,16 +14,24 @@ place of the last event it handled can always resume exactly there.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from eventmill.backends.base import Backend
 from eventmill.errors import InvalidInputError
 from eventmill.events import EventSourceIdentifier, StoredEvent, StreamIdentifier, check_identifier
+from eventmill.shared_tail import SharedTail, shared_tail
 from eventmill.store import DEFAULT_PAGE_SIZE, check_page_size
 
 
 class EventSource:
-    """Reads one source in order, ``page_size`` events per read. Making one does no I/O."""
+    """Reads one source in order, ``page_size`` events per read. Making one does no I/O.
+
+    With ``shared_tail``, reads of a log, category or partition go through the one
+    ``SharedTail`` of that source on this backend and event loop, shared with the other
+    sources made so (subscribers use it): see ``eventmill.shared_tail`` for what that
+    changes (polls may be answered from a read up to half a second old).
+    """
 
     def __init__(
         self,
@@ -31,6 +39,7 @@ class EventSource:
         identifier: EventSourceIdentifier,
         *,
         page_size: int = DEFAULT_PAGE_SIZE,
+        shared_tail: bool = False,
     ) -> None:
         if not isinstance(backend, Backend):
             raise InvalidInputError(f"EventSource needs a Backend, not {backend!r:.80}")
@@ -38,6 +47,8 @@ class EventSource:
         self.identifier = check_identifier(identifier)
         self.page_size = check_page_size(page_size)
         self._by_position = isinstance(identifier, StreamIdentifier)
+        self._shares_tail = shared_tail and not self._by_position
+        self._tail: SharedTail | None = None
 
     def place(self, event: StoredEvent) -> int:
         """Where ``event`` is in this source: its position (stream) or sequence number."""
@@ -52,7 +63,18 @@ class EventSource:
         if after is not None and (type(after) is not int or after < 0):
             raise InvalidInputError(f"after must be None or an int >= 0, not {after!r:.80}")
         count = self.page_size if limit is None else check_page_size(limit, "limit")
+        tail = self._shared_tail()
+        if tail is not None:
+            return await tail.read(0 if after is None else after, count)
         return await self.backend.events.read(self.identifier, after=after, limit=count)
+
+    def _shared_tail(self) -> SharedTail | None:
+        if not self._shares_tail:
+            return None
+        tail = self._tail
+        if tail is None or tail.loop is not asyncio.get_running_loop():
+            tail = self._tail = shared_tail(self.backend.events, self.identifier)
+        return tail
 
     async def iterate(self, *, after: int | None = None) -> AsyncIterator[StoredEvent]:
         """Every event after ``after``, page by page, until a short page. Raises StorageError."""
@@ -71,7 +93,15 @@ class EventSource:
     async def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
         """Call ``wake()`` (on this loop) soon after events may have been published to
         this source; return the function that stops it. Best effort: keep polling."""
-        return await self.backend.notifications.subscribe(self.identifier, wake)
+        tail = self._shared_tail()
+        if tail is None:
+            return await self.backend.notifications.subscribe(self.identifier, wake)
+
+        def woken() -> None:
+            tail.woken()  # first, so the read this wake-up leads to looks past the tail
+            wake()
+
+        return await self.backend.notifications.subscribe(self.identifier, woken)
 
     def __repr__(self) -> str:
         return f"<EventSource {self.identifier}>"

@@ -28,6 +28,7 @@ from eventmill.events import (
     StoredEvent,
     StreamIdentifier,
 )
+from eventmill.shared_tail import note_published
 
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
@@ -148,7 +149,11 @@ class EventStream(EventSourceHandle):
         ]
         if condition is not None:
             check_condition(condition)
-        return await self._backend.events.publish(self.identifier, new_events, condition)
+        storage = self._backend.events
+        try:
+            return await storage.publish(self.identifier, new_events, condition)
+        finally:  # also when the outcome is unknown (a commit that failed to answer)
+            note_published(storage, self.identifier.category)
 
     def _place(self, event: StoredEvent) -> int:
         return event.position

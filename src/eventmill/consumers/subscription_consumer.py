@@ -221,7 +221,7 @@ class EventSubscriptionConsumer(Service[int]):
             return
         state = EventConsumerStateStore(self.backend.checkpoints, self._group, source, epoch=epoch)
         consumer = EventSourceConsumer(
-            EventSource(self.backend, source, page_size=self.page_size),
+            EventSource(self.backend, source, page_size=self.page_size, shared_tail=True),
             check_processor(self._processor_factory(source)),
             state,
             settings=self.settings,
