@@ -1,0 +1,86 @@
+"""Traces: a publish span whose context travels in the events' metadata, and
+processing spans (per event, per transactional batch) linked to it; recorded with the
+OpenTelemetry SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from eventmill import tracing
+from eventmill.backends.base import ConsumerTransaction
+from eventmill.backends.memory import InMemoryBackend
+from eventmill.consumers.processors import TransactionalEventProcessor
+from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.node import EventProcessingNode
+from eventmill.store import EventStore
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """The process's tracer provider (set once: OpenTelemetry allows no second)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
+class Batches(TransactionalEventProcessor):
+    async def process_events(
+        self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
+    ) -> None:
+        pass
+
+
+async def ignore(event: StoredEvent) -> None:
+    pass
+
+
+async def test_processing_spans_link_to_the_publish_span(spans: InMemorySpanExporter) -> None:
+    spans.clear()
+    backend = InMemoryBackend()
+    store = EventStore(backend)
+    stored = await tracing.publish(
+        store.stream(category="orders", stream="o-1"),
+        [NewEvent(name="placed", metadata={"by": "test"}), NewEvent(name="paid")],
+    )
+    assert stored[0].metadata["by"] == "test" and "traceparent" in stored[0].metadata
+    (published,) = spans.get_finished_spans()
+    assert published.name == "eventmill publish"
+    assert published.attributes is not None
+    assert published.attributes["messaging.batch.message_count"] == 2
+    node = EventProcessingNode(backend, node_id="n")
+    orders = CategoryIdentifier("orders")
+    node.register_subscriber(
+        group="each", source=orders, processor=tracing.traced(ignore, group="each")
+    )
+    node.register_subscriber(
+        group="batch", source=orders, processor=tracing.traced(Batches(), group="batch")
+    )
+    async with node:
+        await node.wait_caught_up(timeout=timedelta(seconds=10))
+    processed = [s for s in spans.get_finished_spans() if s.name == "eventmill process"]
+    groups = sorted(str((s.attributes or {})["messaging.consumer.group.name"]) for s in processed)
+    assert groups == ["batch", "each", "each"]
+    assert published.context is not None
+    for span in processed:
+        assert [link.context.span_id for link in span.links] == [published.context.span_id] * len(
+            span.links
+        )
+        assert span.links
+    batch = next(
+        s for s in processed if (s.attributes or {}).get("messaging.batch.message_count") == 2
+    )
+    assert len(batch.links) == 2
+
+
+def test_without_a_current_span_metadata_is_unchanged() -> None:
+    event = NewEvent(name="placed", metadata={"a": 1})
+    assert tracing.with_trace_context([event]) == [event]
