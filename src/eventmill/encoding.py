@@ -24,7 +24,8 @@ a type in ``codecs``               what its codec's ``encode`` returns
 ``from_json(data, annotation)`` is the reverse, led by the annotation: ``datetime``,
 ``Decimal``, ``UUID``, enums, ``tuple[int, ...]``, ``list[X]``, ``dict[str, X]``,
 ``X | None``, ``Literal[...]``, ``NewType``, nested dataclasses and models, ``Any``
-(data as is). A naive datetime, a NaN or an object with a non-``str`` key raises
+(data as is). A naive datetime, a UTC offset with a fraction of a second, a NaN or an
+object with a non-``str`` key raises
 InvalidEventError when encoding; data that does not fit the annotation raises
 EventDecodingError when decoding, naming the place.
 
@@ -97,8 +98,12 @@ def to_json(value: object, codecs: Codecs = _NO_CODECS, where: str = "payload") 
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidEventError(f"{where}: datetimes must be timezone-aware: {value!r}")
+        _check_offset(value.utcoffset(), where)
         return value.isoformat()
-    if isinstance(value, date | time):
+    if isinstance(value, time):
+        _check_offset(value.utcoffset(), where)
+        return value.isoformat()
+    if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, timedelta):
         return value // timedelta(microseconds=1)
@@ -126,6 +131,12 @@ def to_json(value: object, codecs: Codecs = _NO_CODECS, where: str = "payload") 
     raise InvalidEventError(
         f"{where}: cannot encode {kind.__name__} (add a Codec for it to EventTypes)"
     )
+
+
+def _check_offset(offset: timedelta | None, where: str) -> None:
+    """Refuse a UTC offset with a fraction of a second (ISO text would drop it)."""
+    if offset is not None and offset.microseconds:
+        raise InvalidEventError(f"{where}: a UTC offset with a fraction of a second: {offset}")
 
 
 def _container(value: Any, codecs: Codecs, where: str) -> JsonValue:
@@ -209,7 +220,7 @@ def _decode(data: JsonValue, annotation: Any, codecs: Codecs, where: str) -> Any
             raise _fail(data, annotation, where)
         return data
     if issubclass(annotation, enum.Enum):
-        return annotation(data)
+        return _enum_member(annotation, data, codecs)
     if issubclass(annotation, datetime):
         value = annotation.fromisoformat(_text(data, annotation, where))
         if value.tzinfo is None:
@@ -245,6 +256,17 @@ def _decode(data: JsonValue, annotation: Any, codecs: Codecs, where: str) -> Any
     if issubclass(annotation, dict | list | tuple):
         return _decode_generic(data, annotation, annotation, codecs, where)
     raise EventDecodingError(f"{where}: cannot decode into {_name(annotation)}")
+
+
+def _enum_member(cls: type[enum.Enum], data: JsonValue, codecs: Codecs) -> enum.Enum:
+    """The member whose value encodes to ``data`` (a tuple value is stored as a list)."""
+    try:
+        return cls(data)
+    except ValueError:
+        for member in cls:
+            if to_json(member.value, codecs) == data:
+                return member
+        raise
 
 
 def _text(data: JsonValue, annotation: Any, where: str) -> str:
