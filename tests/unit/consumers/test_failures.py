@@ -31,6 +31,7 @@ from eventmill.consumers.source_consumer import ConsumerSettings
 from eventmill.consumers.subscription_consumer import make_subscriber
 from eventmill.errors import InvalidInputError, InvalidSettingsError, ProcessorFailedError
 from eventmill.events import StoredEvent
+from eventmill.groups import retire_group
 from eventmill.projections import ProjectionStore
 from eventmill.services.error_handlers import ConstantBackoff, ExponentialBackoff
 from eventmill.services.status import ProcessStatus
@@ -365,3 +366,13 @@ async def test_a_new_holder_recounts_held_events_a_crash_did_not_count() -> None
     assert await successor.consume_all() == 0
     [record] = await backend.parked.list()
     assert record.held == 3
+
+
+async def test_retiring_a_group_deletes_its_parked_streams() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, "bad")
+    await consumer(backend, Handler(poison=[("bad", 0)]), at_once()).consume_all()
+    [record] = await backend.parked.list()
+    await backend.parked.park(replace(record, group="other"))
+    await retire_group(backend, "g")
+    assert [r.group for r in await backend.parked.list()] == ["other"]
