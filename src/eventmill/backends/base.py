@@ -222,9 +222,13 @@ class SubscriberStateStore(ABC):
     """Who is alive: one record per (group, subscriber id), refreshed by heartbeats.
 
     Ages are measured with the storage's clock (the database's ``now()`` on
-    PostgreSQL), so nodes with skewed clocks agree on who is alive. Every method
-    raises InvalidIdentifierError for bad names or identifiers and StorageError when
-    storage fails.
+    PostgreSQL), so nodes with skewed clocks agree on who is alive. A record is *live
+    for* ``max_age`` when it was last seen at most ``max_age`` before the freshest
+    record (or before now, if that is earlier), and at most twice ``max_age`` ago: when
+    the storage is slow, every node's heartbeats arrive late alike and nobody is taken
+    for dead; a node whose heartbeats stop falls behind the others' and is. Every
+    method raises InvalidIdentifierError for bad names or identifiers and StorageError
+    when storage fails.
     """
 
     @abstractmethod
@@ -266,13 +270,13 @@ class SubscriberStateStore(ABC):
     async def list(
         self, *, group: str | None = None, max_age: timedelta | None = None
     ) -> list[SubscriberRecord]:
-        """The records (of ``group`` if given) last seen at most ``max_age`` ago (all if
-        None), ordered by group, then registration time, then id. Records of one group
+        """The records (of ``group`` if given) live for ``max_age`` (all if None),
+        ordered by group, then registration time, then id. Records of one group
         with equal requests share one tuple, so comparing them is cheap."""
 
     @abstractmethod
     async def purge(self, max_age: timedelta) -> int:
-        """Delete the records last seen more than ``max_age`` ago; return how many."""
+        """Delete the records not live for ``max_age``; return how many."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -799,8 +799,10 @@ class InMemorySubscriberStateStore(SubscriberStateStore):
     async def list(
         self, *, group: str | None = None, max_age: timedelta | None = None
     ) -> list[SubscriberRecord]:
-        oldest = None if max_age is None else datetime.now(UTC) - check_age(max_age, "max_age")
+        if max_age is not None:
+            check_age(max_age, "max_age")
         with self._lock:
+            oldest = None if max_age is None else self._live_since(max_age) - max_age
             found = [
                 record
                 for record in self._records.values()
@@ -810,16 +812,24 @@ class InMemorySubscriberStateStore(SubscriberStateStore):
         return sorted(found, key=lambda r: (r.group, r.registered_at, r.id))
 
     def is_live(self, group: str, id: str, node_id: str, max_age: timedelta) -> bool:
-        """Whether ``id`` of ``group`` has a record on ``node_id`` last seen at most
-        ``max_age`` ago (how a coordinator tells a live holder). Never blocks."""
-        oldest = datetime.now(UTC) - max_age
+        """Whether ``id`` of ``group`` has a record on ``node_id`` live for ``max_age``
+        (how a coordinator tells a live holder). Never blocks."""
         with self._lock:
             record = self._records.get((group, id))
+            oldest = self._live_since(max_age) - max_age
         return record is not None and record.node_id == node_id and record.last_seen >= oldest
 
+    def _live_since(self, max_age: timedelta) -> datetime:
+        """The freshest ``last_seen``, or now if that is earlier, but at most ``max_age``
+        ago (hold the lock)."""
+        now = datetime.now(UTC)
+        freshest = max((r.last_seen for r in self._records.values()), default=now)
+        return max(now - max_age, min(now, freshest))
+
     async def purge(self, max_age: timedelta) -> int:
-        oldest = datetime.now(UTC) - check_age(max_age, "max_age")
+        check_age(max_age, "max_age")
         with self._lock:
+            oldest = self._live_since(max_age) - max_age
             dead = [key for key, record in self._records.items() if record.last_seen < oldest]
             for key in dead:
                 del self._records[key]

@@ -1,10 +1,20 @@
 """EventSubscriberManager: tells the shared subscriber state that this node's
-subscribers are alive, and forgets dead ones."""
+subscribers are alive, and forgets dead ones.
+
+Heartbeats are sent on time even when the database is slow: a round sends its
+heartbeat and does not wait for it, so up to ``MAX_HEARTBEATS_IN_FLIGHT`` are under way
+at once and each renews the ownership lease when it succeeds. The lease then stays
+valid while a heartbeat takes less than the lease minus the heartbeat interval (2 s
+with the default 1 s and 5 s); one at a time, a slow heartbeat also delayed the next
+one and the lease lapsed from half that.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from eventmill.backends.base import Backend
@@ -12,14 +22,19 @@ from eventmill.broker.loop import BrokerLoop, check_interval
 from eventmill.consumers.lease import OwnershipLease, lease_margin
 from eventmill.consumers.subscription_consumer import EventSubscriber, EventSubscriptionConsumer
 from eventmill.errors import InvalidInputError
-from eventmill.events import check_name
+from eventmill.events import EventSourceIdentifier, check_name
+
+MAX_HEARTBEATS_IN_FLIGHT = 2
+"""How many heartbeats a node has under way at most (a round waits for the oldest
+beyond that)."""
 
 
 class EventSubscriberManager(BrokerLoop):
     """Registers this node's subscribers, heartbeats them every ``heartbeat_interval``
-    (which re-creates a record purged while the node was away), purges records older
-    than ``subscriber_max_age`` every ``purge_interval``, and removes its own records
-    when unregistering (so their sources move at once).
+    (which re-creates a record purged while the node was away) without waiting for the
+    previous heartbeat to finish, purges dead records (see ``SubscriberStateStore.purge``)
+    every ``purge_interval``, and removes its own records when unregistering (so their
+    sources move at once). A heartbeat that failed makes the next round raise its error.
 
     Each heartbeat also refreshes the node's own record (``backend.nodes``): its
     ``mode`` and, from ``leader_term``, the term it leads in (None: not leading); node
@@ -50,6 +65,7 @@ class EventSubscriberManager(BrokerLoop):
         self._leader_term = leader_term
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._next_purge = 0.0
+        self._in_flight: deque[asyncio.Task[None]] = deque()
         """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
         self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
         """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
@@ -79,32 +95,66 @@ class EventSubscriberManager(BrokerLoop):
             self._on_change()
 
     async def unregister(self, subscriber: EventSubscriber) -> None:
-        """Forget ``subscriber`` and delete its record. Harmless if not registered;
-        raises StorageError."""
+        """Forget ``subscriber`` and delete its record, once the heartbeats under way
+        ended (so none re-creates it). Harmless if not registered; raises StorageError."""
         key = (subscriber.group, subscriber.id)
         if self._subscribers.get(key) is not subscriber:
             return
         del self._subscribers[key]
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight))
         await self._backend.subscribers.remove(subscriber.group, subscriber.id)
         if self._on_change is not None:
             self._on_change()
 
     async def run_round(self) -> timedelta | None:
-        """Heartbeat every local subscriber (one ``heartbeat_all``) and the node, then
-        purge when due. Raises StorageError."""
+        """Send a heartbeat of every local subscriber (one ``heartbeat_all``) and of the
+        node, not waited for unless ``MAX_HEARTBEATS_IN_FLIGHT`` are under way, then
+        purge when due. Raises StorageError (also the error of a heartbeat sent earlier)."""
         started = time.monotonic()
-        await self._backend.subscribers.heartbeat_all(
-            self.node_id,
-            [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()],
-        )
-        self.lease.renewed(started)
+        self._reap()
+        while len(self._in_flight) >= MAX_HEARTBEATS_IN_FLIGHT:
+            await asyncio.wait([self._in_flight[0]])
+            self._reap()
+        entries = [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()]
         term = None if self._leader_term is None else self._leader_term()
-        await self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
+        self._in_flight.append(asyncio.create_task(self._heartbeat(entries, term, started)))
         if started >= self._next_purge:
             await self._backend.subscribers.purge(self._max_age)
             await self._backend.nodes.purge(self._max_age * 12)
             self._next_purge = started + self._purge_interval.total_seconds()
         return None
+
+    async def _heartbeat(
+        self,
+        entries: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
+        term: int | None,
+        sent_at: float,
+    ) -> None:
+        await self._backend.subscribers.heartbeat_all(self.node_id, entries)
+        self.lease.renewed(sent_at)
+        await self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
+
+    def _reap(self) -> None:
+        """Forget the finished heartbeats; raise the error of the first that failed."""
+        while self._in_flight and self._in_flight[0].done():
+            task = self._in_flight.popleft()
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+
+    async def execute(self) -> None:
+        """Heartbeat until cancelled; heartbeats still under way are cancelled then."""
+        try:
+            await super().execute()
+        finally:
+            in_flight, self._in_flight = list(self._in_flight), deque()
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.wait(in_flight)
+            for task in in_flight:
+                if not task.cancelled():
+                    task.exception()  # retrieved: the loop has ended anyway
 
     def __repr__(self) -> str:
         return f"<EventSubscriberManager {self.node_id} with {len(self._subscribers)}>"

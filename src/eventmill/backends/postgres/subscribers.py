@@ -1,7 +1,10 @@
 """PostgresSubscriberStateStore: who is alive, in ``{schema}.subscribers``.
 
-Every time is the database's ``now()``, and ages are compared with it in SQL, so nodes
-whose clocks disagree still agree on who is alive. Each method is one statement
+Every time is the database's ``now()``, and ages are compared in SQL with the freshest
+``last_seen`` (or ``now()``, if earlier; see ``SubscriberStateStore``), so nodes whose
+clocks disagree still agree on who is alive. ``last_seen`` is not indexed, so a
+heartbeat is a HOT update (the table keeps free room in its pages for that); listing
+and purging read the whole (small) table anyway. Each method is one statement
 (``heartbeat_all`` too, for any number of subscribers).
 Requests are stored as a JSON array; ``list`` decodes each distinct array once, so the
 many instances of a group share one requests tuple.
@@ -26,6 +29,19 @@ from eventmill.events import EventSourceIdentifier, check_name, identifier_from_
 
 if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
+
+
+_AGE = "%(age)s::interval"
+
+
+def live_since(age: str) -> str:
+    """SQL for the time ages are measured from, given the SQL of the max age: the
+    freshest ``last_seen``, or now if that is earlier, but never more than ``age`` ago."""
+    return (
+        f"greatest(now() - {age},"
+        " least(now(), (SELECT max(last_seen) FROM {schema}.subscribers)))"
+    )
+
 
 _COLUMNS = (
     "group_name, subscriber_id, node_id, subscription_requests::text, registered_at, last_seen"
@@ -64,10 +80,14 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
         self._list = sql(
             f"SELECT {_COLUMNS} FROM {{schema}}.subscribers"
             " WHERE (%(group)s::text IS NULL OR group_name = %(group)s)"
-            " AND (%(age)s::interval IS NULL OR last_seen >= now() - %(age)s::interval)"
+            " AND (%(age)s::interval IS NULL"
+            f" OR last_seen >= {live_since(_AGE)} - %(age)s::interval)"
             ' ORDER BY group_name COLLATE "C", registered_at, subscriber_id COLLATE "C"'
         )
-        self._purge = sql("DELETE FROM {schema}.subscribers WHERE last_seen < now() - %s::interval")
+        self._purge = sql(
+            "DELETE FROM {schema}.subscribers"
+            f" WHERE last_seen < {live_since(_AGE)} - %(age)s::interval"
+        )
 
     async def register(
         self,
@@ -161,7 +181,7 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
     async def purge(self, max_age: timedelta) -> int:
         check_age(max_age, "max_age")
         async with self._backend.connection() as connection:
-            cursor = await connection.execute(self._purge, (max_age,))
+            cursor = await connection.execute(self._purge, {"age": max_age})
             return cursor.rowcount
 
 

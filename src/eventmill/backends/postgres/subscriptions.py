@@ -7,11 +7,12 @@ any Assign wrote nothing, the transaction is rolled back and ConflictError raise
 
 Takeovers (``holder_dead_after``): before writing, one upsert locks the record of each
 holder taken from, in ``{schema}.subscribers`` (in (group, id) order, as
-``heartbeat_all`` writes), creating it dead (last seen just over the age ago, no
-requests, purged like any dead record) if it was purged. A heartbeat of that holder
-(an UPDATE, or an INSERT meeting the uncommitted row) then waits for this commit, and
-one that committed first is seen: its holder counts as live, and the change becomes a
-Revoke. ``now()`` is the transaction's start, so a late check only errs towards live.
+``heartbeat_all`` writes), creating it dead (last seen just over the age before the
+freshest record, no requests, purged like any dead record) if it was purged. A
+heartbeat of that holder (an UPDATE, or an INSERT meeting the uncommitted row) then
+waits for this commit, and one that committed first is seen: its holder counts as live
+(as ``SubscriberStateStore.list`` counts it), and the change becomes a Revoke. ``now()``
+is the transaction's start, so a late check only errs towards live.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from eventmill.backends.base import (
     SubscriptionStateStore,
     check_changes,
 )
+from eventmill.backends.postgres.subscribers import live_since
 from eventmill.errors import ConflictError
 from eventmill.events import identifier_from_json, source_key
 
@@ -65,11 +67,13 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
         self._lock_holders = sql(
             "INSERT INTO {schema}.subscribers AS r (group_name, subscriber_id, node_id,"
             " subscription_requests, registered_at, last_seen)"
-            " SELECT c.g, c.i, c.node, '[]', now(), now() - c.age - interval '1 microsecond'"
+            " SELECT c.g, c.i, c.node, '[]', now(), t.since - c.age - interval '1 microsecond'"
             " FROM unnest(%s::text[], %s::text[], %s::text[], %s::interval[])"
-            " WITH ORDINALITY AS c(g, i, node, age, n) ORDER BY c.n"
+            " WITH ORDINALITY AS c(g, i, node, age, n)"
+            f" CROSS JOIN LATERAL (SELECT {live_since('c.age')} AS since) t ORDER BY c.n"
             " ON CONFLICT (group_name, subscriber_id) DO UPDATE SET last_seen = r.last_seen"
-            " RETURNING r.group_name, r.subscriber_id, r.node_id, r.last_seen, now()"
+            " RETURNING r.group_name, r.subscriber_id, r.node_id, r.last_seen, now(),"
+            " (SELECT max(last_seen) FROM {schema}.subscribers)"
         )
         self._remove = sql(
             f"DELETE FROM {{schema}}.subscriptions s USING {_TOUCHED} WHERE {_MATCH}"
@@ -171,8 +175,9 @@ class PostgresSubscriptionStateStore(SubscriptionStateStore):
         result: _Keyed = [*checked]
         for index, (holder, node_id, age) in takeovers.items():
             group, key, change = checked[index]
-            record_node, last_seen, now = records[group, holder]
-            if record_node == node_id and last_seen >= now - age:
+            record_node, last_seen, now, freshest = records[group, holder]
+            since = max(now - age, min(now, freshest or now))  # as live_since says
+            if record_node == node_id and last_seen >= since - age:
                 result[index] = (group, key, Revoke(group=group, source=change.source))
         return result
 
