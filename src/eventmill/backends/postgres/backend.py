@@ -388,6 +388,7 @@ class PostgresBackend(Backend):
         await self._events.close()
         await self._notifications.close()
         await self._locks.close()
+        await self._subscribers.close()
         with self._loop_pools_lock:
             self._closed = True
             loop_pools = list(self._loop_pools.values())

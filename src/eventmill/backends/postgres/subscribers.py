@@ -6,17 +6,23 @@ clocks disagree still agree on who is alive. ``last_seen`` is not indexed, so a
 heartbeat is a HOT update (the table keeps free room in its pages for that); listing
 and purging read the whole (small) table anyway. Each method is one statement
 (``heartbeat_all`` too, for any number of subscribers).
-Requests are stored as a JSON array; ``list`` decodes each distinct array once, so the
+``heartbeat_all`` runs on connections of its own, outside the pool (at most
+``HEARTBEAT_CONNECTIONS`` kept, on the first event loop that heartbeats; other loops
+use the pool), so heartbeats never queue behind the node's work for a connection: on a
+slow database that queueing alone made live nodes look dead. Requests are stored as a
+JSON array; ``list`` decodes each distinct array once, so the
 many instances of a group share one requests tuple.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from eventmill.backends.base import (
@@ -25,11 +31,16 @@ from eventmill.backends.base import (
     check_age,
     check_requests,
 )
+from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.events import EventSourceIdentifier, check_name, identifier_from_json
 
 if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
+
+HEARTBEAT_CONNECTIONS = 2
+"""How many connections of their own heartbeats keep (as many as the subscriber manager
+has heartbeats in flight)."""
 
 _AGE = "%(age)s::interval"
 
@@ -61,6 +72,9 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
 
     def __init__(self, backend: PostgresBackend) -> None:
         self._backend = backend
+        self._heartbeat_loop: asyncio.AbstractEventLoop | None = None
+        self._spare: list[AsyncConnection[Any]] = []
+        self._closed = False
         sql = backend.sql
         self._register = sql(_UPSERT.replace("{registered_at}", "excluded.registered_at"))
         self._heartbeat = sql(_UPSERT.replace("{registered_at}", "s.registered_at"))
@@ -144,16 +158,39 @@ class PostgresSubscriberStateStore(SubscriberStateStore):
         if not entries:
             return
         order = sorted(entries)
-        async with self._backend.connection() as connection:
-            await connection.execute(
-                self._heartbeat_all,
-                (
-                    node_id,
-                    [group for group, _ in order],
-                    [id for _, id in order],
-                    [entries[key] for key in order],
-                ),
+        arguments = (
+            node_id,
+            [group for group, _ in order],
+            [id for _, id in order],
+            [entries[key] for key in order],
+        )
+        loop = asyncio.get_running_loop()
+        if self._heartbeat_loop is None:
+            self._heartbeat_loop = loop
+        if loop is not self._heartbeat_loop or self._closed:
+            async with self._backend.connection() as connection:
+                await connection.execute(self._heartbeat_all, arguments)
+            return
+        with translate_driver_errors(self._backend.schema):
+            connection = (
+                self._spare.pop() if self._spare else await self._backend.dedicated_connection()
             )
+            try:
+                await connection.execute(self._heartbeat_all, arguments)
+            except BaseException:
+                await connection.close()
+                raise
+        if self._closed or len(self._spare) >= HEARTBEAT_CONNECTIONS:
+            await connection.close()
+        else:
+            self._spare.append(connection)
+
+    async def close(self) -> None:
+        """Close the heartbeat connections; later heartbeats use the pool. Idempotent."""
+        self._closed = True
+        spare, self._spare = self._spare, []
+        for connection in spare:
+            await connection.close()
 
     async def remove(self, group: str, id: str) -> None:
         async with self._backend.connection() as connection:
