@@ -66,6 +66,8 @@ class EventSubscriberManager(BrokerLoop):
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._next_purge = 0.0
         self._in_flight: deque[asyncio.Task[None]] = deque()
+        self._chores: dict[str, asyncio.Task[None]] = {}
+        """The node's own heartbeat and the purge, when under way (one of each)."""
         """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
         self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
         """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
@@ -108,32 +110,48 @@ class EventSubscriberManager(BrokerLoop):
             self._on_change()
 
     async def run_round(self) -> timedelta | None:
-        """Send a heartbeat of every local subscriber (one ``heartbeat_all``) and of the
-        node, not waited for unless ``MAX_HEARTBEATS_IN_FLIGHT`` are under way, then
-        purge when due. Raises StorageError (also the error of a heartbeat sent earlier)."""
+        """Send a heartbeat of every local subscriber (one ``heartbeat_all``), not
+        waited for unless ``MAX_HEARTBEATS_IN_FLIGHT`` are under way; start the node's
+        heartbeat and, when due, the purge, each unless its previous one is still under
+        way. Raises StorageError (the error of a heartbeat or purge started earlier)."""
         started = time.monotonic()
         self._reap()
         while len(self._in_flight) >= MAX_HEARTBEATS_IN_FLIGHT:
             await asyncio.wait([self._in_flight[0]])
             self._reap()
         entries = [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()]
-        term = None if self._leader_term is None else self._leader_term()
-        self._in_flight.append(asyncio.create_task(self._heartbeat(entries, term, started)))
-        if started >= self._next_purge:
-            await self._backend.subscribers.purge(self._max_age)
-            await self._backend.nodes.purge(self._max_age * 12)
+        self._in_flight.append(asyncio.create_task(self._heartbeat(entries, started)))
+        if self._chore_free("node"):
+            term = None if self._leader_term is None else self._leader_term()
+            self._chores["node"] = asyncio.create_task(
+                self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
+            )
+        if started >= self._next_purge and self._chore_free("purge"):
+            self._chores["purge"] = asyncio.create_task(self._purge())
             self._next_purge = started + self._purge_interval.total_seconds()
         return None
 
     async def _heartbeat(
-        self,
-        entries: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
-        term: int | None,
-        sent_at: float,
+        self, entries: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]], sent_at: float
     ) -> None:
         await self._backend.subscribers.heartbeat_all(self.node_id, entries)
         self.lease.renewed(sent_at)
-        await self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
+
+    async def _purge(self) -> None:
+        await self._backend.subscribers.purge(self._max_age)
+        await self._backend.nodes.purge(self._max_age * 12)
+
+    def _chore_free(self, name: str) -> bool:
+        """Whether chore ``name`` is not under way; raises the error it ended with."""
+        task = self._chores.get(name)
+        if task is None:
+            return True
+        if not task.done():
+            return False
+        del self._chores[name]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+        return True
 
     def _reap(self) -> None:
         """Forget the finished heartbeats; raise the error of the first that failed."""
@@ -143,16 +161,18 @@ class EventSubscriberManager(BrokerLoop):
                 raise error
 
     async def execute(self) -> None:
-        """Heartbeat until cancelled; heartbeats still under way are cancelled then."""
+        """Heartbeat until cancelled; heartbeats and purges under way are cancelled then."""
         try:
             await super().execute()
         finally:
-            in_flight, self._in_flight = list(self._in_flight), deque()
-            for task in in_flight:
+            tasks = [*self._in_flight, *self._chores.values()]
+            self._in_flight.clear()
+            self._chores.clear()
+            for task in tasks:
                 task.cancel()
-            if in_flight:
-                await asyncio.wait(in_flight)
-            for task in in_flight:
+            if tasks:
+                await asyncio.wait(tasks)
+            for task in tasks:
                 if not task.cancelled():
                     task.exception()  # retrieved: the loop has ended anyway
 
