@@ -114,12 +114,13 @@ class PostgresBackend(Backend):
         max_size: int = 10,
         connect_timeout: timedelta = timedelta(seconds=30),
         per_loop_max_size: int = 4,
-        application_name: str = "eventmill",
+        application_name: str | None = None,
     ) -> PostgresBackend:
         """A backend on a pool of its own, opened now on the running loop; on any other
         loop it uses a pool of at most ``per_loop_max_size`` connections of that loop.
         Every connection it opens carries ``application_name`` (``pg_stat_activity``
-        shows it; ``eventmill run`` sets ``eventmill:<node id>``).
+        shows it; ``eventmill run`` sets ``eventmill:<node id>``); when it is None, the
+        DSN's own ``application_name`` if it names one, else ``eventmill``.
 
         Blocks until ``min_size`` connections work (at most ``connect_timeout``). Raises
         InvalidSettingsError for bad arguments, StorageError when the database cannot be
@@ -144,6 +145,8 @@ class PostgresBackend(Backend):
             raise InvalidSettingsError(
                 f"connect_timeout must be a positive timedelta, not {describe(connect_timeout)}"
             )
+        if application_name is None:
+            application_name = _dsn_application_name(dsn)
         if not isinstance(application_name, str) or not application_name.isprintable():
             raise InvalidSettingsError(
                 f"application_name must be printable text, not {describe(application_name)}"
@@ -427,3 +430,13 @@ async def _pool_setting(setting: Any) -> Any:
     if inspect.isawaitable(setting):
         setting = await setting
     return setting
+
+
+def _dsn_application_name(dsn: str) -> str:
+    """The ``application_name`` a DSN names, or ``eventmill``; raises
+    InvalidSettingsError when the DSN cannot be parsed."""
+    try:
+        named = psycopg.conninfo.conninfo_to_dict(dsn).get("application_name")
+    except psycopg.ProgrammingError as error:
+        raise InvalidSettingsError(f"cannot parse the dsn: {error}") from error
+    return str(named) if named else "eventmill"
