@@ -70,6 +70,7 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
         "metrics",
         "http",
         "otel",
+        "testing",
     }
 
 
