@@ -56,6 +56,13 @@ def _text_problem(value: object) -> str | None:
 
 def check_name(value: object, what: str, error: type[Exception] = InvalidIdentifierError) -> str:
     """Return ``value`` if it is a usable name; raise ``error`` (an InvalidInputError) if not."""
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and value.isascii()
+        and "\x00" not in value
+    ):
+        return value  # the usual case, checked without building anything
     problem = _text_problem(value)
     if problem is None:
         assert isinstance(value, str)
@@ -123,7 +130,8 @@ def _copy_json(value: Any, depth: int) -> JsonValue:
                 raise _NotJson(
                     f"object keys must be str, not {type(key).__name__} ({describe(key, 40)})"
                 )
-            _check_text(key, "an object key")
+            if "\x00" in key or not key.isascii():
+                _check_text(key, "an object key")
             # Strings and small ints, most of what payloads hold, skip the call.
             if (type(item) is str and item.isascii() and "\x00" not in item) or (
                 type(item) is int and -(2**62) < item < 2**62
