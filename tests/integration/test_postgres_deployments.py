@@ -202,14 +202,20 @@ async def test_an_orphaned_prepared_publish_holds_readers_back_and_is_not_skippe
         store = EventStore(backend)
         await holder.execute("BEGIN")
         held, _ = await raw_publish_numbered(holder, backend, "c", "held", 2)
-        gid = sql.Literal(f"em-{secrets.token_hex(8)}")
+        name = f"em-{secrets.token_hex(8)}"
+        gid = sql.Literal(name)
         await holder.execute(sql.SQL("PREPARE TRANSACTION {}").format(gid))
         later = await store.stream(category="c", stream="later").publish(events(1))
         # The prepared publish belongs to no session; it still holds readers back.
         assert await store.log().read() == []
         assert await store.category("c").read() == []
         assert await store.stream(category="c", stream="later").read() == later
+        # ... and shows as the reason.
+        (reason,) = await backend.events.publishers_in_flight()
+        assert reason.prepared_as == name and reason.pid is None
+        assert reason.since is not None
         await holder.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
+        assert await backend.events.publishers_in_flight() == []
         assert [e.id for e in await store.log().read()] == [*held, later[0].id]
         assert [e.id for e in await store.category("c").read()] == [*held, later[0].id]
 
@@ -378,3 +384,42 @@ async def test_events_restored_into_another_cluster_stall_until_migrate_repairs_
                 await copy.close()
         finally:
             await asyncio.to_thread(fresh.remove)
+
+
+TWO_SUBSCRIBERS = """
+from eventmill import CategoryIdentifier, EventProcessingNode
+
+async def ignore(event):
+    pass
+
+def make(backend, mode, node_id):
+    node = EventProcessingNode(backend, mode=mode, node_id=node_id)
+    node.register_subscriber(group="a", source=CategoryIdentifier("x"), processor=ignore)
+    node.register_subscriber(group="b", source=CategoryIdentifier("y"), processor=ignore)
+    return node
+"""
+
+
+async def test_run_without_the_schema_and_two_subscribers_prints_one_line(
+    private_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    (tmp_path / "two_subscribers.py").write_text(TWO_SUBSCRIBERS)
+    command = ["run", "--dsn", private_cluster.dsn(), "--schema", unique_schema_name()]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "eventmill",
+            *command,
+            "--app-dir",
+            str(tmp_path),
+            "two_subscribers:make",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not installed" in lines[0] and "eventmill migrate" in lines[0]

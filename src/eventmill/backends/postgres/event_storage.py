@@ -58,6 +58,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,33 @@ def _up_to_watermark(page: str) -> str:
         " OVER (ORDER BY sequence_number) AS below"
         f" FROM ({page}) AS page) AS checked WHERE below ORDER BY sequence_number"
     )
+
+
+_PUBLISHERS_IN_FLIGHT = (
+    "SELECT marker.objid::bigint, marker.pid, prepared.gid,"
+    " coalesce(prepared.prepared, activity.xact_start) AS since"
+    " FROM pg_locks AS marker"
+    " LEFT JOIN pg_prepared_xacts AS prepared"
+    " ON prepared.transaction::text::bigint = marker.objid::bigint"
+    " LEFT JOIN pg_stat_activity AS activity ON activity.pid = marker.pid"
+    " WHERE marker.locktype = 'advisory' AND marker.granted AND marker.objsubid = 1"
+    " AND marker.classid = '{schema}.event_sequence_numbers'::regclass::oid"
+    " ORDER BY since NULLS FIRST"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherInFlight:
+    """A publish that has not ended: log and category reads wait for the oldest."""
+
+    transaction_id: int
+    """Its transaction id's low 32 bits (as pg_locks and pg_prepared_xacts show it)."""
+    pid: int | None
+    """The server process running it; None when it is a prepared transaction."""
+    prepared_as: str | None
+    """Its gid when prepared (end it with COMMIT PREPARED or ROLLBACK PREPARED)."""
+    since: datetime | None
+    """When its transaction began (or was prepared)."""
 
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
@@ -398,6 +426,15 @@ class PostgresEventStorage(EventStorage):
                     query, {**_partition_parameters(source), "after": start, "limit": limit}
                 )
         return await self._fetch(query, parameters)
+
+    async def publishers_in_flight(self) -> list[PublisherInFlight]:
+        """The publishes in flight now, oldest first: what holds log and category readers
+        back (an orphaned prepared publish shows here with its gid). Raises
+        StorageError."""
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._backend.sql(_PUBLISHERS_IN_FLIGHT))
+            rows = await cursor.fetchall()
+        return [PublisherInFlight(*row) for row in rows]
 
     async def lags(self, places: Sequence[LagPlace]) -> list[SourceLag]:
         """Counted in one statement without reading the events (``lags.count_lags``)."""
