@@ -73,7 +73,7 @@ def events(count: int) -> list[NewEvent]:
 
 CATEGORIES = ["alpha", "beta", "gamma"]
 WRITERS = 6  # api, slow (open transactions, some rolled back), two-phase, twice each
-EVENTS_PER_WRITER = 150
+EVENTS_PER_WRITER = 100
 
 
 @pytest.mark.parametrize("isolation", ISOLATION_LEVELS)
