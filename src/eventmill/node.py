@@ -503,6 +503,7 @@ class EventProcessingNode:
         processor: TransactionalEventProcessor,
         setup: Setup | None = None,
         partitions: int | None = None,
+        checkpoint_interval: int | None = None,
         cutover_lag: int = 100,
         retire_grace: timedelta = timedelta(minutes=10),
         check_interval: timedelta = timedelta(seconds=1),
@@ -512,8 +513,9 @@ class EventProcessingNode:
         tables) while the serving version keeps serving; once at most ``cutover_lag``
         events behind it takes over the read alias, and the version it replaced is
         dropped ``retire_grace`` later. A node registering a version a newer one
-        replaced does not run it. See ``eventmill.rebuilds``. Raises as
-        ``register_subscriber`` does."""
+        replaced does not run it. ``checkpoint_interval`` is also the size of the
+        transactional batches: larger ones rebuild faster. See ``eventmill.rebuilds``.
+        Raises as ``register_subscriber`` does."""
         if not isinstance(processor, TransactionalEventProcessor):
             raise InvalidInputError(
                 f"a versioned projection needs a TransactionalEventProcessor: {processor!r:.80}"
@@ -524,6 +526,7 @@ class EventProcessingNode:
             source=source,
             processor=processor,
             partitions=partitions,
+            checkpoint_interval=checkpoint_interval,
         )
         handle.keeper = ProjectionKeeper(
             self.backend,
