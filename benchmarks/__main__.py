@@ -9,6 +9,7 @@ import sys
 MODULES = [
     "store_memory",
     "store_postgres",
+    "blocking_publish",
     "allocation",
     "consumers",
     "parking",

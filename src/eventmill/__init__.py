@@ -7,6 +7,7 @@ The names here are the public API; everything else is internal unless documented
 from importlib.metadata import version as _distribution_version
 
 from eventmill.backends.base import Backend, ConsumerTransaction, LockManager
+from eventmill.blocking import BlockingEventStore
 from eventmill.broker.base import EventBroker
 from eventmill.broker.coordinator import EventSubscriptionCoordinator
 from eventmill.broker.distributed import (
@@ -93,6 +94,7 @@ __version__ = _distribution_version("eventmill")
 __all__ = [
     "AutoCommitEventIteratorProcessor",
     "Backend",
+    "BlockingEventStore",
     "CatchUpTimeoutError",
     "CategoryIdentifier",
     "CategoryPartitionIdentifier",
