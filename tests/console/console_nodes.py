@@ -3,8 +3,10 @@
 
 Two groups: ``fast`` over the 4 partitions of ``orders``, and ``slow`` over the 2
 partitions of ``invoices``, whose processor waits ``{schema}.pace.delay`` seconds per
-event (a test slows it down and speeds it up by updating that row). Fast broker
-settings, so a killed node's sources move within about two seconds.
+event (a test slows it down and speeds it up by updating that row) and fails on an
+event with ``"poison": true`` in its payload until ``{schema}.pace.fixed`` is true;
+``slow`` parks a stream at its first failure. Fast broker settings, so a killed node's
+sources move within about two seconds.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from datetime import timedelta
 from eventmill.backends.base import Backend
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.broker.distributed import DistributedEventBrokerSettings
+from eventmill.consumers.failures import FailurePolicy
 from eventmill.consumers.processors import EventProcessor
 from eventmill.events import CategoryIdentifier, StoredEvent
 from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
 
 PACE_TABLE = (
-    "CREATE TABLE {schema}.pace (delay double precision NOT NULL);"
-    " INSERT INTO {schema}.pace VALUES (0)"
+    "CREATE TABLE {schema}.pace (delay double precision NOT NULL, fixed boolean NOT NULL);"
+    " INSERT INTO {schema}.pace VALUES (0, false)"
 )
 
 SETTINGS = NodeSettings(
@@ -48,7 +51,8 @@ class Ignore(EventProcessor):
 
 
 class Paced(EventProcessor):
-    """Waits the current delay (read at most every 0.2 s) per event."""
+    """Waits the current delay (read at most every 0.2 s) per event; fails on a poison
+    event unless the pace row says it is fixed."""
 
     def __init__(self, backend: PostgresBackend) -> None:
         self.backend = backend
@@ -66,6 +70,14 @@ class Paced(EventProcessor):
             self.read_at = time.monotonic()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if event.payload.get("poison") is True:
+            async with self.backend.connection() as connection:
+                cursor = await connection.execute(
+                    self.backend.sql("SELECT fixed FROM {schema}.pace")
+                )
+                row = await cursor.fetchone()
+            if row is None or row[0] is not True:
+                raise ValueError(f"cannot process poison event {event.sequence_number}")
 
 
 def make_node(backend: Backend, *, mode: NodeMode, node_id: str | None) -> EventProcessingNode:
@@ -81,5 +93,6 @@ def make_node(backend: Backend, *, mode: NodeMode, node_id: str | None) -> Event
             source=CategoryIdentifier("invoices"),
             partitions=2,
             processor=Paced(backend),
+            failure_policy=FailurePolicy(max_attempts=1),
         )
     return node

@@ -5,18 +5,15 @@ Screenshots go to ``harness.SCREENSHOTS``."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from playwright.async_api import Page
 
-from eventmill.backends.base import ParkedStream
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.console import ConsoleApp, ConsoleSettings
 from eventmill.events import (
-    CategoryPartitionIdentifier,
     NewEvent,
-    StreamIdentifier,
     source_key,
 )
 from eventmill.store import EventStore
@@ -149,56 +146,52 @@ async def follow_the_cluster(backend: PostgresBackend) -> None:
                 path=str(SCREENSHOTS / "slow-group-caught-up.png"), full_page=True
             )
 
-            # An action without the token is refused (403) and changes nothing; with it,
-            # the group is reset (its sources get new epochs).
+            # A poison event parks its stream: the page shows it. Actions without the
+            # token are refused (403) and change nothing.
+            await store.stream(category="invoices", stream="invoice-poison").publish(
+                [NewEvent(name="invoice-sent", payload={"poison": True})]
+            )
+
+            async def parked_rows() -> list[str]:
+                return await table_rows(page, "#parked tr[data-parked]", "data-parked")
+
+            async def parked_shown() -> bool:
+                return await parked_rows() == ["slow/invoice-poison"]
+
+            await wait_for(parked_shown, 30, "the parked stream on the page")
+            await page.screenshot(path=str(SCREENSHOTS / "parked.png"), full_page=True)
+
             async def fast_epochs() -> dict[str, int]:
                 return {
                     source_key(c.source): c.epoch for c in await backend.checkpoints.list("fast")
                 }
 
             before = await fast_epochs()
+            await click_action(page, "#parked button[data-action=retry]")
+            assert await last_action_status(page) == 403
             await click_action(page, "[data-group=fast] button[data-action=reset]")
             assert await last_action_status(page) == 403
+            [record] = await backend.parked.list()
+            assert record.request is None and record.stream.stream == "invoice-poison"
             assert await fast_epochs() == before
+
+            # With the token: the fixed processor retries the held event and the stream
+            # leaves the page; the reset gives the group's sources new epochs.
             await page.fill("#token", TOKEN)
-            await click_action(page, "[data-group=fast] button[data-action=reset]")
+            async with backend.connection() as connection:
+                await connection.execute(backend.sql("UPDATE {schema}.pace SET fixed = true"))
+            await click_action(page, "#parked button[data-action=retry]")
             assert await last_action_status(page) == 200
-            after = await fast_epochs()
-            assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
-
-            # A parked stream appears on the page, and goes when its record goes.
-            parked = ParkedStream(
-                group="slow",
-                source=CategoryPartitionIdentifier("invoices", 0, 2),
-                stream=StreamIdentifier("invoices", "invoice-7"),
-                sequence_number=1,
-                position=0,
-                event_name="invoice-sent",
-                held=1,
-                last_held=1,
-                error_type="ValueError",
-                error_message="bad invoice",
-                traceback="",
-                attempts=3,
-                first_failed_at=datetime.now(UTC),
-                last_failed_at=datetime.now(UTC),
-            )
-            await backend.parked.park(parked)
-
-            async def parked_rows() -> list[str]:
-                return await table_rows(page, "#parked tr[data-parked]", "data-parked")
-
-            async def parked_shown() -> bool:
-                return await parked_rows() == ["slow/invoice-7"]
-
-            await wait_for(parked_shown, 10, "the parked stream on the page")
-            await page.screenshot(path=str(SCREENSHOTS / "parked.png"), full_page=True)
-            await backend.parked.remove(parked.group, parked.source, parked.stream)
 
             async def parked_gone() -> bool:
                 return await parked_rows() == []
 
-            await wait_for(parked_gone, 10, "the parked stream to leave the page")
+            await wait_for(parked_gone, 30, "the parked stream to leave the page after retry")
+            assert await backend.parked.list() == []
+            await click_action(page, "[data-group=fast] button[data-action=reset]")
+            assert await last_action_status(page) == 200
+            after = await fast_epochs()
+            assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
             assert await page.evaluate("window.eventmillConsole.loadedAt") == loaded_at
     finally:
         nodes.kill_all()

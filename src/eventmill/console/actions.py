@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from eventmill.backends.base import Backend
+from eventmill.consumers.failures import retry_parked, skip_parked
+from eventmill.events import StreamIdentifier
 from eventmill.groups import reset_group, retire_group
 
 
@@ -36,11 +38,28 @@ async def _retire(backend: Backend, arguments: Mapping[str, str]) -> str:
     )
 
 
+async def _retry(backend: Backend, arguments: Mapping[str, str]) -> str:
+    stream = StreamIdentifier(arguments["category"], arguments["stream"])
+    await retry_parked(backend, arguments["group"], stream)
+    return f"{stream} of group {arguments['group']}: retry requested from its holder"
+
+
+async def _skip(backend: Backend, arguments: Mapping[str, str]) -> str:
+    stream = StreamIdentifier(arguments["category"], arguments["stream"])
+    await skip_parked(backend, arguments["group"], stream)
+    return f"{stream} of group {arguments['group']}: skip of its held events requested"
+
+
 def available_actions() -> dict[str, ConsoleAction]:
-    """The actions by name: ``reset`` (a group, live, to the start: ``reset_group``) and
-    ``retire`` (a group no live node registers: ``retire_group``)."""
+    """The actions by name: ``reset`` (a group, live, to the start: ``reset_group``),
+    ``retire`` (a group no live node registers: ``retire_group``), ``retry`` and
+    ``skip`` (a parked stream's held events, carried out by its holder at its next
+    pass: ``retry_parked``, ``skip_parked``)."""
+    stream_fields = ("group", "category", "stream")
     actions = [
         ConsoleAction(name="reset", fields=("group",), run=_reset),
         ConsoleAction(name="retire", fields=("group",), run=_retire),
+        ConsoleAction(name="retry", fields=stream_fields, run=_retry),
+        ConsoleAction(name="skip", fields=stream_fields, run=_skip),
     ]
     return {action.name: action for action in actions}

@@ -125,8 +125,8 @@ function renderParked(state) {
       el("td", {}, entry.error || ""),
       el("td", {}, entry.request || ""),
       el("td", {},
-        actionButton("retry", "Retry…", { group: entry.group, stream: entry.stream }, `Retry parked stream ${entry.stream} of ${entry.group}?`),
-        actionButton("skip", "Skip…", { group: entry.group, stream: entry.stream }, `Skip the held events of ${entry.stream} in ${entry.group}?`))));
+        actionButton("retry", "Retry…", { group: entry.group, category: entry.category, stream: entry.stream }, `Retry the held events of ${entry.category}/${entry.stream} in ${entry.group}?`),
+        actionButton("skip", "Skip…", { group: entry.group, category: entry.category, stream: entry.stream }, `Skip the held events of ${entry.category}/${entry.stream} in ${entry.group}?`))));
   replaceRows(document.querySelector("#parked tbody"), rows);
 }
 
