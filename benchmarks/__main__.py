@@ -20,6 +20,7 @@ MODULES = [
     "shared_tail",
     "peers",
     "console",
+    "operations",
 ]
 
 

@@ -1,0 +1,175 @@
+"""The cost of metrics and tracing: the same work with them off and on, in one run.
+
+- ``operations.drain``: a node draining a category (in memory: 20,000 events;
+  PostgreSQL: 10,000) through one subscriber with a processor that does nothing.
+  ``off``: nothing else; ``metrics``: ``NodeMetrics`` counting lag every 2 s (its
+  default) and scraped every second; ``metrics_and_traces``: also ``tracing.traced`` on the processor
+  (a span per event) with the OpenTelemetry SDK recording every span (batched, exporter
+  discarding them). Events/s of each and the ratio to ``off``.
+- ``operations.publish``: single-event publishes to PostgreSQL (1,000), off:
+  ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata).
+
+Modes alternate, medians of 3 runs each; ratios of the medians. PostgreSQL:
+``EVENTMILL_TEST_DSN`` in a throwaway schema per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import generate_latest
+
+from benchmarks.common import median, report
+from benchmarks.consumers import fill, memory_backend, postgres_backend
+from eventmill import tracing
+from eventmill.backends.base import Backend
+from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.metrics import NodeMetrics
+from eventmill.node import EventProcessingNode, NodeSettings
+from eventmill.store import EventStore
+
+REPEATS = 3
+
+
+class Discard(SpanExporter):
+    """Takes spans and drops them."""
+
+    def export(self, spans: Any) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def install_tracing() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    trace.set_tracer_provider(provider)
+
+
+async def nothing(event: StoredEvent) -> None:
+    pass
+
+
+async def drain(backend: Backend, count: int, *, observed: bool, traced: bool = True) -> float:
+    """Events/s of one node draining ``count`` events of ``orders`` from the start;
+    ``observed``: with metrics, and with a span per event if ``traced``."""
+    settings = NodeSettings(poll_interval=timedelta(milliseconds=50), page_size=1000)
+    node = EventProcessingNode(backend, node_id="bench", settings=settings)
+    group = f"g{time.monotonic_ns()}"
+    processor = tracing.traced(nothing, group=group) if observed and traced else nothing
+    node.register_subscriber(group=group, source=CategoryIdentifier("orders"), processor=processor)
+    tasks: list[asyncio.Task[None]] = []
+    started = time.perf_counter()
+    async with node:
+        if observed:
+            metrics = NodeMetrics(node)  # lag counted every 2 s (the default)
+            tasks = [asyncio.create_task(metrics.run()), asyncio.create_task(scrape(metrics))]
+        await node.wait_caught_up(timeout=timedelta(minutes=10))
+        elapsed = time.perf_counter() - started
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return count / elapsed
+
+
+async def scrape(metrics: NodeMetrics) -> None:
+    while True:
+        generate_latest(metrics.registry)
+        await asyncio.sleep(1.0)
+
+
+async def publish_rate(backend: Backend, count: int, *, observed: bool) -> float:
+    stream = EventStore(backend).stream(category="single", stream=f"s{time.monotonic_ns()}")
+    started = time.perf_counter()
+    for n in range(count):
+        events = [NewEvent(name="happened", payload={"n": n})]
+        if observed:
+            await tracing.publish(stream, events)
+        else:
+            await stream.publish(events)
+    return count / (time.perf_counter() - started)
+
+
+async def compare(
+    name: str,
+    make: Callable[[], contextlib.AbstractAsyncContextManager[Backend]],
+    modes: dict[str, Callable[[Backend], Any]],
+    **details: object,
+) -> None:
+    """Run each mode in turn, REPEATS times; report each median and its ratio to the
+    first mode's."""
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(REPEATS):
+        for mode, measure in modes.items():
+            async with make() as backend:
+                rates[mode].append(await measure(backend))
+    base = median(rates[next(iter(modes))])
+    for mode, values in rates.items():
+        report(f"{name}.{mode}", median(values), "events/s", **details)
+        if mode != next(iter(modes)):
+            report(f"{name}.{mode}_over_off", median(values) / base, "ratio", repeats=REPEATS)
+
+
+def filled(
+    make: Callable[[], contextlib.AbstractAsyncContextManager[Any]], count: int
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Backend]]:
+    @contextlib.asynccontextmanager
+    async def backend() -> AsyncIterator[Backend]:
+        async with make() as fresh:
+            await fill(fresh, "orders", count)
+            yield fresh
+
+    return backend
+
+
+def drainer(count: int, **options: bool) -> Callable[[Backend], Any]:
+    async def measure(backend: Backend) -> float:
+        return await drain(backend, count, **options)
+
+    return measure
+
+
+def publisher(count: int, observed: bool) -> Callable[[Backend], Any]:
+    async def measure(backend: Backend) -> float:
+        return await publish_rate(backend, count, observed=observed)
+
+    return measure
+
+
+async def main() -> None:
+    install_tracing()
+    for kind, make, count in (
+        ("memory", memory_backend, 20_000),
+        ("postgres", postgres_backend, 10_000),
+    ):
+        await compare(
+            f"operations.drain.{kind}",
+            filled(make, count),
+            {
+                "off": drainer(count, observed=False),
+                "metrics": drainer(count, observed=True, traced=False),
+                "metrics_and_traces": drainer(count, observed=True, traced=True),
+            },
+            events=count,
+        )
+    await compare(
+        "operations.publish.postgres",
+        postgres_backend,
+        {"off": publisher(1_000, False), "traced": publisher(1_000, True)},
+        events=1_000,
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
