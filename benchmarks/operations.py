@@ -4,8 +4,8 @@
   PostgreSQL: 10,000) through one subscriber with a processor that does nothing.
   ``off``: nothing else; ``metrics``: ``NodeMetrics`` counting lag every 2 s (its
   default) and scraped every second; ``metrics_and_traces``: also ``tracing.traced``
-  on the processor (a span per event) with the OpenTelemetry SDK recording every span (batched, exporter
-  discarding them). Events/s of each and the ratio to ``off``.
+  on the processor (a span per event) with the OpenTelemetry SDK recording every span
+  (batched, exporter discarding them). Events/s of each and the ratio to ``off``.
 - ``operations.publish``: single-event publishes to PostgreSQL (1,000), off:
   ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata).
 
