@@ -21,9 +21,11 @@ from psycopg import AsyncConnection, sql
 from eventmill.backends.postgres.server_checks import check_server_version
 from eventmill.errors import SchemaError
 
-# Advisory lock class ids used by eventmill (first key of the two-integer form).
+# Advisory lock class ids used by eventmill (first key of the two-integer form), one
+# per purpose; docs/advisory-locks.md lists every advisory key eventmill takes.
 PUBLISH_LOCK_CLASS = 1162690868  # publish's critical section, keyed by sequence oid
-MIGRATION_LOCK_CLASS = 1162690869  # schema installs, keyed by hashtext(schema name)
+PUBLISHER_MARKER_CLASS = 1162690869  # publish's marker of version 0001, by sequence oid
+MIGRATION_LOCK_CLASS = 1162690870  # schema installs, keyed by hashtext(schema name)
 VERSION_LOCK_CLASS = 1162690870  # projection version upkeep, keyed by hashtext(name)
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
