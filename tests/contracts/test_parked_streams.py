@@ -106,6 +106,22 @@ async def test_request_marks_the_stream_in_every_source_of_the_group(backend: Ba
     assert {r.skip_through for r in await store.list(group="totals")} == {None}
 
 
+async def test_park_keeps_a_request_that_only_clear_request_clears(backend: Backend) -> None:
+    store = backend.parked
+    await store.park(parked())
+    await store.request("totals", ORDER_7, ParkedRequest.SKIP, skip_through=50)
+    await store.park(parked(position=4, held=3))  # the holder's progress
+    [record] = await store.list()
+    assert (record.position, record.held) == (4, 3)
+    assert (record.request, record.skip_through) == (ParkedRequest.SKIP, 50)
+    assert await store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.RETRY) is False
+    assert (await store.list())[0].request is ParkedRequest.SKIP
+    assert await store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.SKIP) is True
+    [record] = await store.list()
+    assert (record.request, record.skip_through) == (None, None)
+    assert await store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.SKIP) is False
+
+
 async def test_skipped_events_are_kept_in_order(backend: Backend) -> None:
     store = backend.parked
     events = [

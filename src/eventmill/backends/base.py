@@ -737,7 +737,9 @@ class ParkedStreamStorage(ABC):
     async def park(
         self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
     ) -> None:
-        """Insert the record, or replace the one of its (group, source, stream)."""
+        """Insert the record, or replace the one of its (group, source, stream) but
+        for its ``request`` and ``skip_through``, which only ``request`` and
+        ``clear_request`` change (so an operator's request is never overwritten)."""
 
     @abstractmethod
     async def hold(
@@ -775,6 +777,17 @@ class ParkedStreamStorage(ABC):
     ) -> int:
         """Set ``request`` (and ``skip_through``) on every record of ``stream`` in
         ``group`` (whichever source parked it); return how many records there were."""
+
+    @abstractmethod
+    async def clear_request(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        request: ParkedRequest,
+    ) -> bool:
+        """Clear the record's request if it is still ``request`` (the one the holder
+        carried out); return whether it was cleared."""
 
     @abstractmethod
     async def record_skipped(

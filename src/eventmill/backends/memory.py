@@ -498,7 +498,27 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
     async def park(
         self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
     ) -> None:
-        self._write((record.group, source_key(record.source), record.stream), record, transaction)
+        key = (record.group, source_key(record.source), record.stream)
+        with self._lock:
+            current = self._records.get(key)
+        if current is not None:
+            record = replace(record, request=current.request, skip_through=current.skip_through)
+        self._write(key, record, transaction)
+
+    async def clear_request(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        request: ParkedRequest,
+    ) -> bool:
+        key = (group, source_key(source), stream)
+        with self._lock:
+            current = self._records.get(key)
+            if current is None or current.request is not request:
+                return False
+            self._records[key] = replace(current, request=None, skip_through=None)
+            return True
 
     async def hold(
         self,

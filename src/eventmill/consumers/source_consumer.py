@@ -613,13 +613,19 @@ class EventSourceConsumer:
                     return False
                 assert self.failure_policy is not None
                 if self.failure_policy.then is FailureAction.PARK:
+                    acted_on = record.request
                     fresh = self._parked_record(event, error, failing)
                     record = replace(
                         fresh,
                         held=len(held) - index,
                         last_held=max(record.last_held, fresh.last_held),
                     )
-                    await self.source.backend.parked.park(record)
+                    store = self.source.backend.parked
+                    await store.park(record)
+                    if acted_on is not None:  # unless an operator asked again meanwhile
+                        await store.clear_request(
+                            record.group, record.source, record.stream, acted_on
+                        )
                     self._parked[key] = record
                     return True
                 async with self.state_store.transaction() as transaction:

@@ -102,8 +102,11 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             " last_held = excluded.last_held, error_type = excluded.error_type,"
             " error_message = excluded.error_message, traceback = excluded.traceback,"
             " attempts = excluded.attempts, first_failed_at = excluded.first_failed_at,"
-            " last_failed_at = excluded.last_failed_at, request = excluded.request,"
-            " skip_through = excluded.skip_through"
+            " last_failed_at = excluded.last_failed_at"
+        )
+        self._clear_request = sql(
+            "UPDATE {schema}.parked_streams SET request = NULL, skip_through = NULL"
+            f" WHERE {_KEY} AND request = %s"
         )
         self._hold = sql(
             "UPDATE {schema}.parked_streams SET"
@@ -209,6 +212,18 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         async with self._backend.connection() as connection:
             cursor = await connection.execute(self._request, parameters)
             return cursor.rowcount
+
+    async def clear_request(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        stream: StreamIdentifier,
+        request: ParkedRequest,
+    ) -> bool:
+        parameters = (group, source_key(source), stream.category, stream.stream, request.value)
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._clear_request, parameters)
+            return cursor.rowcount == 1
 
     async def record_skipped(
         self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
