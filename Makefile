@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export EVENTMILL_TEST_DSN ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint typecheck pytest postgres tools chromium bench soak clean
+.PHONY: demo test lint typecheck docs pytest postgres tools chromium bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The docs site with the API reference from the docstrings; a warning fails the build.
+docs: $(STAMP)
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict \
+	  --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
+
 pytest: $(STAMP) postgres tools chromium
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 bench: $(STAMP) postgres
 	$(BIN)/python -m benchmarks

@@ -77,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 
 class NodeMode(enum.Enum):
-    """Which parts of the broker a node runs (DESIGN section 5)."""
+    """Which parts of the broker a node runs: COORDINATOR (the coordinator and node
+    liveness, no subscribers), OBSERVER (local subscribers), BOTH."""
 
     COORDINATOR = "coordinator"
     """Subscriber manager and coordinator; no local subscribers."""

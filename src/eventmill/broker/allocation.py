@@ -28,7 +28,7 @@ Rules, per group:
 - **Deterministic.** Everything is ordered by source key, registration time and id;
   nothing depends on input order, dict order or ``hash()``.
 
-Changes (revoke-then-assign, DESIGN 4.5):
+Changes (revoke-then-assign, guarantee 5 in docs/guarantees.md):
 
 - a source held (ASSIGNED) by a live subscriber that should not keep it: ``Revoke``;
   it is given to its new holder in a later round, once released;
