@@ -8,8 +8,9 @@
 
 A place is what ``after`` means for this source: the position of an event in a
 stream, its sequence number everywhere else. Reading "after a place" never skips an
-event that commits later with a lower place (guarantee 2 in docs/guarantees.md), so a reader that stores the
-place of the last event it handled can always resume exactly there.
+event that commits later with a lower place (guarantee 2 in docs/guarantees.md), so a
+reader that stores the place of the last event it handled can always resume exactly
+there.
 """
 
 from __future__ import annotations
