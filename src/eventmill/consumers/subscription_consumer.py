@@ -14,7 +14,9 @@ of a node that was paused or cut off too long stops mid-pass (see
 
 Failures: with a ``failure_policy`` each delegate consumer handles its processor's
 failures (``consumers.failures``); a pass first reads the group's parked streams in
-one query and hands each consumer its own. A policy that stops the group makes this
+one query and hands each consumer its own, but only while one is parked (operators'
+requests) or after a source was accepted (its previous holder may have parked one):
+with nothing parked, a pass costs no extra query. A policy that stops the group makes this
 subscriber stop processing (its status ERRORED) while it keeps its sources; its
 health is DEGRADED while a held source has a parked stream or an event waiting for
 another try.
@@ -160,6 +162,7 @@ class EventSubscriptionConsumer(Service[int]):
                 f"failure_policy must be a FailurePolicy, not {failure_policy!r:.80}"
             )
         self.failure_policy = failure_policy
+        self._parked_unknown = True
         self.stopped_by: ProcessorFailedError | None = None
         """The failure that stopped this subscriber (policy STOP_GROUP), or None."""
 
@@ -230,6 +233,7 @@ class EventSubscriptionConsumer(Service[int]):
         )
         consumer.on_retry_due = self._wake
         self._holdings[source] = _Holding(consumer, epoch, lambda: None)
+        self._parked_unknown = True
         unwatch = await consumer.source.watch(self._wake)
         if self._holdings.get(source) is None:  # withdrawn while the watch was set up
             unwatch()
@@ -268,9 +272,12 @@ class EventSubscriptionConsumer(Service[int]):
         try:
             parked: dict[EventSourceIdentifier, list[ParkedStream]] | None = None
             if self.failure_policy is not None and self._holdings:
-                parked = {source: [] for source in self._holdings}
-                for record in await self.backend.parked.list(group=self._group):
-                    parked.setdefault(record.source, []).append(record)
+                parked = {s: list(h.consumer.parked) for s, h in self._holdings.items()}
+                if self._parked_unknown or any(parked.values()):
+                    self._parked_unknown = False
+                    parked = {source: [] for source in self._holdings}
+                    for record in await self.backend.parked.list(group=self._group):
+                        parked.setdefault(record.source, []).append(record)
             for source, holding in list(self._holdings.items()):
                 if self._holdings.get(source) is not holding:
                     continue

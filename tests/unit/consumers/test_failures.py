@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from eventmill import CategoryIdentifier, NewEvent, StreamIdentifier
-from eventmill.backends.base import ConsumerTransaction
+from eventmill.backends.base import ConsumerTransaction, ParkedStream
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.consumers import (
     EventConsumerStateStore,
@@ -376,3 +376,31 @@ async def test_retiring_a_group_deletes_its_parked_streams() -> None:
     await backend.parked.park(replace(record, group="other"))
     await retire_group(backend, "g")
     assert [r.group for r in await backend.parked.list()] == ["other"]
+
+
+async def test_a_subscriber_reads_parked_streams_only_when_it_may_have_some() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, "a", "bad")
+    reads = 0
+    original = backend.parked.list
+
+    async def counted(**kwargs: object) -> list[ParkedStream]:
+        nonlocal reads
+        reads += 1
+        return await original(**kwargs)  # type: ignore[arg-type]
+
+    backend.parked.list = counted  # type: ignore[method-assign]
+    handler = Handler()
+    subscriber = make_subscriber(
+        backend, group="g", sources=ORDERS, processor=handler, failure_policy=at_once()
+    )
+    await subscriber.accept(ORDERS, 1)
+    for _ in range(3):
+        await subscriber.consume_all()
+    assert reads == 1  # after the accept only
+    handler.poison = {("bad", 1)}
+    await publish(backend, "bad")
+    await subscriber.consume_all()  # parks the stream
+    await subscriber.consume_all()
+    await subscriber.consume_all()
+    assert reads == 3  # every pass while something is parked
