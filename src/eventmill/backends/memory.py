@@ -31,6 +31,7 @@ from eventmill.backends.base import (
     GroupStorage,
     GroupSummary,
     HoldingState,
+    LagPlace,
     Lock,
     LockHolder,
     LockManager,
@@ -49,6 +50,7 @@ from eventmill.backends.base import (
     Revoke,
     SkippedEvent,
     SourceHolding,
+    SourceLag,
     SubscriberRecord,
     SubscriberStateStore,
     SubscriptionChange,
@@ -175,6 +177,44 @@ class InMemoryEventStorage(EventStorage):
                 return max(lasts, key=_sequence_number, default=None)
             events = self._events_of(source)
             return events[-1] if events else None
+
+    async def lags(self, places: Sequence[LagPlace]) -> list[SourceLag]:
+        """Counted by bisection in the sorted lists, reading no event."""
+        found = []
+        with self._lock:
+            for source, after, through in places:
+                stream = isinstance(source, StreamIdentifier)
+                if isinstance(source, CategoryPartitionIdentifier):
+                    lists = self._bucket_lists(source)
+                else:
+                    lists = [self._events_of(source)]
+                count, newest, oldest_at = 0, None, None
+                for events in lists:
+                    if stream:
+                        start = 0 if after is None else max(after + 1, 0)
+                        end = len(events) if through is None else max(through + 1, 0)
+                    else:
+                        start = (
+                            0
+                            if after is None
+                            else bisect_right(events, after, key=_sequence_number)
+                        )
+                        end = (
+                            len(events)
+                            if through is None
+                            else bisect_right(events, through, key=_sequence_number)
+                        )
+                    end = min(end, len(events))
+                    if start < len(events):
+                        first = events[start].observed_at
+                        oldest_at = first if oldest_at is None else min(oldest_at, first)
+                    if end > start:
+                        count += end - start
+                        last = events[end - 1]
+                        place = last.position if stream else last.sequence_number
+                        newest = place if newest is None else max(newest, place)
+                found.append(SourceLag(events=count, newest=newest, oldest_at=oldest_at))
+        return found
 
     def _bucket_lists(self, source: CategoryPartitionIdentifier) -> list[list[StoredEvent]]:
         """The lists of the buckets of a partition (the category's list for one of one)."""
