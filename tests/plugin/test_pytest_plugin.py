@@ -38,10 +38,26 @@ def run(pytester: pytest.Pytester, *arguments: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", *arguments)
 
 
+SCHEMA_TEST = """
+async def test_schema(eventmill_postgres_backend):
+    print("SCHEMA", eventmill_postgres_backend.schema)
+    await eventmill_postgres_backend.install_schema()
+"""
+
+
 @pytest.mark.postgres
-def test_the_readme_example_passes_in_a_user_project(pytester: pytest.Pytester) -> None:
-    result = run(pytester, f"--eventmill-dsn={TEST_DSN}")
-    result.assert_outcomes(passed=4)
+async def test_the_readme_example_passes_and_schemas_are_dropped(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_schema=SCHEMA_TEST)
+    result = run(pytester, "-s", f"--eventmill-dsn={TEST_DSN}")
+    result.assert_outcomes(passed=5)
+    (schema,) = re.findall(r"SCHEMA (eventmill_test_[0-9a-f]+)", result.stdout.str())
+    async with await connect() as connection:
+        cursor = await connection.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+        )
+        assert await cursor.fetchone() is None
 
 
 async def test_without_a_dsn_the_postgres_test_is_skipped(
@@ -51,25 +67,3 @@ async def test_without_a_dsn_the_postgres_test_is_skipped(
     result = run(pytester, "-rs")
     result.assert_outcomes(passed=3, skipped=1)
     result.stdout.fnmatch_lines(["*no PostgreSQL: pass --eventmill-dsn or set EVENTMILL_TEST_DSN*"])
-
-
-@pytest.mark.postgres
-async def test_the_postgres_fixture_drops_its_schema(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI)
-    pytester.makepyfile(
-        """
-        async def test_schema(eventmill_postgres_backend):
-            print("SCHEMA", eventmill_postgres_backend.schema)
-            await eventmill_postgres_backend.install_schema()
-        """
-    )
-    result = pytester.runpytest_subprocess(
-        "-s", "-p", "no:cacheprovider", f"--eventmill-dsn={TEST_DSN}"
-    )
-    result.assert_outcomes(passed=1)
-    (schema,) = re.findall(r"SCHEMA (eventmill_test_[0-9a-f]+)", result.stdout.str())
-    async with await connect() as connection:
-        cursor = await connection.execute(
-            "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
-        )
-        assert await cursor.fetchone() is None
