@@ -99,7 +99,10 @@ async def count_lags(backend: PostgresBackend, places: Sequence[LagPlace]) -> li
             parameters["stream_after"].append(start)
             parameters["stream_through"].append(end)
     found: dict[int, SourceLag] = {}
-    async with backend.connection() as connection:
+    async with backend.connection() as connection, connection.transaction():
+        # Hundreds of small index probes: compiling them (JIT, which the planner picks
+        # from the summed estimates) costs far more than running them.
+        await connection.execute("SET LOCAL jit = off")
         cursor = await connection.execute(backend.sql(_LAGS), parameters)
         for i, events, newest, oldest_at in await cursor.fetchall():
             found[i] = SourceLag(events=events, newest=newest, oldest_at=oldest_at)
