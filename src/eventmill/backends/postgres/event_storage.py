@@ -110,9 +110,10 @@ _SERIALIZATION_RETRIES = 20
 def _up_to_watermark(page: str) -> str:
     """A read returning the rows of ``page`` (a query of _PAGE_COLUMNS in sequence order)
     that lie before its first row at or above the watermark: a running "every row so
-    far is below" over the page, which is already in order (no sort)."""
+    far is below" over the page, which is already in order (no sort); the watermark is
+    read once (an InitPlan), not per row."""
     return (
-        f"SELECT {_COLUMNS} FROM (SELECT *, bool_and({_VISIBLE})"
+        f"SELECT {_COLUMNS} FROM (SELECT *, bool_and(transaction_id < (SELECT {_WATERMARK}))"
         " OVER (ORDER BY sequence_number) AS below"
         f" FROM ({page}) AS page) AS checked WHERE below ORDER BY sequence_number"
     )
