@@ -47,14 +47,11 @@ async def list_groups(
 async def retire_group(
     backend: Backend, group: str, *, max_age: timedelta = IN_USE_MAX_AGE
 ) -> GroupSummary:
-    """Delete every subscriber record, holding and checkpoint of ``group``, then its
-    parked streams (its record of skipped events stays); return what was deleted.
+    """Delete every subscriber record, holding, checkpoint and parked stream of
+    ``group`` at once (its record of skipped events stays); return what was deleted.
     Raises GroupInUseError (deleting nothing) while a record of it was seen within
     ``max_age``, InvalidIdentifierError, StorageError."""
-    retired = await backend.groups.retire(group, max_age=check_age(max_age, "max_age"))
-    for parked in await backend.parked.list(group=group):
-        await backend.parked.remove(parked.group, parked.source, parked.stream)
-    return retired
+    return await backend.groups.retire(group, max_age=check_age(max_age, "max_age"))
 
 
 async def reset_group(

@@ -829,9 +829,9 @@ class GroupStorage(ABC):
 
     @abstractmethod
     async def retire(self, group: str, *, max_age: timedelta) -> GroupSummary:
-        """Delete every subscriber record, holding, checkpoint, parked stream and skipped
-        event record of ``group`` at once;
-        return what was deleted (all zero for an unknown group). Raises
+        """Delete every subscriber record, holding, checkpoint and parked stream of
+        ``group`` at once (its record of skipped events stays, as history); return what
+        was deleted (all zero for an unknown group). Raises
         GroupInUseError, deleting nothing, when one of its records was seen within
         ``max_age`` (a node still registers it)."""
 

@@ -1028,7 +1028,6 @@ class InMemoryGroupStorage(GroupStorage):
                 parked = self._parked._records
                 for parked_key in [key for key in parked if key[0] == group]:
                     del parked[parked_key]
-                self._parked._skipped = [e for e in self._parked._skipped if e.group != group]
             return found
 
     async def reset(

@@ -1,6 +1,6 @@
 """PostgresGroupStorage: whole groups across ``{schema}.subscribers``,
 ``{schema}.subscriptions`` and ``{schema}.checkpoints`` (``retire`` also deletes the
-group's parked streams and skipped events).
+group's parked streams; its record of skipped events stays).
 
 ``retire`` and ``reset`` each run in one transaction that locks the rows it changes in
 the order ``apply`` and the coordinator use (holdings, then subscriber records, then
@@ -75,7 +75,6 @@ class PostgresGroupStorage(GroupStorage):
             sql("DELETE FROM {schema}.subscribers WHERE group_name = %s"),
             sql("DELETE FROM {schema}.checkpoints WHERE group_name = %s"),
             sql("DELETE FROM {schema}.parked_streams WHERE group_name = %s"),
-            sql("DELETE FROM {schema}.skipped_events WHERE group_name = %s"),
         ]
         self._revoke = sql(
             "UPDATE {schema}.subscriptions s SET epoch = c.e,"
