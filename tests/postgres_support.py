@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -55,3 +56,20 @@ async def fresh_postgres_backend(
         await backend.close()
         await pool.close()
         await drop_schema(schema)
+
+
+@asynccontextmanager
+async def own_database() -> AsyncIterator[str]:
+    """The DSN of a new database on the test server, dropped afterwards: for checks that
+    other sessions' transactions in the shared database would hold back (pruning of old
+    row versions, concurrent index builds)."""
+    name = f"em_test_{secrets.token_hex(6)}"
+    async with await connect() as connection:
+        await connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlunsplit(urlsplit(TEST_DSN)._replace(path=f"/{name}"))
+    finally:
+        async with await connect() as connection:
+            await connection.execute(
+                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+            )

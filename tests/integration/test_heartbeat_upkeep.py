@@ -7,36 +7,19 @@ tests' transactions in the shared one would hold that back."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from eventmill import CategoryIdentifier
 from eventmill.backends.postgres import PostgresBackend
-from tests.postgres_support import TEST_DSN, connect
+from tests.postgres_support import own_database
 
 pytestmark = pytest.mark.postgres
 
 SUBSCRIBERS = 20
 ROUNDS = 50
-
-
-@asynccontextmanager
-async def own_database() -> AsyncIterator[str]:
-    """The DSN of a new database, dropped afterwards."""
-    name = f"em_test_{secrets.token_hex(6)}"
-    async with await connect() as connection:
-        await connection.execute(f"CREATE DATABASE {name}")
-    try:
-        yield urlunsplit(urlsplit(TEST_DSN)._replace(path=f"/{name}"))
-    finally:
-        async with await connect() as connection:
-            await connection.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 async def test_heartbeats_are_hot_updates() -> None:
