@@ -243,6 +243,8 @@ async def test_pgbouncer_in_session_mode_works(session_bouncer: Bouncer) -> None
         lock = await first.locks.try_lock("leader")
         assert lock is not None and await lock.confirm()
         assert await second.locks.try_lock("leader") is None  # no split brain
+        holder = await second.locks.holder("leader")  # the server's pid, not PgBouncer's
+        assert holder is not None and holder.session == lock.backend_pid
         await lock.release()
         again = await second.locks.try_lock("leader")
         assert again is not None

@@ -77,6 +77,7 @@ class PostgresLock(Lock):
         name: str,
         connection: AsyncConnection[Any],
         *,
+        backend_pid: int,
         check_interval: float,
         check_timeout: float,
     ) -> None:
@@ -86,7 +87,7 @@ class PostgresLock(Lock):
         self._check_timeout = check_timeout
         self._held = True
         self._gone = asyncio.Event()
-        self.backend_pid: int = connection.info.backend_pid
+        self.backend_pid = backend_pid
         """The PostgreSQL process id of the lock's session (for diagnostics)."""
 
     @property
@@ -233,6 +234,15 @@ class PostgresLockManager(LockManager):
             connection = await self._attempt(key, deadline)
             if connection is None:
                 return None
+            try:
+                # The server's own process id: behind PgBouncer (session mode) the one
+                # the client was told at connect is PgBouncer's, not the server's.
+                cursor = await connection.execute("SELECT pg_backend_pid()")
+                row = await cursor.fetchone()
+            except BaseException:
+                await connection.close()  # frees the lock
+                raise
+            backend_pid: int = row[0] if row is not None else connection.info.backend_pid
             if lease is not None:
                 milliseconds = max(1, round(lease.total_seconds() * 1000))
                 try:
@@ -241,7 +251,11 @@ class PostgresLockManager(LockManager):
                     await connection.close()  # frees the lock
                     raise
             return PostgresLock(
-                name, connection, check_interval=interval, check_timeout=self._check_timeout
+                name,
+                connection,
+                backend_pid=backend_pid,
+                check_interval=interval,
+                check_timeout=self._check_timeout,
             )
 
     async def _attempt(self, key: int, deadline: float) -> AsyncConnection[Any] | None:
