@@ -31,6 +31,23 @@ def _counted(where: str, place: str) -> str:
     )
 
 
+_BUCKET = (
+    f"e.category = p.category AND e.stream_hash %% {PARTITION_BUCKETS} = b.bucket"
+    " AND e.sequence_number > p.after"
+)
+_PARTITION_COUNTED = (
+    # one ordered index probe per bucket of the partition, as partition reads do
+    "CROSS JOIN LATERAL (SELECT sum(k.events)::bigint AS events, max(k.newest) AS newest"
+    " FROM unnest(p.buckets) AS b(bucket) CROSS JOIN LATERAL (SELECT count(*) AS events,"
+    " max(e.sequence_number) AS newest FROM {schema}.events AS e"
+    f" WHERE {_BUCKET} AND e.sequence_number <= p.through) AS k) AS c"
+    " LEFT JOIN LATERAL (SELECT x.observed_at FROM unnest(p.buckets) AS b(bucket)"
+    " CROSS JOIN LATERAL (SELECT e.sequence_number, e.observed_at FROM {schema}.events AS e"
+    f" WHERE {_BUCKET} ORDER BY e.sequence_number LIMIT 1) AS x"
+    " ORDER BY x.sequence_number LIMIT 1) AS f ON true"
+)
+"""A partition's count and first event, one ordered index probe per bucket."""
+
 _COLUMNS = "SELECT p.i, c.events, c.newest, f.observed_at FROM "
 _LAGS = " UNION ALL ".join(
     [
@@ -44,10 +61,7 @@ _LAGS = " UNION ALL ".join(
         " q.after, q.through FROM unnest(%(partition_i)s::int[], %(partition_category)s::text[],"
         " %(partition_buckets)s::text[], %(partition_after)s::bigint[],"
         " %(partition_through)s::bigint[]) AS q(i, category, buckets, after, through)) AS p "
-        + _counted(
-            f"e.category = p.category AND e.stream_hash %% {PARTITION_BUCKETS} = ANY (p.buckets)",
-            "sequence_number",
-        ),
+        + _PARTITION_COUNTED,
         _COLUMNS + "unnest(%(stream_i)s::int[], %(stream_category)s::text[], %(stream)s::text[],"
         " %(stream_after)s::bigint[], %(stream_through)s::bigint[])"
         " AS p(i, category, stream, after, through) "
