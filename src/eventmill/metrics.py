@@ -21,6 +21,11 @@ category):
   ``eventmill_source_changes_total{change}`` (accepted, withdrawn: rebalances),
   ``eventmill_leader`` (0/1), ``eventmill_parked_streams{group}``, ``eventmill_ready``.
 
+Publishes made through ``PublishMetrics(registry).publish(stream, events)`` add
+``eventmill_events_published_total{category}``,
+``eventmill_publish_failures_total{category}`` and
+``eventmill_publish_duration_seconds{category}`` (histogram).
+
 Counters are read from the node when scraped; lag is counted by ``run()`` (one
 ``EventStorage.lags`` statement per refresh), never during a scrape.
 """
@@ -30,16 +35,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 from eventmill.broker.distributed import DistributedEventBroker
+from eventmill.conditions import WriteCondition
 from eventmill.errors import EventmillError, MissingDependencyError
-from eventmill.events import EventSourceIdentifier
+from eventmill.events import EventSourceIdentifier, NewEvent, StoredEvent
 from eventmill.node import EventProcessingNode, SubscriberHandle
+from eventmill.store import EventStream
 
 try:
-    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 except ImportError as missing:  # pragma: no cover - depends on the installation
@@ -170,6 +177,51 @@ class NodeMetrics:
             (events is not None and count > events) or (seconds is not None and age > seconds)
             for count, age in totals.values()
         )
+
+
+class PublishMetrics:
+    """Counts and times the publishes made through ``publish`` (see the module
+    docstring); the metrics live in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "eventmill_events_published",
+            "Events published",
+            ["category"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "eventmill_publish_failures",
+            "Publishes that raised",
+            ["category"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "eventmill_publish_duration_seconds",
+            "Duration of publishes",
+            ["category"],
+            buckets=PASS_BUCKETS,
+            registry=registry,
+        )
+
+    async def publish(
+        self,
+        stream: EventStream,
+        events: Sequence[NewEvent],
+        *,
+        condition: WriteCondition | None = None,
+    ) -> list[StoredEvent]:
+        """``stream.publish``, counted and timed. Raises what it raises (counted)."""
+        category = stream.identifier.category
+        started = time.perf_counter()
+        try:
+            stored = await stream.publish(events, condition=condition)
+        except Exception:
+            self.failures.labels(category).inc()
+            raise
+        self.duration.labels(category).observe(time.perf_counter() - started)
+        self.published.labels(category).inc(len(stored))
+        return stored
 
 
 class _PassTimer:

@@ -13,14 +13,18 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.cluster_status import LagBound
+from eventmill.conditions import position_is, stream_is_empty
+from eventmill.errors import UnmetWriteConditionError
 from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
 from eventmill.http import NodeEndpoints
 from eventmill.log_fields import CURRENT_NODE, fields
 from eventmill.logs import configure_logging
+from eventmill.metrics import PublishMetrics
 from eventmill.node import EventProcessingNode
 from eventmill.store import EventStore
 
@@ -143,3 +147,22 @@ async def test_metrics_and_endpoints_of_a_node() -> None:
             assert found[lag] == 0
         assert (await client.get("/healthz")).status_code == 503
         assert (await client.get("/nothing")).status_code == 404
+
+
+async def test_publish_metrics_count_events_and_failures() -> None:
+    registry = CollectorRegistry()
+    metrics = PublishMetrics(registry)
+    stream = EventStore(InMemoryBackend()).stream(category="orders", stream="o-1")
+    await metrics.publish(stream, [NewEvent(name="a"), NewEvent(name="b")])
+    await metrics.publish(stream, [NewEvent(name="c")], condition=position_is(1))
+    with pytest.raises(UnmetWriteConditionError):
+        await metrics.publish(stream, [NewEvent(name="d")], condition=stream_is_empty())
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    labels = (("category", "orders"),)
+    assert found[("eventmill_events_published_total", labels)] == 3
+    assert found[("eventmill_publish_failures_total", labels)] == 1
+    assert found[("eventmill_publish_duration_seconds_count", labels)] == 2
