@@ -201,7 +201,7 @@ def run(workload: str, repeats: int, schema: str, sizes: dict[str, int]) -> list
         page = int(workload.rsplit("_", 1)[1])
         return [read_rate(made, page) for _ in range(repeats)]
     if workload.startswith("postgres.latency."):
-        made = recorder(schema, "latency")
+        made = recorder(schema, "latency", pool_size=3)  # LISTEN holds one connection
         gaps = (0.01, 0.25) if workload.endswith("sparse") else (0.0, 0.01)
         return latencies(made, sizes["latency_samples"], gaps)
     raise SystemExit(f"unknown workload {workload}")
