@@ -383,8 +383,9 @@ class PostgresBackend(Backend):
 
     async def close(self) -> None:
         """Send queued announcements, close the lock manager's standby connections and
-        the heartbeat connections, then close the pools this backend made (the other loops' idle connections at once,
-        those in use when given back); a user's pool stays open. Idempotent."""
+        the heartbeat connections, then close the pools this backend made (the other
+        loops' idle connections at once, those in use when given back); a user's pool
+        stays open. Idempotent."""
         if self._closing:
             return
         self._closing = True
