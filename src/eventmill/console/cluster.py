@@ -30,13 +30,17 @@ class ConsoleSettings:
       as the coordinator judges (the nodes' ``subscriber_manager_subscriber_max_age``);
     - ``lag_warning_events`` / ``lag_warning_seconds``: a group lagging more than either
       bound is warned about;
-    - ``coordinator_lock``: the name of the lock the leader holds.
+    - ``coordinator_lock``: the name of the lock the leader holds;
+    - ``count_changes_above``: a source lagging more than this many events has its lag
+      counted from what changed since the previous read; the others are counted from
+      their checkpoint every read (as cheap for a small backlog, and exact at once).
     """
 
     subscriber_max_age: timedelta = timedelta(seconds=5)
     lag_warning_events: int = 10_000
     lag_warning_seconds: float = 60.0
     coordinator_lock: str = COORDINATOR_LOCK
+    count_changes_above: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +72,26 @@ def _plan_counts(
     holdings: list[tuple[str, str, EventSourceIdentifier, int | None]],
     previous: ClusterState | None,
     places: list[LagPlace],
+    count_changes_above: int,
 ) -> list[_LagReading]:
-    """Add each holding's places to ``places``: from scratch, (checkpoint, end) once
-    every RECOUNT_EVERY reads, when new, or after its checkpoint moved back; otherwise
+    """Add each holding's places to ``places``: from scratch, (checkpoint, end) when
+    its lag is at most ``count_changes_above``, once every RECOUNT_EVERY reads, when
+    new, or after its checkpoint moved back; otherwise
     what arrived (counted_through, end), what was processed (old checkpoint, new
-    checkpoint] and where the first unprocessed event is (checkpoint, checkpoint]."""
+    checkpoint] and where the first unprocessed event is (checkpoint, checkpoint]. A
+    recounted source whose checkpoint moved on also gets (old checkpoint, checkpoint],
+    for throughput."""
     serial = 0 if previous is None else previous.serial + 1
     readings = []
     for index, (group, key, source, checkpoint) in enumerate(holdings):
         base = None if previous is None else previous.counts.get((group, key))
+        before = None if base is None else base.checkpoint
+        moved_on = (
+            base is not None and checkpoint is not None and (before is None or checkpoint > before)
+        )
         if base is not None and (
-            (index + serial) % RECOUNT_EVERY == 0
+            base.lag <= count_changes_above
+            or (index + serial) % RECOUNT_EVERY == 0
             or (
                 base.checkpoint is not None and (checkpoint is None or checkpoint < base.checkpoint)
             )
@@ -88,6 +101,9 @@ def _plan_counts(
         if base is None:
             reading.places.append(len(places))
             places.append((source, checkpoint, None))
+            if moved_on:  # what it processed since the previous read, for throughput
+                reading.places.append(len(places))
+                places.append((source, before, checkpoint))
         else:
             reading.places += [len(places), len(places) + 1]
             places.append((source, base.counted_through, None))
@@ -105,7 +121,8 @@ def _counted(reading: _LagReading, lags: list[SourceLag]) -> tuple[Count, int, d
     first = lags[reading.places[0]]
     if reading.base is None:
         through = reading.checkpoint if first.newest is None else first.newest
-        return Count(reading.checkpoint, through, first.events), 0, first.oldest_at
+        processed = lags[reading.places[1]].events if len(reading.places) > 1 else 0
+        return Count(reading.checkpoint, through, first.events), processed, first.oldest_at
     arrived, oldest = first, lags[reading.places[1]].oldest_at
     processed = lags[reading.places[2]].events if len(reading.places) > 2 else 0
     through = reading.base.counted_through if arrived.newest is None else arrived.newest
@@ -168,7 +185,7 @@ async def read_cluster(
         after = None if checkpoint is None else checkpoint.after
         planned.append((holding.group, key, holding.source, after))
     places: list[LagPlace] = []
-    readings = _plan_counts(planned, previous, places)
+    readings = _plan_counts(planned, previous, places, settings.count_changes_above)
     lags = await backend.events.lags(places)
     parked = await backend.parked.list()
     database_seconds = time.perf_counter() - started

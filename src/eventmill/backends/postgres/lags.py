@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 
+_END = 2**63 - 1
+"""``through`` for no bound."""
+_NEEDED = f"(c.events > 0 OR p.through < {_END})"
+"""Whether the first event after ``after`` may exist: not when an unbounded span holds
+no event (most places: caught-up readers), so its probes are skipped."""
+
+
 def _counted(where: str, place: str) -> str:
     """A place's count and newest place, and the first stored time after ``p.after``,
     as LATERALs over the events matching ``where``."""
@@ -27,7 +34,8 @@ def _counted(where: str, place: str) -> str:
         f" FROM {{schema}}.events AS e WHERE {where} AND e.{place} > p.after"
         f" AND e.{place} <= p.through) AS c"
         " LEFT JOIN LATERAL (SELECT e.observed_at FROM {schema}.events AS e"
-        f" WHERE {where} AND e.{place} > p.after ORDER BY e.{place} LIMIT 1) AS f ON true"
+        f" WHERE {where} AND e.{place} > p.after AND {_NEEDED}"
+        f" ORDER BY e.{place} LIMIT 1) AS f ON true"
     )
 
 
@@ -43,7 +51,7 @@ _PARTITION_COUNTED = (
     f" WHERE {_BUCKET} AND e.sequence_number <= p.through) AS k) AS c"
     " LEFT JOIN LATERAL (SELECT x.observed_at FROM unnest(p.buckets) AS b(bucket)"
     " CROSS JOIN LATERAL (SELECT e.sequence_number, e.observed_at FROM {schema}.events AS e"
-    f" WHERE {_BUCKET} ORDER BY e.sequence_number LIMIT 1) AS x"
+    f" WHERE {_BUCKET} AND {_NEEDED} ORDER BY e.sequence_number LIMIT 1) AS x"
     " ORDER BY x.sequence_number LIMIT 1) AS f ON true"
 )
 """A partition's count and first event, one ordered index probe per bucket."""
@@ -75,8 +83,6 @@ _PARAMETERS = (
     *("partition_after", "partition_through", "stream_i", "stream_category", "stream"),
     *("stream_after", "stream_through"),
 )
-_END = 2**63 - 1
-"""``through`` for no bound."""
 
 
 async def count_lags(backend: PostgresBackend, places: Sequence[LagPlace]) -> list[SourceLag]:
