@@ -6,6 +6,7 @@ InvalidEventError before anything is written."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, timezone
@@ -118,7 +119,11 @@ offsets = st.integers(-86399, 86399).map(lambda seconds: timezone(timedelta(seco
 aware_datetimes = st.datetimes(
     min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31), timezones=offsets | st.just(UTC)
 ).map(lambda value: value.replace(fold=0))
-finite_floats = st.floats(allow_nan=False, allow_infinity=False)
+# jsonb keeps numbers as numeric, which has no negative zero: -0.0 reads back as 0.0
+# on PostgreSQL (documented in the README), so the exact round trip leaves it out.
+finite_floats = st.floats(allow_nan=False, allow_infinity=False).filter(
+    lambda number: number != 0 or math.copysign(1.0, number) > 0
+)
 decimals = st.decimals(allow_nan=False, allow_infinity=False)
 
 everything = st.builds(

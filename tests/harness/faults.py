@@ -55,6 +55,7 @@ from psycopg.conninfo import make_conninfo
 
 from eventmill.backends.base import ConsumerTransaction
 from eventmill.backends.postgres import PostgresBackend
+from eventmill.backends.postgres.subscribers import HEARTBEAT_CONNECTIONS
 from eventmill.broker.distributed import DistributedEventBrokerSettings
 from eventmill.consumers.lease import lease_margin
 from eventmill.consumers.processors import EventProcessor, Processor, TransactionalEventProcessor
@@ -843,7 +844,8 @@ class FaultCluster:
                 )
         violations += await self._check_checkpoints()
         connections = await self.connections()
-        limit = self.settings.pool_size + 2  # the pool, the LISTEN and the lock connections
+        # The pool, the LISTEN and the lock connections, and the heartbeats' own.
+        limit = self.settings.pool_size + 2 + HEARTBEAT_CONNECTIONS
         for node_id, count in connections.items():
             if count > limit:
                 violations.append(f"{node_id}: {count} connections, more than {limit}")
