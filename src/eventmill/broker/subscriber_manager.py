@@ -113,7 +113,8 @@ class EventSubscriberManager(BrokerLoop):
         """Send a heartbeat of every local subscriber (one ``heartbeat_all``), not
         waited for unless ``MAX_HEARTBEATS_IN_FLIGHT`` are under way; start the node's
         heartbeat and, when due, the purge, each unless its previous one is still under
-        way. Raises StorageError (the error of a heartbeat or purge started earlier)."""
+        way; after a failed round, waits for them all. Raises StorageError (the error of a
+        heartbeat or purge started earlier)."""
         started = time.monotonic()
         self._reap()
         while len(self._in_flight) >= MAX_HEARTBEATS_IN_FLIGHT:
@@ -129,6 +130,14 @@ class EventSubscriberManager(BrokerLoop):
         if started >= self._next_purge and self._chore_free("purge"):
             self._chores["purge"] = asyncio.create_task(self._purge())
             self._next_purge = started + self._purge_interval.total_seconds()
+        if self._failures:
+            # While failing, a round succeeds only once its own writes do, so an outage
+            # is one failure episode (one WARNING, one "recovered" line), not a round
+            # that fails and one that "recovers" by starting work in turn.
+            await asyncio.wait([*self._in_flight, *self._chores.values()])
+            self._reap()
+            for name in list(self._chores):
+                self._chore_free(name)
         return None
 
     async def _heartbeat(
