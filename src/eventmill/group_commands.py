@@ -73,7 +73,8 @@ def _time(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _sequence(text: str) -> int:
+def parse_sequence(text: str) -> int:
+    """A sequence number (an int of at least 0); raises argparse.ArgumentTypeError."""
     try:
         value = int(text)
     except ValueError:
@@ -107,14 +108,14 @@ def add_parsers(
     listing.add_argument("--json", action="store_true", help="print JSON")
     retiring = verbs.add_parser("retire", help="drop a replaced or building version now")
     retiring.add_argument("name")
-    retiring.add_argument("version", type=_sequence)
+    retiring.add_argument("version", type=parse_sequence)
     connection_options(retiring)
     reset = commands.add_parser("reset", help="replay a group live on the running nodes")
     reset.add_argument("group", help="the subscriber group")
     connection_options(reset)
     where = reset.add_mutually_exclusive_group(required=True)
     where.add_argument("--to-start", action="store_true", help="replay every event")
-    where.add_argument("--to-sequence", type=_sequence, metavar="N", help="replay after N")
+    where.add_argument("--to-sequence", type=parse_sequence, metavar="N", help="replay after N")
     where.add_argument("--to-time", type=_time, metavar="T", help="replay from time T")
     reset.add_argument(
         "--source", type=parse_source, action="append", metavar="S", help="only this source"

@@ -25,6 +25,7 @@ from eventmill.backends.base import Backend, ParkedStream
 from eventmill.consumers.failures import parked_streams, retry_parked, skip_parked
 from eventmill.errors import InvalidIdentifierError
 from eventmill.events import StreamIdentifier
+from eventmill.group_commands import parse_sequence
 
 COMMANDS = ("parked",)
 """The top-level commands this module adds."""
@@ -40,16 +41,6 @@ def parse_stream(text: str) -> StreamIdentifier:
         raise argparse.ArgumentTypeError(
             f"bad stream {text!r}: expected CATEGORY/STREAM ({error})"
         ) from None
-
-
-def _sequence(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0: {value}")
-    return value
 
 
 def add_parsers(
@@ -79,7 +70,7 @@ def add_parsers(
         if action == "skip":
             sub.add_argument(
                 "--through",
-                type=_sequence,
+                type=parse_sequence,
                 metavar="SEQ",
                 help="skip held events up to this sequence number (default: all)",
             )
