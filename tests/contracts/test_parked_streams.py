@@ -9,6 +9,7 @@ import pytest
 
 from eventmill import CategoryIdentifier, StreamIdentifier
 from eventmill.backends.base import Backend, ParkedRequest, ParkedStream, SkippedEvent
+from eventmill.errors import StaleEpochError
 from eventmill.events import CategoryPartitionIdentifier
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -122,23 +123,68 @@ async def test_park_keeps_a_request_that_only_clear_request_clears(backend: Back
     assert await store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.SKIP) is False
 
 
+def skipped_event(n: int = 0, group: str = "totals") -> SkippedEvent:
+    return SkippedEvent(
+        group=group,
+        source=ORDERS,
+        stream=ORDER_7,
+        sequence_number=41 + n,
+        position=3 + n,
+        event_name="order-placed",
+        reason="policy" if n == 0 else "operator",
+        error_type="KeyError" if n == 0 else "",
+        error_message="'total'" if n == 0 else "",
+        skipped_at=T0 + timedelta(seconds=n),
+    )
+
+
+async def test_a_holder_with_a_stale_epoch_changes_nothing(backend: Backend) -> None:
+    store = backend.parked
+    await backend.checkpoints.fence("totals", ORDERS, 5)
+    record = parked()
+    await store.park(record, epoch=5)
+    await store.request("totals", ORDER_7, ParkedRequest.RETRY)  # operators are not fenced
+    other = StreamIdentifier("orders", "order-8")
+    writes = [
+        store.park(replace(record, held=9), epoch=4),
+        store.park(parked(stream=other), epoch=4),
+        store.hold("totals", ORDERS, ORDER_7, [50], epoch=4),
+        store.hold("totals", ORDERS, other, [50], epoch=4),
+        store.remove("totals", ORDERS, ORDER_7, epoch=4),
+        store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.RETRY, epoch=4),
+        store.record_skipped(skipped_event(), epoch=4),
+    ]
+    for write in writes:
+        with pytest.raises(StaleEpochError, match=r"'totals' in category:orders: epoch 4 is"):
+            await write
+
+    async def park_then_hold_stale() -> None:
+        async with backend.checkpoints.transaction() as transaction:
+            await store.park(parked(stream=other), transaction=transaction, epoch=5)
+            await store.hold("totals", ORDERS, ORDER_7, [50], transaction=transaction, epoch=4)
+
+    with pytest.raises(StaleEpochError):
+        await park_then_hold_stale()
+    [kept] = await store.list()
+    assert kept == replace(record, request=ParkedRequest.RETRY)
+    assert await store.skipped() == []
+    await backend.checkpoints.fence("totals", ORDERS, 6)  # the source moved on again
+    with pytest.raises(StaleEpochError):
+        await store.hold("totals", ORDERS, ORDER_7, [50], epoch=5)
+    assert await store.hold("totals", ORDERS, ORDER_7, [50], epoch=6) == 2
+    assert await store.hold("totals", ORDERS, other, [50], epoch=6) is None
+    assert await store.clear_request("totals", ORDERS, ORDER_7, ParkedRequest.RETRY, epoch=6)
+    await store.record_skipped(skipped_event(), epoch=6)
+    assert await store.remove("totals", ORDERS, ORDER_7, epoch=6) is True
+    assert await store.remove("totals", ORDERS, ORDER_7, epoch=6) is False
+    await store.park(parked(group="fresh"), epoch=1)  # no checkpoint yet: nothing to fence
+    assert [r.group for r in await store.list()] == ["fresh"]
+    assert len(await store.skipped()) == 1
+
+
 async def test_skipped_events_are_kept_in_order(backend: Backend) -> None:
     store = backend.parked
-    events = [
-        SkippedEvent(
-            group=group,
-            source=ORDERS,
-            stream=ORDER_7,
-            sequence_number=41 + n,
-            position=3 + n,
-            event_name="order-placed",
-            reason="policy" if n == 0 else "operator",
-            error_type="KeyError" if n == 0 else "",
-            error_message="'total'" if n == 0 else "",
-            skipped_at=T0 + timedelta(seconds=n),
-        )
-        for n, group in enumerate(["totals", "other", "totals"])
-    ]
+    events = [skipped_event(n, group) for n, group in enumerate(["totals", "other", "totals"])]
     for event in reversed(events):
         await store.record_skipped(event)
     assert await store.skipped(group="totals") == [events[0], events[2]]

@@ -730,12 +730,20 @@ class ParkedStreamStorage(ABC):
 
     Writes take an optional ``transaction`` (from ``CheckpointStorage.transaction``)
     so that on PostgreSQL they commit together with a checkpoint and a processor's own
-    writes (exactly-once). Every method raises StorageError when storage fails.
+    writes (exactly-once). The holder's writes (all but ``request``) take its ``epoch``
+    and are fenced like its checkpoint saves: when the checkpoint of (group, source)
+    has a newer epoch (the source moved on; the writer is a zombie), the write raises
+    StaleEpochError and changes nothing. Every method raises StorageError when storage
+    fails.
     """
 
     @abstractmethod
     async def park(
-        self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
+        self,
+        record: ParkedStream,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> None:
         """Insert the record, or replace the one of its (group, source, stream) but
         for its ``request`` and ``skip_through``, which only ``request`` and
@@ -750,6 +758,7 @@ class ParkedStreamStorage(ABC):
         places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> int | None:
         """Count as held the events at ``places`` (in the source) that are after
         ``last_held`` (so a replayed pass never counts one twice) and move ``last_held``
@@ -763,6 +772,7 @@ class ParkedStreamStorage(ABC):
         stream: StreamIdentifier,
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> bool:
         """Delete the record (the stream flows again); True if there was one."""
 
@@ -785,13 +795,19 @@ class ParkedStreamStorage(ABC):
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
         request: ParkedRequest,
+        *,
+        epoch: int | None = None,
     ) -> bool:
         """Clear the record's request if it is still ``request`` (the one the holder
         carried out); return whether it was cleared."""
 
     @abstractmethod
     async def record_skipped(
-        self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
+        self,
+        event: SkippedEvent,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> None:
         """Keep ``event`` in the record of skipped events."""
 

@@ -503,12 +503,27 @@ def _stream_order(record: ParkedStream) -> tuple[str, str, str, str]:
 
 class InMemoryParkedStreamStorage(ParkedStreamStorage):
     """Parked streams in a dict keyed by (group, source key, stream); skipped events in
-    a list. Writes in a transaction are undone if it rolls back."""
+    a list. Writes in a transaction are undone if it rolls back; a holder's writes are
+    fenced by the epochs in ``checkpoints``."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoints: InMemoryCheckpointStorage) -> None:
         self._lock = threading.Lock()
+        self._checkpoints = checkpoints
         self._records: dict[tuple[str, str, StreamIdentifier], ParkedStream] = {}
         self._skipped: list[SkippedEvent] = []
+
+    def _fence(self, group: str, source: EventSourceIdentifier, epoch: int | None) -> None:
+        """Raise StaleEpochError when the checkpoint of (group, source) is at a newer
+        epoch than ``epoch`` (None: not fenced)."""
+        if epoch is None:
+            return
+        with self._checkpoints._lock:
+            current = self._checkpoints._records.get((group, source_key(source)))
+        if current is not None and current.epoch > epoch:
+            raise StaleEpochError(
+                f"parked streams of {group!r} in {source}: epoch {epoch} is older than "
+                f"{current.epoch}"
+            )
 
     def _set(
         self, key: tuple[str, str, StreamIdentifier], record: ParkedStream | None
@@ -536,8 +551,13 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         return previous
 
     async def park(
-        self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
+        self,
+        record: ParkedStream,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> None:
+        self._fence(record.group, record.source, epoch)
         key = (record.group, source_key(record.source), record.stream)
         with self._lock:
             current = self._records.get(key)
@@ -551,7 +571,10 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
         request: ParkedRequest,
+        *,
+        epoch: int | None = None,
     ) -> bool:
+        self._fence(group, source, epoch)
         key = (group, source_key(source), stream)
         with self._lock:
             current = self._records.get(key)
@@ -568,7 +591,9 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> int | None:
+        self._fence(group, source, epoch)
         key = (group, source_key(source), stream)
         with self._lock:
             current = self._records.get(key)
@@ -586,7 +611,9 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         stream: StreamIdentifier,
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> bool:
+        self._fence(group, source, epoch)
         key = (group, source_key(source), stream)
         with self._lock:
             present = key in self._records
@@ -611,8 +638,13 @@ class InMemoryParkedStreamStorage(ParkedStreamStorage):
         return len(keys)
 
     async def record_skipped(
-        self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
+        self,
+        event: SkippedEvent,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> None:
+        self._fence(event.group, event.source, epoch)
         undo = _undo_list(transaction)
         with self._lock:
             self._skipped.append(event)
@@ -1228,7 +1260,7 @@ class InMemoryBackend(Backend):
         self._locks = InMemoryLockManager()
         self._subscribers = InMemorySubscriberStateStore()
         self._subscriptions = InMemorySubscriptionStateStore(self._subscribers)
-        self._parked = InMemoryParkedStreamStorage()
+        self._parked = InMemoryParkedStreamStorage(self._checkpoints)
         self._projection_versions = InMemoryProjectionVersionStorage()
         self._groups = InMemoryGroupStorage(
             self._events, self._checkpoints, self._subscribers, self._subscriptions, self._parked

@@ -209,6 +209,11 @@ class EventSourceConsumer:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
 
+    @property
+    def _epoch(self) -> int | None:
+        """The epoch this consumer holds its source at, which fences its parked writes."""
+        return self.state_store.epoch
+
     def _halted(self) -> bool:
         """Whether the pass must end before the next event: stopped, or lease expired."""
         return self._stop or (self.lease is not None and not self.lease.is_valid())
@@ -407,7 +412,9 @@ class EventSourceConsumer:
                 last = places[-1] if places else first - 1
                 if (len(places), last) != (record.held, record.last_held):
                     store = self.source.backend.parked
-                    await store.park(replace(record, held=len(places), last_held=last))
+                    await store.park(
+                        replace(record, held=len(places), last_held=last), epoch=self._epoch
+                    )
 
     def _held(self, event: StoredEvent) -> bool:
         """Whether ``event`` belongs to a parked stream; if so, note it to be counted."""
@@ -428,6 +435,7 @@ class EventSourceConsumer:
                 StreamIdentifier(category, stream),
                 places,
                 transaction=transaction,
+                epoch=self._epoch,
             )
 
     def _attempt_failed(self, event: StoredEvent, error: Exception) -> _Failing | None:
@@ -538,15 +546,17 @@ class EventSourceConsumer:
         record = self._parked_record(event, error, failing) if parking else None
         if checkpoint is None:
             if record is not None:
-                await store.park(record)
+                await store.park(record, epoch=self._epoch)
             else:
-                await store.record_skipped(self._skipped(event, error))
+                await store.record_skipped(self._skipped(event, error), epoch=self._epoch)
         else:
             async with self.state_store.transaction() as transaction:
                 if record is not None:
-                    await store.park(record, transaction=transaction)
+                    await store.park(record, transaction=transaction, epoch=self._epoch)
                 else:
-                    await store.record_skipped(self._skipped(event, error), transaction=transaction)
+                    await store.record_skipped(
+                        self._skipped(event, error), transaction=transaction, epoch=self._epoch
+                    )
                 await self.state_store.save(checkpoint, transaction=transaction)
         if record is not None:
             self._parked[_stream_key(event)] = record
@@ -597,7 +607,7 @@ class EventSourceConsumer:
                 )
                 async with self.state_store.transaction() as transaction:
                     await self.source.backend.parked.record_skipped(
-                        self._skipped(event, None), transaction=transaction
+                        self._skipped(event, None), transaction=transaction, epoch=self._epoch
                     )
                     record = await self._advance(
                         record, following, len(held) - index - 1, transaction
@@ -621,16 +631,16 @@ class EventSourceConsumer:
                         last_held=max(record.last_held, fresh.last_held),
                     )
                     store = self.source.backend.parked
-                    await store.park(record)
+                    await store.park(record, epoch=self._epoch)
                     if acted_on is not None:  # unless an operator asked again meanwhile
                         await store.clear_request(
-                            record.group, record.source, record.stream, acted_on
+                            record.group, record.source, record.stream, acted_on, epoch=self._epoch
                         )
                     self._parked[key] = record
                     return True
                 async with self.state_store.transaction() as transaction:
                     await self.source.backend.parked.record_skipped(
-                        self._skipped(event, error), transaction=transaction
+                        self._skipped(event, error), transaction=transaction, epoch=self._epoch
                     )
                     record = await self._advance(
                         record, following, len(held) - index - 1, transaction
@@ -639,7 +649,9 @@ class EventSourceConsumer:
                 self._failing = None
             self._count += 1
         if key in self._parked:  # nothing was held (any more): the stream flows again
-            await self.source.backend.parked.remove(record.group, record.source, record.stream)
+            await self.source.backend.parked.remove(
+                record.group, record.source, record.stream, epoch=self._epoch
+            )
             del self._parked[key]
         return True
 
@@ -674,7 +686,13 @@ class EventSourceConsumer:
         store = self.source.backend.parked
         key = (record.stream.category, record.stream.stream)
         if following is None:
-            await store.remove(record.group, record.source, record.stream, transaction=transaction)
+            await store.remove(
+                record.group,
+                record.source,
+                record.stream,
+                transaction=transaction,
+                epoch=self._epoch,
+            )
             self._parked.pop(key, None)
             return record
         moved = replace(
@@ -684,7 +702,7 @@ class EventSourceConsumer:
             event_name=following.name,
             held=left,
         )
-        await store.park(moved, transaction=transaction)
+        await store.park(moved, transaction=transaction, epoch=self._epoch)
         self._parked[key] = moved
         return moved
 

@@ -29,7 +29,12 @@ from eventmill.consumers.failures import (
 )
 from eventmill.consumers.source_consumer import ConsumerSettings
 from eventmill.consumers.subscription_consumer import make_subscriber
-from eventmill.errors import InvalidInputError, InvalidSettingsError, ProcessorFailedError
+from eventmill.errors import (
+    InvalidInputError,
+    InvalidSettingsError,
+    ProcessorFailedError,
+    StaleEpochError,
+)
 from eventmill.events import StoredEvent
 from eventmill.groups import retire_group
 from eventmill.projections import ProjectionStore
@@ -404,3 +409,20 @@ async def test_a_subscriber_reads_parked_streams_only_when_it_may_have_some() ->
     await subscriber.consume_all()
     await subscriber.consume_all()
     assert reads == 3  # every pass while something is parked
+
+
+async def test_a_zombie_holder_parks_nothing_in_a_source_that_moved() -> None:
+    backend = InMemoryBackend()
+    await publish(backend, "a", "bad")
+    handler = Handler(poison=[("bad", 0)])
+    zombie = EventSourceConsumer(
+        EventSource(backend, ORDERS),
+        handler,
+        EventConsumerStateStore(backend.checkpoints, "g", ORDERS, epoch=1),
+        failure_policy=at_once(),
+    )
+    await backend.checkpoints.fence("g", ORDERS, 2)  # the source moved to a new holder
+    with pytest.raises(StaleEpochError):
+        await zombie.consume_all()
+    assert handler.tries == [("a", 0), ("bad", 0)]
+    assert await backend.parked.list() == []

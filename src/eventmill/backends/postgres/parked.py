@@ -3,7 +3,11 @@ skipped events in ``{schema}.skipped_events``.
 
 Every write is one statement; given a transaction it runs on that transaction's
 connection, so it commits with the consumer's checkpoint and the processor's writes.
-A consumer reads the markers of its group with one indexed query per pass.
+A holder's write is fenced in the same statement: it share-locks the checkpoint row of
+(group, source) (so a concurrent fence waits for it, or it for the fence) and writes
+only if that row's epoch is not newer than the writer's. Only a write that changed no
+row reads the checkpoint again, to tell a stale epoch (StaleEpochError) from a missing
+record. A consumer reads the markers of its group with one indexed query per pass.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from eventmill.backends.base import (
     SkippedEvent,
 )
 from eventmill.backends.postgres.checkpoints import PostgresConsumerTransaction
-from eventmill.errors import InvalidInputError
+from eventmill.errors import InvalidInputError, StaleEpochError
 from eventmill.events import (
     EventSourceIdentifier,
     StreamIdentifier,
@@ -44,6 +48,13 @@ _SKIPPED_COLUMNS = (
     " error_type, error_message, skipped_at"
 )
 _KEY = "group_name = %s AND source_key = %s AND category = %s AND stream = %s"
+_FENCE = (
+    "WITH fence AS (SELECT epoch FROM {schema}.checkpoints"
+    " WHERE group_name = %s AND source_key = %s FOR SHARE) "
+)
+"""Prefix of a fenced write; its parameters are the group and source key, and the
+write's ``_FENCED`` condition takes the writer's epoch (None: not fenced)."""
+_FENCED = "NOT EXISTS (SELECT 1 FROM fence WHERE epoch > %s::bigint)"
 
 
 def _parked(row: tuple[Any, ...]) -> ParkedStream:
@@ -93,9 +104,12 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         self._backend = backend
         sql = backend.sql
         self._park = sql(
-            "INSERT INTO {schema}.parked_streams"
+            _FENCE + "INSERT INTO {schema}.parked_streams"
             f" (source_key, {_PARKED_COLUMNS})"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " SELECT %s::text, %s::text, %s::jsonb, %s::text, %s::text, %s::bigint, %s::bigint,"
+            " %s::text, %s::bigint, %s::bigint, %s::text, %s::text, %s::text, %s::integer,"
+            " %s::timestamptz, %s::timestamptz, %s::text, %s::bigint"
+            f" WHERE {_FENCED}"
             " ON CONFLICT (group_name, source_key, category, stream) DO UPDATE SET"
             " sequence_number = excluded.sequence_number, position = excluded.position,"
             " event_name = excluded.event_name, held = excluded.held,"
@@ -105,16 +119,21 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             " last_failed_at = excluded.last_failed_at"
         )
         self._clear_request = sql(
-            "UPDATE {schema}.parked_streams SET request = NULL, skip_through = NULL"
-            f" WHERE {_KEY} AND request = %s"
+            _FENCE + "UPDATE {schema}.parked_streams SET request = NULL, skip_through = NULL"
+            f" WHERE {_KEY} AND request = %s AND {_FENCED}"
         )
         self._hold = sql(
-            "UPDATE {schema}.parked_streams SET"
+            _FENCE + "UPDATE {schema}.parked_streams SET"
             " held = held + (SELECT count(*) FROM unnest(%s::bigint[]) AS p WHERE p > last_held),"
             " last_held = greatest(last_held, (SELECT max(p) FROM unnest(%s::bigint[]) AS p))"
-            f" WHERE {_KEY} RETURNING held"
+            f" WHERE {_KEY} AND {_FENCED} RETURNING held"
         )
-        self._remove = sql(f"DELETE FROM {{schema}}.parked_streams WHERE {_KEY}")
+        self._remove = sql(
+            _FENCE + f"DELETE FROM {{schema}}.parked_streams WHERE {_KEY} AND {_FENCED}"
+        )
+        self._epoch = sql(
+            "SELECT epoch FROM {schema}.checkpoints WHERE group_name = %s AND source_key = %s"
+        )
         order = " ORDER BY group_name, source_key, category, stream"
         select = f"SELECT {_PARKED_COLUMNS} FROM {{schema}}.parked_streams"
         self._list_all = sql(select + order)
@@ -126,8 +145,9 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             " WHERE group_name = %s AND category = %s AND stream = %s"
         )
         self._record_skipped = sql(
-            f"INSERT INTO {{schema}}.skipped_events ({_SKIPPED_COLUMNS})"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            _FENCE + f"INSERT INTO {{schema}}.skipped_events ({_SKIPPED_COLUMNS})"
+            " SELECT %s::text, %s::jsonb, %s::text, %s::text, %s::bigint, %s::bigint, %s::text,"
+            f" %s::text, %s::text, %s::text, %s::timestamptz WHERE {_FENCED}"
         )
         skipped = f"SELECT {_SKIPPED_COLUMNS} FROM {{schema}}.skipped_events"
         self._skipped_all = sql(skipped + " ORDER BY group_name, skipped_at, id")
@@ -145,11 +165,36 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         else:
             raise InvalidInputError(f"not a transaction of this backend: {transaction!r:.80}")
 
-    async def park(
-        self, record: ParkedStream, *, transaction: ConsumerTransaction | None = None
+    async def _refuse_if_stale(
+        self,
+        connection: AsyncConnection[Any],
+        group: str,
+        source: EventSourceIdentifier,
+        epoch: int | None,
     ) -> None:
+        """After a fenced write changed no row: raise StaleEpochError if the checkpoint
+        of (group, source) is at a newer epoch than ``epoch``."""
+        if epoch is None:
+            return
+        cursor = await connection.execute(self._epoch, (group, source_key(source)))
+        row = await cursor.fetchone()
+        if row is not None and row[0] > epoch:
+            raise StaleEpochError(
+                f"parked streams of {group!r} in {source}: epoch {epoch} is older than {row[0]}"
+            )
+
+    async def park(
+        self,
+        record: ParkedStream,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        key = source_key(record.source)
         parameters = (
-            source_key(record.source),
+            record.group,
+            key,
+            key,
             record.group,
             Jsonb(record.source.to_json()),
             record.stream.category,
@@ -167,9 +212,12 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             record.last_failed_at,
             None if record.request is None else record.request.value,
             record.skip_through,
+            epoch,
         )
         async with self._connection(transaction) as connection:
-            await connection.execute(self._park, parameters)
+            cursor = await connection.execute(self._park, parameters)
+            if cursor.rowcount == 0:
+                await self._refuse_if_stale(connection, record.group, record.source, epoch)
 
     async def hold(
         self,
@@ -179,12 +227,15 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         places: Sequence[int],
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> int | None:
         listed = list(places)
         key = (group, source_key(source), stream.category, stream.stream)
         async with self._connection(transaction) as connection:
-            cursor = await connection.execute(self._hold, (listed, listed, *key))
+            cursor = await connection.execute(self._hold, (*key[:2], listed, listed, *key, epoch))
             row = await cursor.fetchone()
+            if row is None:
+                await self._refuse_if_stale(connection, group, source, epoch)
         return None if row is None else int(row[0])
 
     async def remove(
@@ -194,10 +245,14 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         stream: StreamIdentifier,
         *,
         transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> bool:
-        parameters = (group, source_key(source), stream.category, stream.stream)
+        key = source_key(source)
+        parameters = (group, key, group, key, stream.category, stream.stream, epoch)
         async with self._connection(transaction) as connection:
             cursor = await connection.execute(self._remove, parameters)
+            if cursor.rowcount == 0:
+                await self._refuse_if_stale(connection, group, source, epoch)
             return cursor.rowcount == 1
 
     async def request(
@@ -219,16 +274,27 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
         source: EventSourceIdentifier,
         stream: StreamIdentifier,
         request: ParkedRequest,
+        *,
+        epoch: int | None = None,
     ) -> bool:
-        parameters = (group, source_key(source), stream.category, stream.stream, request.value)
+        key = source_key(source)
+        parameters = (group, key, group, key, stream.category, stream.stream, request.value, epoch)
         async with self._backend.connection() as connection:
             cursor = await connection.execute(self._clear_request, parameters)
+            if cursor.rowcount == 0:
+                await self._refuse_if_stale(connection, group, source, epoch)
             return cursor.rowcount == 1
 
     async def record_skipped(
-        self, event: SkippedEvent, *, transaction: ConsumerTransaction | None = None
+        self,
+        event: SkippedEvent,
+        *,
+        transaction: ConsumerTransaction | None = None,
+        epoch: int | None = None,
     ) -> None:
         parameters = (
+            event.group,
+            source_key(event.source),
             event.group,
             Jsonb(event.source.to_json()),
             event.stream.category,
@@ -240,9 +306,12 @@ class PostgresParkedStreamStorage(ParkedStreamStorage):
             event.error_type,
             event.error_message,
             event.skipped_at,
+            epoch,
         )
         async with self._connection(transaction) as connection:
-            await connection.execute(self._record_skipped, parameters)
+            cursor = await connection.execute(self._record_skipped, parameters)
+            if cursor.rowcount == 0:
+                await self._refuse_if_stale(connection, event.group, event.source, epoch)
 
     async def skipped(self, *, group: str | None = None) -> list[SkippedEvent]:
         async with self._backend.connection() as connection:
