@@ -16,7 +16,7 @@ from eventmill import (
     StaleEpochError,
     StreamIdentifier,
 )
-from eventmill.backends.base import Assign, Backend, HoldingState, Release, Revoke
+from eventmill.backends.base import Assign, Backend, HoldingState, ParkedStream, Release, Revoke
 from eventmill.errors import GroupInUseError
 
 P0 = CategoryPartitionIdentifier("orders", 0, 2)
@@ -137,3 +137,40 @@ async def test_sequence_before_a_time(backend: Backend, store: EventStore) -> No
     assert second[0].sequence_number - 1 >= first[0].sequence_number
     later = datetime.now(UTC) + timedelta(hours=1)
     assert await backend.groups.sequence_before(later) == second[0].sequence_number
+
+
+def parked(
+    group: str, source: CategoryPartitionIdentifier, stream: str, first: int
+) -> ParkedStream:
+    """A record whose first held event has sequence number ``first``."""
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    return ParkedStream(
+        group=group,
+        source=source,
+        stream=StreamIdentifier("orders", stream),
+        sequence_number=first,
+        position=0,
+        event_name="order-placed",
+        held=2,
+        last_held=first + 10,
+        error_type="KeyError",
+        error_message="'total'",
+        traceback="",
+        attempts=3,
+        first_failed_at=when,
+        last_failed_at=when,
+    )
+
+
+async def test_reset_deletes_the_parked_streams_its_replay_reaches(backend: Backend) -> None:
+    await held_group(backend)
+    before = parked("g", P0, "a", 6)  # held from before the new place: stays held
+    reached = parked("g", P0, "b", 7)
+    elsewhere = parked("g", P1, "c", 9)
+    other_group = parked("other", P0, "b", 7)
+    for record in (before, reached, elsewhere, other_group):
+        await backend.parked.park(record)
+    await backend.groups.reset("g", after=6, sources=[P0])
+    assert await backend.parked.list() == [before, elsewhere, other_group]
+    await backend.groups.reset("g", after=None)
+    assert await backend.parked.list() == [other_group]

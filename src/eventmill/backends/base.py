@@ -868,7 +868,10 @@ class GroupStorage(ABC):
         and checkpoint's), written to its checkpoint (so its current holder can save no
         more, StaleEpochError) and to its holding, which becomes REVOKING when held
         (the holder withdraws and releases it; the coordinator assigns it again at a
-        newer epoch). The checkpoints are marked ``reset_pending``.
+        newer epoch). The checkpoints are marked ``reset_pending``. The group's parked
+        streams in those sources whose first held event comes after the new place are
+        deleted (the replay reaches that event again and the failure policy decides
+        afresh); the others stay parked (their events before the new place stay held).
         """
 
     @abstractmethod

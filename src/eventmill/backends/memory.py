@@ -1105,7 +1105,21 @@ class InMemoryGroupStorage(GroupStorage):
                     reset_pending=True,
                 )
                 saved.append(checkpoint)
+                self._unpark(group, source, checkpoint.after)
             return saved
+
+    def _unpark(self, group: str, source: EventSourceIdentifier, after: int | None) -> None:
+        """Delete the parked streams of (group, source) whose first held event comes
+        after the place ``after`` (all of them when None): the replay reaches it again."""
+        by_position = isinstance(source, StreamIdentifier)
+        with self._parked._lock:
+            parked = self._parked._records
+            for parked_key, record in list(parked.items()):
+                first = record.position if by_position else record.sequence_number
+                if (parked_key[0], parked_key[1]) == (group, source_key(source)) and (
+                    after is None or first > after
+                ):
+                    del parked[parked_key]
 
     def _place(self, source: EventSourceIdentifier, after: int | None) -> int | None:
         if after is None or not isinstance(source, StreamIdentifier):

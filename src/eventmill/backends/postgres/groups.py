@@ -1,6 +1,7 @@
 """PostgresGroupStorage: whole groups across ``{schema}.subscribers``,
 ``{schema}.subscriptions`` and ``{schema}.checkpoints`` (``retire`` also deletes the
-group's parked streams; its record of skipped events stays).
+group's parked streams, ``reset`` those its replay reaches again; its record of skipped
+events stays).
 
 ``retire`` and ``reset`` each run in one transaction that locks the rows it changes in
 the order ``apply`` and the coordinator use (holdings, then subscriber records, then
@@ -91,6 +92,12 @@ class PostgresGroupStorage(GroupStorage):
             " SET after_place = excluded.after_place, version = c.version + 1,"
             " epoch = excluded.epoch, reset_pending = true, updated_at = now()"
             f" RETURNING {CHECKPOINT_COLUMNS}"
+        )
+        self._unpark = sql(
+            "DELETE FROM {schema}.parked_streams p"
+            " USING unnest(%s::text[], %s::bigint[], %s::boolean[]) AS t (k, a, by_position)"
+            " WHERE p.group_name = %s AND p.source_key = t.k AND (t.a IS NULL"
+            " OR CASE WHEN t.by_position THEN p.position ELSE p.sequence_number END > t.a)"
         )
         self._stream_place = sql(
             "SELECT max(position) FROM {schema}.events"
@@ -184,6 +191,8 @@ class PostgresGroupStorage(GroupStorage):
         places = [await self._place(connection, source, after) for _, source in targets]
         target_keys = [key for key, _ in targets]
         await connection.execute(self._revoke, (target_keys, new_epochs, group))
+        by_position = [isinstance(source, StreamIdentifier) for _, source in targets]
+        await connection.execute(self._unpark, (target_keys, places, by_position, group))
         cursor = await connection.execute(
             self._move,
             (
