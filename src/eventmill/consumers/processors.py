@@ -12,8 +12,9 @@ kind                                   an event counts as processed when
                                        the checkpoint (exactly-once on PostgreSQL)
 =====================================  =============================================
 
-An exception from a processor stops the pass: the consumer saves the checkpoint of the
-events processed before it and re-raises it.
+Without a failure policy, an exception from a processor stops the pass: the consumer
+saves the checkpoint of the events processed before it and re-raises it. With one
+(``consumers.failures``), every kind is retried, parked or skipped per event.
 """
 
 from __future__ import annotations

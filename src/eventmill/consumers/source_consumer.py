@@ -19,14 +19,18 @@ again. So a process paused longer than the lease (SIGSTOP) does not process a si
 further event of a source that may have moved meanwhile; only an event whose
 processing had already begun when it was paused completes (see ``consumers.lease``).
 
-With a ``FailurePolicy`` (``failure_policy``; per-event and transactional processors
-only), an exception from the processor (other than StorageError and ConflictError) is
-not raised: the event is retried after a backoff, then parked, skipped, or the pass
-raises ProcessorFailedError (see ``consumers.failures``). A failing transactional
-batch is rolled back and its events are then processed one per transaction until the
-failing one is passed, so that one is known exactly. Before each pass the consumer
-learns its parked streams (one read, or given by its subscriber) and carries out
-operators' retry and skip requests first.
+With a ``FailurePolicy`` (``failure_policy``), an exception from the processor (other
+than StorageError and ConflictError) is not raised: the event is retried after a
+backoff, then parked, skipped, or the pass raises ProcessorFailedError (see
+``consumers.failures``). The failing event is known exactly: for a per-event processor
+it is the one given; for an auto-commit iterator processor the one pulled last (the
+only one not yet counted processed). A failing transactional batch is rolled back and
+its events are then processed one per transaction, and a managed iterator processor
+that raised with several pulled events unacknowledged is given them one per
+``process`` call, until the failing one is passed. Replayed held events reach an
+iterator processor the same way, alone (each handled once its call returns). Before
+each pass the consumer learns its parked streams (one read, or given by its
+subscriber) and carries out operators' retry and skip requests first.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import asyncio
 import inspect
 import logging
 import traceback
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -172,11 +177,8 @@ class EventSourceConsumer:
             raise InvalidInputError(
                 f"failure_policy must be a FailurePolicy, not {failure_policy!r:.80}"
             )
-        per_event = not isinstance(
-            self.processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
-        )
-        self.failure_policy = failure_policy if per_event else None
-        """None: the processor's exceptions leave the pass (iterator processors always)."""
+        self.failure_policy = failure_policy
+        """None: the processor's exceptions leave the pass."""
         self.on_retry_due: Callable[[], None] | None = None
         """Called (on the consumer's loop) when a backoff ends, e.g. to wake a poller."""
         self._parked: dict[tuple[str, str], ParkedStream] = {}
@@ -271,15 +273,9 @@ class EventSourceConsumer:
         if isinstance(processor, TransactionalEventProcessor):
             await self._consume_transactional(processor)
         elif isinstance(processor, AutoCommitEventIteratorProcessor):
-            last_pulled: list[StoredEvent] = []
-            async with aclosing(self._auto_commit_events(last_pulled)) as events:
-                await processor.process(events)
-            if last_pulled:
-                await self._mark(last_pulled[0])
+            await self._consume_auto_commit(processor)
         elif isinstance(processor, ManagedEventIteratorProcessor):
-            progress = _Progress(self)
-            async with aclosing(self._pulled_events(progress)) as events:
-                await processor.process(events, progress)
+            await self._consume_managed(processor)
         elif isinstance(processor, EventProcessor):
             await self._consume_each(processor.process_event)
         else:
@@ -319,6 +315,36 @@ class EventSourceConsumer:
                             self._failing = None
                     await self._mark(event)
 
+    def _holds(self, event: StoredEvent) -> bool:
+        """Whether ``event`` is held (its stream is parked; counted at the end of the
+        pass) instead of given to the processor."""
+        return (
+            self.failure_policy is not None
+            and event.stream in self._parked_names
+            and self._held(event)
+        )
+
+    async def _consume_auto_commit(self, processor: AutoCommitEventIteratorProcessor) -> None:
+        """Feed the source to ``processor``; with a failure policy, a raise blames the
+        event pulled last (the only one not yet counted processed), and once that one
+        is parked or skipped the processor is given the rest in a new iterator."""
+        while True:
+            last_pulled: list[StoredEvent] = []
+            try:
+                async with aclosing(self._auto_commit_events(last_pulled)) as events:
+                    await processor.process(events)
+            except Exception as error:
+                if self.failure_policy is None or _is_storage_failure(error) or not last_pulled:
+                    raise
+                if not await self._settle(last_pulled[0], error, checkpoint=None):
+                    return
+                await self._mark(last_pulled[0])
+                continue
+            if last_pulled:
+                self._failing = None
+                await self._mark(last_pulled[0])
+            return
+
     async def _auto_commit_events(
         self, last_pulled: list[StoredEvent]
     ) -> AsyncGenerator[StoredEvent]:
@@ -326,11 +352,68 @@ class EventSourceConsumer:
             async for page in pages:
                 for event in page:
                     if last_pulled:
+                        self._failing = None
                         await self._mark(last_pulled.pop())
                     if self._halted():
                         return
+                    if self._holds(event):
+                        await self._mark(event)
+                        continue
                     last_pulled.append(event)
                     yield event
+
+    async def _consume_managed(self, processor: ManagedEventIteratorProcessor) -> None:
+        """Feed the source to ``processor``; with a failure policy, a raise with one
+        pulled event unacknowledged blames that one; with several, the consumer narrows
+        down: it gives them to the processor one per ``process`` call (each counts as
+        handled when the call returns) until the failing one is parked or skipped."""
+        while not self._halted():
+            if self._narrow_until is not None:
+                if not await self._narrow_managed(self._narrow_until):
+                    return
+                continue
+            progress = _Progress(self)
+            try:
+                async with aclosing(self._pulled_events(progress)) as events:
+                    await processor.process(events, progress)
+            except Exception as error:
+                unacknowledged = list(progress.events)
+                if self.failure_policy is None or _is_storage_failure(error) or not unacknowledged:
+                    raise
+                if len(unacknowledged) > 1:
+                    self._narrow_until = self.source.place(unacknowledged[-1])
+                    continue
+                if not await self._settle(unacknowledged[0], error, checkpoint=None):
+                    return
+                await self._mark(unacknowledged[0])
+                continue
+            return
+
+    async def _narrow_managed(self, until: int) -> bool:
+        """Process the next event alone (narrowing down a failure up to ``until``);
+        False when the pass must end (nothing left, or it waits for another try)."""
+        batch = await self.source.read(after=self._processed, limit=1)
+        if not batch:
+            self._narrow_until = None
+            return False
+        event = batch[0]
+        if not self._holds(event):
+            try:
+                await self._process_alone(event)
+            except Exception as error:
+                if _is_storage_failure(error):
+                    raise
+                if not await self._settle(event, error, checkpoint=None):
+                    return False
+            else:
+                self._failing = None
+        await self._mark(event)
+        if self.source.place(event) >= until:
+            self._narrow_until = None
+        return True
+
+    def _after_processed(self, event: StoredEvent) -> bool:
+        return self._processed is None or self.source.place(event) > self._processed
 
     async def _pulled_events(self, progress: _Progress) -> AsyncGenerator[StoredEvent]:
         async with aclosing(self._pages()) as pages:
@@ -338,8 +421,25 @@ class EventSourceConsumer:
                 for event in page:
                     if self._halted():
                         return
-                    progress.pulled = self.source.place(event)
+                    place = self.source.place(event)
+                    if self._holds(event):
+                        if progress.pulled == self._processed:  # all pulled acknowledged
+                            self._acknowledge(place)
+                        progress.pulled = place
+                        continue
+                    progress.pulled = place
+                    progress.events.append(event)
                     yield event
+
+    async def _process_alone(self, event: StoredEvent) -> None:
+        """Give ``event`` alone to an iterator processor; it counts as handled when
+        ``process`` returns. Raises what the processor raises."""
+        processor = self.processor
+        if isinstance(processor, AutoCommitEventIteratorProcessor):
+            await processor.process(_alone(event))
+        else:
+            assert isinstance(processor, ManagedEventIteratorProcessor)
+            await processor.process(_alone(event), _AloneProgress(event))
 
     async def _consume_transactional(self, processor: TransactionalEventProcessor) -> None:
         while not self._halted():
@@ -667,10 +767,11 @@ class EventSourceConsumer:
                 return await self._advance(record, following, left, transaction)
         if isinstance(processor, EventProcessor):
             await processor.process_event(event)
+        elif isinstance(
+            processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
+        ):
+            await self._process_alone(event)
         else:
-            assert not isinstance(
-                processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
-            )
             await processor(event)
         return await self._advance(record, following, left, None)
 
@@ -749,7 +850,9 @@ class _Progress(ConsumerProgress):
 
     def __init__(self, consumer: EventSourceConsumer) -> None:
         self._consumer = consumer
-        self.pulled: int | None = None
+        self.pulled: int | None = consumer.processed
+        self.events: deque[StoredEvent] = deque()
+        """The events given to the processor in this call and not acknowledged yet."""
 
     def acknowledge(self, events: StoredEvent | Sequence[StoredEvent]) -> None:
         consumer = self._consumer
@@ -758,6 +861,28 @@ class _Progress(ConsumerProgress):
             if self.pulled is None or place > self.pulled:
                 raise InvalidInputError(f"acknowledged an event not pulled yet: {event.id}")
             consumer._acknowledge(place)
+        while self.events and not consumer._after_processed(self.events[0]):
+            self.events.popleft()
 
     async def commit(self, *, force: bool = False) -> None:
         await self._consumer._save_if_due(force=force)
+
+
+async def _alone(event: StoredEvent) -> AsyncGenerator[StoredEvent]:
+    yield event
+
+
+class _AloneProgress(ConsumerProgress):
+    """The progress handle of a managed processor given one event alone: the consumer
+    counts the event handled when ``process`` returns, so this only checks."""
+
+    def __init__(self, event: StoredEvent) -> None:
+        self._event = event
+
+    def acknowledge(self, events: StoredEvent | Sequence[StoredEvent]) -> None:
+        for event in [events] if isinstance(events, StoredEvent) else events:
+            if event != self._event:
+                raise InvalidInputError(f"acknowledged an event not pulled yet: {event.id}")
+
+    async def commit(self, *, force: bool = False) -> None:
+        return None
