@@ -111,9 +111,10 @@ async def run(
         request = "" if record.request is None else f", {record.request.value} requested"
         message = record.error_message.splitlines()[0] if record.error_message else ""
         stream = f"{record.stream.category}/{record.stream.stream}"
+        state = "retrying" if record.retrying else f"{record.held} held from"
         print(
             f"{record.group:<24} {stream:<32} "
-            f"in {record.source!s}: {record.held} held from sequence number "
+            f"in {record.source!s}: {state} sequence number "
             f"{record.sequence_number} (position {record.position}, {record.event_name}); "
             f"{record.error_type}: {message} "
             f"after {record.attempts} tries{request}"

@@ -687,6 +687,10 @@ class ParkedStream:
     the source of the latest one, so a replayed pass never counts one twice). The
     source's checkpoint moves past held events; the events themselves stay in the store
     and are replayed from there. ``request`` is an operator's pending request.
+
+    A record with ``held`` 0 holds nothing (``retrying``): its event failed ``attempts``
+    times and waits for another try (the source waits at it); it is kept so that a
+    new holder of the source goes on counting the tries instead of starting again.
     """
 
     group: str
@@ -705,6 +709,11 @@ class ParkedStream:
     last_failed_at: datetime
     request: ParkedRequest | None = None
     skip_through: int | None = None
+
+    @property
+    def retrying(self) -> bool:
+        """Whether nothing is held yet: the event waits for another try."""
+        return self.held == 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

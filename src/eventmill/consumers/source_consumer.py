@@ -71,7 +71,7 @@ from eventmill.errors import (
     StorageError,
     describe,
 )
-from eventmill.events import StoredEvent, StreamIdentifier
+from eventmill.events import EventSourceIdentifier, StoredEvent, StreamIdentifier
 from eventmill.sources import EventSource
 
 logger = logging.getLogger(__name__)
@@ -124,12 +124,15 @@ def check_processor(processor: object) -> Processor:
 
 @dataclass(slots=True)
 class _Failing:
-    """The event being retried: its place, tries so far, and when to try again."""
+    """The event being retried: its place and stream, tries so far, when to try again,
+    and whether its tries are stored (a parked record with nothing held)."""
 
     place: int
+    stream: StreamIdentifier
     attempts: int
     first_failed_at: datetime
     retry_at: float
+    stored: bool = False
 
 
 def _stream_key(event: StoredEvent) -> tuple[str, str]:
@@ -210,6 +213,14 @@ class EventSourceConsumer:
         self._stop = True
         if self._retry_timer is not None:
             self._retry_timer.cancel()
+
+    @property
+    def _group(self) -> str:
+        return self.state_store.group
+
+    @property
+    def _source(self) -> EventSourceIdentifier:
+        return self.source.identifier
 
     @property
     def _epoch(self) -> int | None:
@@ -312,7 +323,7 @@ class EventSourceConsumer:
                             if not await self._settle(event, error, checkpoint=None):
                                 return
                         else:
-                            self._failing = None
+                            await self._passed(self.source.place(event))
                     await self._mark(event)
 
     def _holds(self, event: StoredEvent) -> bool:
@@ -341,7 +352,7 @@ class EventSourceConsumer:
                 await self._mark(last_pulled[0])
                 continue
             if last_pulled:
-                self._failing = None
+                await self._passed(self.source.place(last_pulled[0]))
                 await self._mark(last_pulled[0])
             return
 
@@ -352,8 +363,9 @@ class EventSourceConsumer:
             async for page in pages:
                 for event in page:
                     if last_pulled:
-                        self._failing = None
-                        await self._mark(last_pulled.pop())
+                        pulled = last_pulled.pop()
+                        await self._passed(self.source.place(pulled))
+                        await self._mark(pulled)
                     if self._halted():
                         return
                     if self._holds(event):
@@ -377,6 +389,7 @@ class EventSourceConsumer:
                 async with aclosing(self._pulled_events(progress)) as events:
                     await processor.process(events, progress)
             except Exception as error:
+                await self._passed(self._processed)
                 unacknowledged = list(progress.events)
                 if self.failure_policy is None or _is_storage_failure(error) or not unacknowledged:
                     raise
@@ -387,6 +400,7 @@ class EventSourceConsumer:
                     return
                 await self._mark(unacknowledged[0])
                 continue
+            await self._passed(self._processed)
             return
 
     async def _narrow_managed(self, until: int) -> bool:
@@ -406,7 +420,7 @@ class EventSourceConsumer:
                 if not await self._settle(event, error, checkpoint=None):
                     return False
             else:
-                self._failing = None
+                await self._passed(self.source.place(event))
         await self._mark(event)
         if self.source.place(event) >= until:
             self._narrow_until = None
@@ -482,7 +496,7 @@ class EventSourceConsumer:
                 if not await self._settle(batch[0], error, checkpoint=place):
                     return
             else:
-                self._failing = None
+                await self._passed(place)
             self._processed = place
             self._unsaved = 0
             self._count += len(batch)
@@ -501,20 +515,49 @@ class EventSourceConsumer:
             state = self.state_store
             parked = await self.source.backend.parked.list(group=state.group, source=state.source)
         known = self._parked
-        self._parked = {(r.stream.category, r.stream.stream): r for r in parked}
+        self._parked = {(r.stream.category, r.stream.stream): r for r in parked if not r.retrying}
         self._parked_names = frozenset(stream for _, stream in self._parked)
+        store = self.source.backend.parked
         for key, record in self._parked.items():
             if key not in known and key not in self._recounted and record.request is None:
                 self._recounted.add(key)
                 places = [self.source.place(e) for e in await self._held_events(record)]
-                by_position = isinstance(self.source.identifier, StreamIdentifier)
-                first = record.position if by_position else record.sequence_number
+                first = self._first_place(record)
                 last = places[-1] if places else first - 1
                 if (len(places), last) != (record.held, record.last_held):
-                    store = self.source.backend.parked
                     await store.park(
                         replace(record, held=len(places), last_held=last), epoch=self._epoch
                     )
+        for record in parked:
+            if record.retrying:
+                await self._resume_tries(record)
+
+    def _first_place(self, record: ParkedStream) -> int:
+        """The place in the source of the record's first event."""
+        by_position = isinstance(self.source.identifier, StreamIdentifier)
+        return record.position if by_position else record.sequence_number
+
+    async def _resume_tries(self, record: ParkedStream) -> None:
+        """Go on counting the stored tries of an event (a previous holder's): it is
+        tried again at once. A record of an event already passed is deleted."""
+        assert self.failure_policy is not None
+        place = self._first_place(record)
+        failing = self._failing
+        if self._processed is not None and place <= self._processed:
+            await self.source.backend.parked.remove(
+                record.group, record.source, record.stream, epoch=self._epoch
+            )
+        elif failing is None:
+            self._failing = _Failing(
+                place,
+                record.stream,
+                record.attempts,
+                record.first_failed_at,
+                self.failure_policy.clock(),
+                stored=True,
+            )
+        elif failing.place == place:
+            failing.stored = True
 
     def _held(self, event: StoredEvent) -> bool:
         """Whether ``event`` belongs to a parked stream; if so, note it to be counted."""
@@ -547,7 +590,8 @@ class EventSourceConsumer:
         place = self.source.place(event)
         failing = self._failing
         if failing is None or failing.place != place:
-            failing = _Failing(place, 0, datetime.now(UTC), 0.0)
+            stream = StreamIdentifier(event.category, event.stream)
+            failing = _Failing(place, stream, 0, datetime.now(UTC), 0.0)
         failing.attempts += 1
         described = where(self.state_store.group, self.source.identifier, event)
         logger.debug("%s: the processor raised", described, exc_info=error)
@@ -585,6 +629,17 @@ class EventSourceConsumer:
             else "skipped the event",
         )
         return failing
+
+    async def _passed(self, place: int | None) -> None:
+        """The events up to ``place`` were processed: if the one being retried is among
+        them, it is no longer, and its stored tries are deleted."""
+        failing = self._failing
+        if failing is None or place is None or place < failing.place:
+            return
+        self._failing = None
+        if failing.stored:
+            store = self.source.backend.parked
+            await store.remove(self._group, self._source, failing.stream, epoch=self._epoch)
 
     def _schedule_retry(self, delay: float) -> None:
         if self._retry_timer is not None:
@@ -639,16 +694,24 @@ class EventSourceConsumer:
         it). With ``checkpoint`` (transactional), the record and that checkpoint
         commit together."""
         failing = self._attempt_failed(event, error)
-        if failing is None:
-            return False
         store = self.source.backend.parked
+        if failing is None:
+            waiting = self._failing
+            assert waiting is not None
+            tries = replace(self._parked_record(event, error, waiting), held=0)
+            await store.park(tries, epoch=self._epoch)
+            waiting.stored = True
+            return False
         parking = self.failure_policy is not None and self.failure_policy.then is FailureAction.PARK
         record = self._parked_record(event, error, failing) if parking else None
+        stream = failing.stream
         if checkpoint is None:
             if record is not None:
                 await store.park(record, epoch=self._epoch)
             else:
                 await store.record_skipped(self._skipped(event, error), epoch=self._epoch)
+                if failing.stored:
+                    await store.remove(self._group, self._source, stream, epoch=self._epoch)
         else:
             async with self.state_store.transaction() as transaction:
                 if record is not None:
@@ -657,6 +720,14 @@ class EventSourceConsumer:
                     await store.record_skipped(
                         self._skipped(event, error), transaction=transaction, epoch=self._epoch
                     )
+                    if failing.stored:
+                        await store.remove(
+                            self._group,
+                            self._source,
+                            stream,
+                            transaction=transaction,
+                            epoch=self._epoch,
+                        )
                 await self.state_store.save(checkpoint, transaction=transaction)
         if record is not None:
             self._parked[_stream_key(event)] = record

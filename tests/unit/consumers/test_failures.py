@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from eventmill import CategoryIdentifier, NewEvent, StreamIdentifier
-from eventmill.backends.base import ConsumerTransaction, ParkedStream
+from eventmill.backends.base import Backend, ConsumerTransaction, ParkedStream
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.consumers import (
     EventConsumerStateStore,
@@ -95,7 +95,7 @@ class Projecting(TransactionalEventProcessor):
         return {p.id: int(p.state["count"]) for p in await self.store.find(limit=1000)}  # type: ignore[arg-type]
 
 
-async def publish(backend: InMemoryBackend, *streams: str) -> None:
+async def publish(backend: Backend, *streams: str) -> None:
     store = EventStore(backend)
     for stream in streams:
         await store.stream(category="orders", stream=stream).publish(
@@ -104,7 +104,7 @@ async def publish(backend: InMemoryBackend, *streams: str) -> None:
 
 
 def consumer(
-    backend: InMemoryBackend,
+    backend: Backend,
     processor: EventProcessor | TransactionalEventProcessor,
     policy: FailurePolicy,
     *,
@@ -426,3 +426,34 @@ async def test_a_zombie_holder_parks_nothing_in_a_source_that_moved() -> None:
         await zombie.consume_all()
     assert handler.tries == [("a", 0), ("bad", 0)]
     assert await backend.parked.list() == []
+
+
+async def test_a_new_holder_goes_on_counting_the_tries(backend: Backend) -> None:
+    await publish(backend, "a", "bad", "b")
+    policy = at_once(attempts=3)
+    first = Handler(poison=[("bad", 0)])
+    holder = consumer(backend, first, policy)
+    await holder.consume_all()
+    await holder.consume_all()  # two tries, then the holder dies
+    [stored] = await parked_streams(backend)
+    assert (stored.stream, stored.retrying, stored.attempts) == (BAD, True, 2)
+    successor = Handler(poison=[("bad", 0)])
+    await consumer(backend, successor, policy).consume_all()
+    assert successor.tries == [("bad", 0), ("b", 0)]  # the third and last try: parked
+    assert successor.seen == [("b", 0)]
+    [record] = await parked_streams(backend)
+    assert (record.retrying, record.held, record.attempts) == (False, 1, 3)
+    assert record.first_failed_at == stored.first_failed_at
+
+
+async def test_stored_tries_are_deleted_once_the_event_passes(backend: Backend) -> None:
+    await publish(backend, "a", "bad", "b")
+    await consumer(backend, Handler(poison=[("bad", 0)]), at_once(attempts=3)).consume_all()
+    [stored] = await parked_streams(backend)
+    assert stored.retrying
+    fixed = Handler()
+    successor = consumer(backend, fixed, at_once(attempts=3))
+    await successor.consume_all()
+    assert fixed.seen == [("bad", 0), ("b", 0)]
+    assert not successor.retrying
+    assert await parked_streams(backend) == []
