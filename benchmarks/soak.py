@@ -6,7 +6,8 @@ then every guarantee is checked. ``python -m benchmarks.soak [MINUTES]`` (defaul
 Prints JSON lines: progress every 30 s (events published, processed per group, lag,
 node memory), then throughput, final lag, memory of each node process at start and
 end, faults injected, duplicates versus the bound, and the violations found (none
-expected). Restarting the server disturbs anything else using it meanwhile.
+expected). It runs on a PostgreSQL cluster of its own (tests/servers.py), made for the
+run and removed afterwards: the machine's shared server is never restarted.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import time
 from datetime import timedelta
 
 from tests.harness.faults import FaultCluster, FaultGroup, FaultSchedule, Publisher
+from tests.servers import PrivateCluster
 
 from benchmarks.common import report
 
-DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 GROUPS = [
     FaultGroup(group="exact-partitions", category="ticks", partitions=4),
     FaultGroup(group="exact-whole", category="ticks"),
@@ -85,9 +86,11 @@ async def main(minutes: float | None = None) -> None:
         ),
         flush=True,
     )
-    schema = f"em_soak_{secrets.token_hex(4)}"
-    async with FaultCluster(DSN, schema, groups=GROUPS) as cluster:
-        try:
+    server = await asyncio.to_thread(PrivateCluster.create, {"max_connections": "100"})
+    try:
+        async with FaultCluster(
+            server.dsn(), f"em_soak_{secrets.token_hex(4)}", server=server, groups=GROUPS
+        ) as cluster:
             await asyncio.gather(*(cluster.start(node_id) for node_id in NODES))
             publisher = Publisher(cluster.store, "ticks", rate=RATE, seed=seed)
             began = time.monotonic()
@@ -107,10 +110,8 @@ async def main(minutes: float | None = None) -> None:
             result = await cluster.check()
             resources = cluster.resources()
             total = await processed(cluster)
-        finally:
-            assert cluster.backend is not None
-            async with cluster.backend.connection() as connection:
-                await connection.execute(cluster.backend.sql("DROP SCHEMA {schema} CASCADE"))
+    finally:
+        await asyncio.to_thread(server.remove)
     report(
         "soak-published",
         publisher.published / elapsed,

@@ -50,6 +50,15 @@ def private_cluster() -> Iterator[PrivateCluster]:
     cluster.remove()
 
 
+@pytest.fixture
+def own_cluster() -> Iterator[PrivateCluster]:
+    """A PostgreSQL cluster of this test's own, for tests that stop or restart it;
+    removed afterwards."""
+    cluster = PrivateCluster.create({"max_connections": "100"})
+    yield cluster
+    cluster.remove()
+
+
 @pytest.fixture(scope="session")
 def standby(private_cluster: PrivateCluster) -> Iterator[PrivateCluster]:
     """A streaming hot standby of ``private_cluster``."""

@@ -1,9 +1,8 @@
-"""The database goes away under running nodes (the PostgreSQL server is stopped, then
-started again): the nodes keep running, back off instead of spinning (their log stays
-short), report ERRORED while it is away, and recover on their own when it returns:
-healthy again, and every event published meanwhile and after processed exactly once.
-
-Stopping the server disturbs any other test run on this machine at the same time."""
+"""The database goes away under running nodes (the test's own PostgreSQL cluster is
+stopped, then started again): the nodes keep running, back off instead of spinning
+(their log stays short), report ERRORED while it is away, and recover on their own
+when it returns: healthy again, and every event published meanwhile and after
+processed exactly once."""
 
 from __future__ import annotations
 
@@ -16,8 +15,9 @@ import pytest
 
 from eventmill.errors import StorageError
 from eventmill.events import NewEvent
-from tests.harness.faults import FaultCluster, FaultGroup, Publisher, postgres_stopped
-from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
+from tests.harness.faults import FaultCluster, FaultGroup, Publisher
+from tests.postgres_support import unique_schema_name
+from tests.servers import PrivateCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -31,13 +31,11 @@ NODES = ("n1", "n2")
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[FaultCluster]:
-    schema = unique_schema_name()
-    try:
-        async with FaultCluster(TEST_DSN, schema, groups=GROUPS) as running:
-            yield running
-    finally:
-        await drop_schema(schema)
+async def cluster(own_cluster: PrivateCluster) -> AsyncIterator[FaultCluster]:
+    async with FaultCluster(
+        own_cluster.dsn(), unique_schema_name(), server=own_cluster, groups=GROUPS
+    ) as running:
+        yield running
 
 
 async def publish_until_it_works(cluster: FaultCluster, count: int) -> None:
@@ -64,7 +62,7 @@ async def test_nodes_ride_out_a_database_outage(cluster: FaultCluster) -> None:
     lines_before = {n: len(cluster.nodes[n].log_lines) for n in NODES}
     unhealthy_at: dict[str, float] = {}
     healthy_while_down: list[tuple[str, dict[str, object]]] = []
-    async with postgres_stopped(TEST_DSN):
+    async with cluster.server_stopped():
         stopped = time.monotonic()
         while (elapsed := time.monotonic() - stopped) < OUTAGE:
             for node_id in NODES:

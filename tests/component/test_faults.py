@@ -1,14 +1,14 @@
-"""Faults on a seeded random schedule against three node processes on PostgreSQL while
-events are published: SIGKILL (and restart) of a node, SIGSTOP/SIGCONT of a node for
-twice the subscriber max age (a zombie that wakes up), ``pg_terminate_backend`` of
-random node connections, one restart of the server. After the faults, once every
-event is processed: nothing missed, exactly-once groups processed each event once,
-the at-least-once group within its bound, no two holders of a source processed it at
-the same time, no checkpoint moved backwards, every node healthy, nothing leaked.
+"""Faults on a seeded random schedule against three node processes on the test's own
+PostgreSQL cluster while events are published: SIGKILL (and restart) of a node,
+SIGSTOP/SIGCONT of a node for twice the subscriber max age (a zombie that wakes up),
+``pg_terminate_backend`` of random node connections, one restart of the server. After
+the faults, once every event is processed: nothing missed, exactly-once groups
+processed each event once, the at-least-once group within its bound, no two holders of
+a source processed it at the same time, no checkpoint moved backwards, every node
+healthy, nothing leaked.
 
 The seed is printed; ``EVENTMILL_FAULT_SEED=<seed>`` replays a run and
-``EVENTMILL_FAULT_SECONDS`` sets the schedule's length (default 20). The server
-restart disturbs any other test run on this machine at the same time."""
+``EVENTMILL_FAULT_SECONDS`` sets the schedule's length (default 20)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from tests.harness.faults import (
     FaultSchedule,
     Publisher,
 )
-from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
+from tests.postgres_support import unique_schema_name
+from tests.servers import PrivateCluster
 
 pytestmark = pytest.mark.postgres
 
@@ -41,13 +42,11 @@ TASK_SLACK = 4
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[FaultCluster]:
-    schema = unique_schema_name()
-    try:
-        async with FaultCluster(TEST_DSN, schema, groups=GROUPS) as running:
-            yield running
-    finally:
-        await drop_schema(schema)
+async def cluster(own_cluster: PrivateCluster) -> AsyncIterator[FaultCluster]:
+    async with FaultCluster(
+        own_cluster.dsn(), unique_schema_name(), server=own_cluster, groups=GROUPS
+    ) as running:
+        yield running
 
 
 async def test_guarantees_hold_under_random_faults(cluster: FaultCluster) -> None:

@@ -2,7 +2,9 @@
 
 ::
 
-    async with FaultCluster(dsn, schema, groups=[FaultGroup(group="g", category="c")],
+    server = PrivateCluster.create()                 # tests/servers.py
+    async with FaultCluster(server.dsn(), schema, server=server,
+                            groups=[FaultGroup(group="g", category="c")],
                             settings=FaultNodeSettings()) as cluster:
         await cluster.start("node-1")
         schedule = FaultSchedule.generate(seed, duration=timedelta(seconds=30), nodes=[...])
@@ -38,7 +40,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -75,6 +76,7 @@ from eventmill.services.error_handlers import (
     TypeMappingErrorHandler,
 )
 from eventmill.store import EventStore
+from tests.servers import PrivateCluster
 
 logger = logging.getLogger(__name__)
 
@@ -311,65 +313,6 @@ def main() -> None:
     asyncio.run(run_node(json.loads(sys.argv[1])))
 
 
-# --- PostgreSQL server control ------------------------------------------------------
-
-
-def _cluster_command(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
-async def stop_postgres() -> None:
-    """Stop the local PostgreSQL server (fast shutdown). Blocks until it is down;
-    harmless when it is down already."""
-    with contextlib.suppress(subprocess.CalledProcessError):
-        await asyncio.to_thread(_cluster_command, "stop")
-
-
-async def start_postgres(dsn: str) -> None:
-    """Start the local PostgreSQL server; blocks until ``dsn`` accepts connections.
-    Harmless when it runs."""
-    with contextlib.suppress(subprocess.CalledProcessError):
-        await asyncio.to_thread(_cluster_command, "start")
-    await wait_postgres(dsn)
-
-
-async def wait_postgres(dsn: str, timeout: float = 60) -> None:  # noqa: ASYNC109
-    """Block until ``dsn`` accepts a connection; raises StorageError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            connection = await psycopg.AsyncConnection.connect(dsn, connect_timeout=2)
-            await connection.close()
-            return
-        except psycopg.Error as error:
-            if time.monotonic() > deadline:
-                raise StorageError(f"PostgreSQL did not come back: {error}") from error
-            await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def postgres_stopped(dsn: str) -> AsyncIterator[None]:
-    """Stop the server for the block; it is started again (and reachable) afterwards,
-    whatever happens in the block."""
-    try:
-        await stop_postgres()
-        yield
-    finally:
-        await start_postgres(dsn)
-
-
-async def restart_postgres(dsn: str) -> None:
-    """Restart the server (fast shutdown kills every connection); blocks until back."""
-    async with postgres_stopped(dsn):
-        pass
-
-
 # --- the schedule -------------------------------------------------------------------
 
 
@@ -383,7 +326,7 @@ class FaultKind(enum.Enum):
     TERMINATE = "terminate"
     """``pg_terminate_backend`` of random connections of the nodes."""
     RESTART = "restart"
-    """Restart the PostgreSQL server."""
+    """Restart the PostgreSQL server (the cluster's private one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,20 +444,25 @@ class FaultReport:
 
 class FaultCluster:
     """Node processes on one schema of ``dsn``, the faults injected into them and the
-    checks of the guarantees afterwards; see the module docstring. Leaving the block
-    kills the nodes still running and restarts PostgreSQL if a fault left it down."""
+    checks of the guarantees afterwards; see the module docstring. ``server`` is the
+    private cluster (tests/servers.py) ``dsn`` leads to, directly or through a
+    PgBouncer: the one RESTART faults and ``server_stopped`` stop, never the machine's
+    shared server. Leaving the block kills the nodes still running and starts the
+    server again if a fault left it down."""
 
     def __init__(
         self,
         dsn: str,
         schema: str,
         *,
+        server: PrivateCluster,
         groups: Sequence[FaultGroup],
         settings: FaultNodeSettings | None = None,
         ready_timeout: timedelta = timedelta(seconds=30),
     ) -> None:
         self.dsn = dsn
         self.schema = schema
+        self.server = server
         self.groups = list(groups)
         self.settings = settings or FaultNodeSettings()
         self.ready_timeout = ready_timeout.total_seconds()
@@ -545,7 +493,8 @@ class FaultCluster:
             for node_id in list(self.nodes):
                 await self.kill(node_id)
         finally:
-            await start_postgres(self.dsn)
+            if not await asyncio.to_thread(self.server.running):
+                await asyncio.to_thread(self.server.start)
             if self.backend is not None:
                 await self.backend.close()
 
@@ -673,6 +622,17 @@ class FaultCluster:
 
     # --- faults ---
 
+    @contextlib.asynccontextmanager
+    async def server_stopped(self) -> AsyncIterator[None]:
+        """Stop the PostgreSQL server for the block (fast shutdown: every connection
+        ends) and start it again afterwards, whatever happens in the block. Blocks until
+        it is down, and at the end until it accepts connections. Raises ServerError."""
+        await asyncio.to_thread(self.server.stop)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.server.start)
+
     async def _node_connections(self) -> list[tuple[int, str]]:
         """(pid, application name) of the nodes' connections."""
         prefix = f"{self.schema}/"
@@ -743,7 +703,8 @@ class FaultCluster:
         elif fault.kind is FaultKind.TERMINATE:
             await self.terminate_connections(rng, fault.count)
         elif fault.kind is FaultKind.RESTART:
-            await restart_postgres(self.dsn)
+            async with self.server_stopped():
+                pass
         else:
             return
         self.injected[fault.kind.value] += 1

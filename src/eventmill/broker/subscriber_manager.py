@@ -68,7 +68,6 @@ class EventSubscriberManager(BrokerLoop):
         self._in_flight: deque[asyncio.Task[None]] = deque()
         self._chores: dict[str, asyncio.Task[None]] = {}
         """The node's own heartbeat and the purge, when under way (one of each)."""
-        """``time.monotonic()`` before the latest round whose heartbeats all succeeded."""
         self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
         """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
         registered here (see ``eventmill.consumers.lease``)."""
@@ -122,12 +121,12 @@ class EventSubscriberManager(BrokerLoop):
             self._reap()
         entries = [(s.group, s.id, s.subscription_requests) for s in self._subscribers.values()]
         self._in_flight.append(asyncio.create_task(self._heartbeat(entries, started)))
-        if self._chore_free("node"):
+        if "node" not in self._chores:
             term = None if self._leader_term is None else self._leader_term()
             self._chores["node"] = asyncio.create_task(
                 self._backend.nodes.heartbeat(self.node_id, self.mode, leader_term=term)
             )
-        if started >= self._next_purge and self._chore_free("purge"):
+        if started >= self._next_purge and "purge" not in self._chores:
             self._chores["purge"] = asyncio.create_task(self._purge())
             self._next_purge = started + self._purge_interval.total_seconds()
         if self._failures:
@@ -136,8 +135,6 @@ class EventSubscriberManager(BrokerLoop):
             # that fails and one that "recovers" by starting work in turn.
             await asyncio.wait([*self._in_flight, *self._chores.values()])
             self._reap()
-            for name in list(self._chores):
-                self._chore_free(name)
         return None
 
     async def _heartbeat(
@@ -150,23 +147,19 @@ class EventSubscriberManager(BrokerLoop):
         await self._backend.subscribers.purge(self._max_age)
         await self._backend.nodes.purge(self._max_age * 12)
 
-    def _chore_free(self, name: str) -> bool:
-        """Whether chore ``name`` is not under way; raises the error it ended with."""
-        task = self._chores.get(name)
-        if task is None:
-            return True
-        if not task.done():
-            return False
-        del self._chores[name]
-        if not task.cancelled() and (error := task.exception()) is not None:
-            raise error
-        return True
-
     def _reap(self) -> None:
-        """Forget the finished heartbeats; raise the error of the first that failed."""
+        """Forget the finished heartbeats (up to the first still under way) and chores,
+        then raise the error of the first of them that failed: one round reports every
+        failure seen by then, so stale errors never fail the rounds after an outage."""
+        finished: list[asyncio.Task[None]] = []
         while self._in_flight and self._in_flight[0].done():
-            task = self._in_flight.popleft()
-            if not task.cancelled() and (error := task.exception()) is not None:
+            finished.append(self._in_flight.popleft())
+        for name, task in list(self._chores.items()):
+            if task.done():
+                finished.append(self._chores.pop(name))
+        errors = [t.exception() for t in finished if not t.cancelled()]
+        for error in errors:
+            if error is not None:
                 raise error
 
     async def execute(self) -> None:

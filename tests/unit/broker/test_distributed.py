@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -12,7 +13,12 @@ from datetime import timedelta
 import pytest
 
 from eventmill.backends.base import HoldingState, SourceHolding, SubscriptionStateStore
-from eventmill.backends.memory import InMemoryBackend, InMemorySubscriptionStateStore
+from eventmill.backends.memory import (
+    InMemoryBackend,
+    InMemoryNodeStateStore,
+    InMemorySubscriberStateStore,
+    InMemorySubscriptionStateStore,
+)
 from eventmill.broker.distributed import (
     DistributedEventBroker,
     DistributedEventBrokerSettings,
@@ -20,6 +26,7 @@ from eventmill.broker.distributed import (
 )
 from eventmill.broker.loop import BrokerLoop
 from eventmill.broker.singleton import SingletonEventBroker
+from eventmill.broker.subscriber_manager import EventSubscriberManager
 from eventmill.errors import InvalidInputError, InvalidSettingsError, StorageError
 from eventmill.events import EventSourceIdentifier, StreamIdentifier
 from eventmill.services.status import ProcessStatus
@@ -197,6 +204,75 @@ async def test_storage_failures_report_errored_back_off_and_recover() -> None:
         await wait_until(lambda: node.status is not ProcessStatus.ERRORED, within=15)
         assert not task.done()
         assert len(a.held) == 10
+
+
+class FlakySubscribers(InMemorySubscriberStateStore):
+    """Fails heartbeats while ``failing`` is set."""
+
+    failing = False
+
+    async def heartbeat_all(
+        self,
+        node_id: str,
+        entries: Sequence[tuple[str, str, Sequence[EventSourceIdentifier]]],
+    ) -> None:
+        if self.failing:
+            raise StorageError("database down (subscriber heartbeat)")
+        await super().heartbeat_all(node_id, entries)
+
+
+class FlakyNodes(InMemoryNodeStateStore):
+    """Fails node heartbeats while ``failing`` is set."""
+
+    failing = False
+
+    async def heartbeat(self, node_id: str, mode: str, *, leader_term: int | None) -> None:
+        if self.failing:
+            raise StorageError("database down (node heartbeat)")
+        await super().heartbeat(node_id, mode, leader_term=leader_term)
+
+
+class FlakyHeartbeatBackend(InMemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flaky_subscribers = FlakySubscribers()
+        self.flaky_nodes = FlakyNodes()
+
+    @property
+    def subscribers(self) -> InMemorySubscriberStateStore:
+        return self.flaky_subscribers
+
+    @property
+    def nodes(self) -> InMemoryNodeStateStore:
+        return self.flaky_nodes
+
+    def fail(self, failing: bool) -> None:
+        self.flaky_subscribers.failing = self.flaky_nodes.failing = failing
+
+
+async def test_the_first_round_after_an_outage_succeeds(caplog: pytest.LogCaptureFixture) -> None:
+    """A failed round raises one of its heartbeats' errors; the others must not fail the
+    rounds after the database is back (one stale error a round, each followed by a
+    longer backoff). Outages of 3, 4 and 5 failed rounds, so that each phase of the
+    subscriber and node heartbeats is met."""
+    backend = FlakyHeartbeatBackend()
+    manager = EventSubscriberManager(backend, "node", heartbeat_interval=timedelta(milliseconds=10))
+    task = asyncio.create_task(manager.execute())
+    try:
+        for failed_rounds in (3, 4, 5):
+            await wait_until(lambda: manager.status is ProcessStatus.WAITING)
+            with caplog.at_level(logging.DEBUG, logger="eventmill.broker.loop"):
+                caplog.clear()
+                backend.fail(True)
+                await wait_until(lambda: f"({failed_rounds} in a row)" in caplog.text)  # noqa: B023
+                backend.fail(False)
+                caplog.clear()
+                rounds = manager.rounds
+                await wait_until(lambda: manager.rounds > rounds)  # noqa: B023
+            assert "round failed" not in caplog.text, failed_rounds
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_register_refuses_duplicates_and_coordinator_only_nodes() -> None:

@@ -59,6 +59,12 @@ from eventmill.errors import (
     describe,
 )
 
+RECONNECT_WINDOW = timedelta(seconds=5)
+"""How long the pool of ``connect`` retries a lost connection (after 1 and 2 s) before it
+gives up until the next request for a connection starts over. psycopg_pool's default
+(5 minutes of doubling delays) left a pool empty for about as long again as an outage
+had lasted after the database came back."""
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -162,6 +168,7 @@ class PostgresBackend(Backend):
             max_size=max_size,
             kwargs=settings,
             timeout=seconds,
+            reconnect_timeout=RECONNECT_WINDOW.total_seconds(),
             open=False,
         )
         try:
