@@ -73,8 +73,9 @@ def _pooled() -> StorageError:
     return StorageError(
         "this PostgreSQL connection does not keep its session between transactions "
         "(PgBouncer with pool_mode = transaction or statement?): eventmill needs "
-        "session-level locks, LISTEN and prepared statements; connect it to PostgreSQL "
-        "directly or through a pool with pool_mode = session"
+        "session-level locks, LISTEN and prepared statements on every connection; "
+        "set pool_mode = session for this database in pgbouncer.ini, or connect to "
+        "PostgreSQL directly"
     )
 
 
