@@ -1,16 +1,19 @@
 """The cost of metrics and tracing: the same work with them off and on, in one run.
 
-- ``operations.drain``: a node draining a category (in memory: 20,000 events;
-  PostgreSQL: 10,000) through one subscriber with a processor that does nothing.
+- ``operations.drain``: a node draining a category (in memory: 100,000 events;
+  PostgreSQL: 10,000, published in traced batches of 1,000 so every event carries a
+  trace context) through one subscriber with a processor that does nothing.
   ``off``: nothing else; ``metrics``: ``NodeMetrics`` counting lag every 2 s (its
   default) and scraped every second; ``metrics_and_traces``: also ``tracing.traced``
-  on the processor (a span per event) with the OpenTelemetry SDK recording every span
-  (batched, exporter discarding them). Events/s of each and the ratio to ``off``.
+  on the processor (a span per page, linked to the publish spans) with the
+  OpenTelemetry SDK recording every span (batched, exporter discarding them).
+  Events/s of each and the ratio to ``off``.
 - ``operations.publish``: single-event publishes to PostgreSQL (1,000), off:
-  ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata).
+  ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata)
+  on a backend whose publishes ``PublishMetrics`` counts.
 
-Modes alternate, medians of 3 runs each; ratios of the medians. PostgreSQL:
-``EVENTMILL_TEST_DSN`` in a throwaway schema per run.
+Modes alternate (in reverse order every other round), medians of 7 runs each; ratios
+of the medians. PostgreSQL: ``EVENTMILL_TEST_DSN`` in a throwaway schema per run.
 """
 
 from __future__ import annotations
@@ -25,18 +28,18 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from benchmarks.common import median, report
-from benchmarks.consumers import fill, memory_backend, postgres_backend
+from benchmarks.consumers import memory_backend, postgres_backend
 from eventmill import tracing
 from eventmill.backends.base import Backend
 from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
-from eventmill.metrics import NodeMetrics
+from eventmill.metrics import NodeMetrics, PublishMetrics
 from eventmill.node import EventProcessingNode, NodeSettings
 from eventmill.store import EventStore
 
-REPEATS = 3
+REPEATS = 7
 
 
 class Discard(SpanExporter):
@@ -91,6 +94,8 @@ async def scrape(metrics: NodeMetrics) -> None:
 
 async def publish_rate(backend: Backend, count: int, *, observed: bool) -> float:
     stream = EventStore(backend).stream(category="single", stream=f"s{time.monotonic_ns()}")
+    if observed:
+        PublishMetrics(CollectorRegistry()).observe(backend)
     started = time.perf_counter()
     for n in range(count):
         events = [NewEvent(name="happened", payload={"n": n})]
@@ -110,8 +115,9 @@ async def compare(
     """Run each mode in turn, REPEATS times; report each median and its ratio to the
     first mode's."""
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(REPEATS):
-        for mode, measure in modes.items():
+    for repeat in range(REPEATS):
+        order = list(modes.items())
+        for mode, measure in order if repeat % 2 == 0 else reversed(order):
             async with make() as backend:
                 rates[mode].append(await measure(backend))
     base = median(rates[next(iter(modes))])
@@ -127,7 +133,12 @@ def filled(
     @contextlib.asynccontextmanager
     async def backend() -> AsyncIterator[Backend]:
         async with make() as fresh:
-            await fill(fresh, "orders", count)
+            store = EventStore(fresh)
+            for batch in range(count // 1_000):
+                await tracing.publish(
+                    store.stream(category="orders", stream=f"s{batch % 50}"),
+                    [NewEvent(name="happened", payload={"n": n}) for n in range(1_000)],
+                )
             yield fresh
 
     return backend
@@ -150,7 +161,7 @@ def publisher(count: int, observed: bool) -> Callable[[Backend], Any]:
 async def main() -> None:
     install_tracing()
     for kind, make, count in (
-        ("memory", memory_backend, 20_000),
+        ("memory", memory_backend, 100_000),
         ("postgres", postgres_backend, 10_000),
     ):
         await compare(

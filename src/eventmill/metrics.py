@@ -10,7 +10,8 @@
 Metrics (labels bounded: group, source identifiers as configured, never a stream of a
 category):
 
-- ``eventmill_events_processed_total{group}``, ``eventmill_pass_failures_total{group}``;
+- ``eventmill_events_processed_total{group}``, ``eventmill_events_failed_total{group}``
+  (times the processor raised for an event: each try), ``eventmill_pass_failures_total{group}``;
 - ``eventmill_pass_duration_seconds{group}`` (histogram of subscriber passes) and
   ``eventmill_event_processing_seconds{group}`` (histogram of a pass's time per event);
 - ``eventmill_lag_events{group,source}``: events after the holder's place, exact;
@@ -21,8 +22,9 @@ category):
   ``eventmill_source_changes_total{change}`` (accepted, withdrawn: rebalances),
   ``eventmill_leader`` (0/1), ``eventmill_parked_streams{group}``, ``eventmill_ready``.
 
-Publishes made through ``PublishMetrics(registry).publish(stream, events)`` add
-``eventmill_events_published_total{category}``,
+Every publish through an ``EventStore`` on the node's backend (``PublishMetrics``,
+an ``observe_publishes`` observer; ``PublishMetrics(registry).observe(backend)`` without
+a node) adds to ``eventmill_events_published_total{category}``,
 ``eventmill_publish_failures_total{category}`` and
 ``eventmill_publish_duration_seconds{category}`` (histogram).
 
@@ -35,15 +37,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
+from eventmill.backends.base import Backend
 from eventmill.broker.distributed import DistributedEventBroker
-from eventmill.conditions import WriteCondition
 from eventmill.errors import EventmillError, MissingDependencyError
-from eventmill.events import EventSourceIdentifier, NewEvent, StoredEvent
+from eventmill.events import EventSourceIdentifier
 from eventmill.node import EventProcessingNode, SubscriberHandle
-from eventmill.store import EventStream
+from eventmill.store import observe_publishes
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -61,8 +63,9 @@ EVENT_BUCKETS = (0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0)
 
 
 class NodeMetrics:
-    """The metrics of one node in ``registry`` (a new one if None); see the module
-    docstring. ``lag_interval`` is how often ``run()`` counts lag."""
+    """The metrics of one node in ``registry`` (a new one if None), publishes through
+    its backend counted from now on; see the module docstring. ``lag_interval`` is how
+    often ``run()`` counts lag."""
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class NodeMetrics:
         self._counted: dict[str, tuple[float, int]] = {}
         self._hooked: set[int] = set()
         self.registry.register(_NodeCollector(self))
+        PublishMetrics(self.registry).observe(node.backend)
 
     def hook_passes(self) -> None:
         """Time the passes of subscribers not timed yet (``run()`` calls it)."""
@@ -180,8 +184,8 @@ class NodeMetrics:
 
 
 class PublishMetrics:
-    """Counts and times the publishes made through ``publish`` (see the module
-    docstring); the metrics live in ``registry``."""
+    """Counts and times publishes (a ``PublishObserver``; see the module docstring);
+    the metrics live in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(
@@ -204,24 +208,17 @@ class PublishMetrics:
             registry=registry,
         )
 
-    async def publish(
-        self,
-        stream: EventStream,
-        events: Sequence[NewEvent],
-        *,
-        condition: WriteCondition | None = None,
-    ) -> list[StoredEvent]:
-        """``stream.publish``, counted and timed. Raises what it raises (counted)."""
-        category = stream.identifier.category
-        started = time.perf_counter()
-        try:
-            stored = await stream.publish(events, condition=condition)
-        except Exception:
+    def observe(self, backend: Backend) -> Callable[[], None]:
+        """Count the publishes through an ``EventStore`` on ``backend`` until the
+        returned function is called."""
+        return observe_publishes(backend, self)
+
+    def __call__(self, category: str, events: int, seconds: float, failed: bool) -> None:
+        if failed:
             self.failures.labels(category).inc()
-            raise
-        self.duration.labels(category).observe(time.perf_counter() - started)
-        self.published.labels(category).inc(len(stored))
-        return stored
+        else:
+            self.duration.labels(category).observe(seconds)
+            self.published.labels(category).inc(events)
 
 
 class _PassTimer:
@@ -256,6 +253,19 @@ class _NodeCollector(Collector):
         for group, count in sorted(_processed_by_group(handles).items()):
             processed.add_metric([group], count)
         yield processed
+        failed_events = CounterMetricFamily(
+            "eventmill_events_failed",
+            "Times the processor raised for an event (each try)",
+            labels=["group"],
+        )
+        failed_by: dict[str, int] = {}
+        for handle in handles:
+            failed_by[handle.group] = (
+                failed_by.get(handle.group, 0) + handle.subscriber.events_failed
+            )
+        for group, count in sorted(failed_by.items()):
+            failed_events.add_metric([group], count)
+        yield failed_events
         failures = CounterMetricFamily(
             "eventmill_pass_failures", "Subscriber passes that raised", labels=["group"]
         )

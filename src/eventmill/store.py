@@ -9,14 +9,19 @@
 
 Handles are cheap values; making one does no I/O. ``iterate`` pages through a source
 (``page_size`` events per read) so large sources are never loaded whole; ``read``
-collects a small source into a list.
+collects a small source into a list. ``observe_publishes`` tells a function of every
+publish made through an ``EventStore`` on a backend (``eventmill.metrics`` counts them).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeAlias
 
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, EventStorage
 from eventmill.conditions import WriteCondition, check_condition
 from eventmill.errors import InvalidEventError, InvalidInputError, describe
 from eventmill.event_types import encode_event
@@ -33,6 +38,34 @@ from eventmill.shared_tail import note_published
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
 MAX_EVENTS_PER_PUBLISH = 10_000
+
+
+PublishObserver: TypeAlias = Callable[[str, int, float, bool], None]
+"""Told of a publish once it ended: its category, its number of events, its duration in
+seconds and whether it raised. Runs on the publishing loop (or thread): keep it short."""
+
+_observers: weakref.WeakKeyDictionary[EventStorage, tuple[PublishObserver, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+_observers_lock = threading.Lock()
+
+
+def observe_publishes(backend: Backend, observer: PublishObserver) -> Callable[[], None]:
+    """Call ``observer`` after every publish through an ``EventStore`` on ``backend``
+    (from any loop or thread), until the returned function is called. Never blocks."""
+    storage = backend.events
+    with _observers_lock:
+        _observers[storage] = (*_observers.get(storage, ()), observer)
+
+    def remove() -> None:
+        with _observers_lock:
+            left = tuple(o for o in _observers.get(storage, ()) if o is not observer)
+            if left:
+                _observers[storage] = left
+            else:
+                _observers.pop(storage, None)
+
+    return remove
 
 
 def check_page_size(value: object, what: str = "page_size") -> int:
@@ -150,10 +183,22 @@ class EventStream(EventSourceHandle):
         if condition is not None:
             check_condition(condition)
         storage = self._backend.events
+        started = time.perf_counter()
+        failed = True
         try:
-            return await storage.publish(self.identifier, new_events, condition)
+            stored = await storage.publish(self.identifier, new_events, condition)
+            failed = False
+            return stored
         finally:  # also when the outcome is unknown (a commit that failed to answer)
             note_published(storage, self.identifier.category)
+            if _observers:  # the publish path of a process that observes none: one test
+                for observer in _observers.get(storage, ()):
+                    observer(
+                        self.identifier.category,
+                        len(new_events),
+                        time.perf_counter() - started,
+                        failed,
+                    )
 
     def _place(self, event: StoredEvent) -> int:
         return event.position

@@ -8,18 +8,26 @@ imported only here; spans are recorded once the application installs an SDK).
                              processor=tracing.traced(totals, group="totals"))
 
 - ``publish``: a PRODUCER span ``eventmill publish`` around the write; each event's
-  metadata carries the trace context (W3C ``traceparent``, ``tracestate``), so it is
-  stored with the event;
+  metadata carries the trace context (by the configured propagator: W3C
+  ``traceparent``, ``tracestate`` by default), so it is stored with the event. With no
+  tracer provider installed it is ``stream.publish``, nothing added;
 - ``traced``: wraps an async function or ``EventProcessor`` (a CONSUMER span
-  ``eventmill process`` per event, linked to the publisher's span and its child when
-  it is the current trace) or a ``TransactionalEventProcessor`` (one span per batch,
-  linked to the publishers of up to 32 of its events).
+  ``eventmill process`` per page of events read from the source, and per held event
+  replayed) or a ``TransactionalEventProcessor`` (one per batch). The span links to
+  the distinct publish spans of the first ``MAX_LINKS`` of its events and is the
+  current span while they are processed (so the processor's own spans are its
+  children); its attributes give the group, the event count and the first and last
+  sequence numbers.
+
+A span per page rather than per event keeps tracing within a few percent of the
+throughput of a processor that does little (a recorded span costs tens of
+microseconds, as much as processing an event).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from eventmill.backends.base import ConsumerTransaction
@@ -37,9 +45,18 @@ except ImportError as missing:  # pragma: no cover - depends on the installation
     ) from missing
 
 MAX_LINKS = 32
-"""Links per batch span."""
+"""The most events of a page or batch whose publish spans its span links to."""
 
 _tracer = trace.get_tracer("eventmill")
+
+
+def _nothing_around(events: Sequence[StoredEvent]) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+def _installed() -> bool:
+    """Whether the application installed a tracer provider (an SDK)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def with_trace_context(events: Sequence[NewEvent]) -> list[NewEvent]:
@@ -68,6 +85,8 @@ async def publish(
 ) -> list[StoredEvent]:
     """``stream.publish`` in a PRODUCER span, the trace context in each event's
     metadata. Raises what ``publish`` raises (recorded on the span)."""
+    if not _installed():
+        return await stream.publish(events, condition=condition)
     with _tracer.start_as_current_span(
         "eventmill publish",
         kind=trace.SpanKind.PRODUCER,
@@ -80,37 +99,71 @@ async def publish(
         return await stream.publish(with_trace_context(events), condition=condition)
 
 
-def _link(event: StoredEvent) -> trace.Link | None:
-    metadata: dict[str, Any] = dict(event.metadata)
-    context = trace.get_current_span(propagate.extract(metadata)).get_span_context()
-    return trace.Link(context) if context.is_valid else None
+def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
+    links: dict[int, trace.Link] = {}
+    fields = sorted(propagate.get_global_textmap().fields)
+    seen: set[tuple[object, ...]] = set()
+    for event in events[:MAX_LINKS]:
+        metadata = event.metadata
+        if not metadata:
+            continue
+        key = tuple(metadata.get(field) for field in fields)
+        if key in seen:  # the events of one publish share their context
+            continue
+        seen.add(key)
+        carrier: dict[str, Any] = dict(metadata)
+        context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+        if context.is_valid and context.span_id not in links:
+            links[context.span_id] = trace.Link(context)
+    return list(links.values())
 
 
 @contextmanager
 def _span(group: str, events: Sequence[StoredEvent]) -> Iterator[None]:
-    links = [link for event in events[:MAX_LINKS] if (link := _link(event)) is not None]
+    """The CONSUMER span of ``events`` (see the module docstring); nothing when no
+    tracer provider is installed."""
+    if not events or not _installed():
+        yield
+        return
     attributes: dict[str, Any] = {
         "messaging.system": "eventmill",
+        "messaging.operation.type": "process",
         "messaging.consumer.group.name": group,
         "messaging.batch.message_count": len(events),
+        "eventmill.first_sequence_number": events[0].sequence_number,
+        "eventmill.last_sequence_number": events[-1].sequence_number,
     }
     if len(events) == 1:
         attributes["messaging.message.id"] = str(events[0].id)
         attributes["messaging.destination.name"] = f"{events[0].category}/{events[0].stream}"
     with _tracer.start_as_current_span(
-        "eventmill process", kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes
+        "eventmill process",
+        kind=trace.SpanKind.CONSUMER,
+        links=_links(events),
+        attributes=attributes,
     ):
         yield
 
 
-class _TracedFunction(EventProcessor):
-    def __init__(self, function: Callable[[StoredEvent], Awaitable[None]], group: str) -> None:
-        self._function = function
+class _TracedEach(EventProcessor):
+    def __init__(
+        self,
+        process: Callable[[StoredEvent], Awaitable[None]],
+        around: Callable[[Sequence[StoredEvent]], AbstractContextManager[None]],
+        group: str,
+    ) -> None:
+        # The processor's own function, not a delegating method: no cost per event.
+        self.process_event = process  # type: ignore[method-assign,assignment]
+        self._around = around
         self._group = group
 
-    async def process_event(self, event: StoredEvent) -> None:
-        with _span(self._group, [event]):
-            await self._function(event)
+    async def process_event(self, event: StoredEvent) -> None:  # replaced in __init__
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextmanager
+    def around_page(self, events: Sequence[StoredEvent]) -> Iterator[None]:
+        with _span(self._group, events), self._around(events):
+            yield
 
 
 class _TracedTransactional(TransactionalEventProcessor):
@@ -137,12 +190,12 @@ def traced(
     *,
     group: str,
 ) -> EventProcessor | TransactionalEventProcessor:
-    """``processor`` with a span per event (per batch for a transactional one); see the
-    module docstring. Raises InvalidInputError for iterator processors."""
+    """``processor`` with a span per page of events (per batch for a transactional
+    one); see the module docstring. Raises InvalidInputError for iterator processors."""
     if isinstance(processor, TransactionalEventProcessor):
         return _TracedTransactional(processor, group)
     if isinstance(processor, EventProcessor):
-        return _TracedFunction(processor.process_event, group)
+        return _TracedEach(processor.process_event, processor.around_page, group)
     if callable(processor):
-        return _TracedFunction(processor, group)
+        return _TracedEach(processor, _nothing_around, group)
     raise InvalidInputError(f"cannot trace {processor!r:.80}: not a function or EventProcessor")

@@ -1,5 +1,6 @@
 """Logging set-up (text and JSON lines with context fields, folded messages), node
-metrics and the HTTP endpoints, in process on the in-memory backend."""
+metrics (events failed, publishes through any store) and the HTTP endpoints, in
+process on the in-memory backend (publish metrics on both)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.cluster_status import LagBound
 from eventmill.conditions import position_is, stream_is_empty
+from eventmill.consumers.failures import FailureAction, FailurePolicy
 from eventmill.errors import UnmetWriteConditionError
 from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
 from eventmill.http import NodeEndpoints
@@ -26,6 +29,7 @@ from eventmill.log_fields import CURRENT_NODE, fields
 from eventmill.logs import configure_logging
 from eventmill.metrics import PublishMetrics
 from eventmill.node import EventProcessingNode
+from eventmill.services.error_handlers import ConstantBackoff
 from eventmill.store import EventStore
 
 
@@ -108,8 +112,20 @@ async def test_metrics_and_endpoints_of_a_node() -> None:
     async def gated(event: StoredEvent) -> None:
         await slow.wait()
 
+    async def rejecting(event: StoredEvent) -> None:
+        if event.payload["n"] in (0, 10, 20):
+            raise ValueError(f"cannot take {event.payload['n']}")
+
     node.register_subscriber(group="fast", source=CategoryIdentifier("orders"), processor=ignore)
     node.register_subscriber(group="slow", source=CategoryIdentifier("orders"), processor=gated)
+    node.register_subscriber(  # events 0, 10 and 20: tried twice each, then skipped
+        group="failing",
+        source=CategoryIdentifier("orders"),
+        processor=rejecting,
+        failure_policy=FailurePolicy(
+            max_attempts=2, backoff=ConstantBackoff(), then=FailureAction.SKIP
+        ),
+    )
     endpoints = NodeEndpoints(node, lag_bound=LagBound(events=10))
     transport = httpx.ASGITransport(app=endpoints)
     async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
@@ -134,6 +150,10 @@ async def test_metrics_and_endpoints_of_a_node() -> None:
                 == 0
             )
             assert found[("eventmill_sources_held", (("group", "slow"),))] == 1
+            assert found[("eventmill_events_failed_total", (("group", "fast"),))] == 0
+            orders = (("category", "orders"),)
+            assert found[("eventmill_events_published_total", orders)] == 30
+            assert found[("eventmill_publish_duration_seconds_count", orders)] == 30
             assert found[("eventmill_leader", ())] == 1
             assert (await client.get("/healthz")).status_code == 200
             ready = await client.get("/readyz")
@@ -145,24 +165,35 @@ async def test_metrics_and_endpoints_of_a_node() -> None:
             found = await scrape(client)
             assert found[("eventmill_events_processed_total", (("group", "slow"),))] == 30
             assert found[lag] == 0
+            assert found[("eventmill_events_failed_total", (("group", "failing"),))] == 6
+            assert found[("eventmill_events_failed_total", (("group", "slow"),))] == 0
         assert (await client.get("/healthz")).status_code == 503
         assert (await client.get("/nothing")).status_code == 404
 
 
-async def test_publish_metrics_count_events_and_failures() -> None:
+async def test_every_publish_through_a_store_is_counted(backend: Backend) -> None:
     registry = CollectorRegistry()
-    metrics = PublishMetrics(registry)
-    stream = EventStore(InMemoryBackend()).stream(category="orders", stream="o-1")
-    await metrics.publish(stream, [NewEvent(name="a"), NewEvent(name="b")])
-    await metrics.publish(stream, [NewEvent(name="c")], condition=position_is(1))
+    stop = PublishMetrics(registry).observe(backend)
+    store = EventStore(backend)
+    stream = store.stream(category="orders", stream="o-1")
+    await stream.publish([NewEvent(name="a"), NewEvent(name="b")])
+    await stream.publish([NewEvent(name="c")], condition=position_is(1))
     with pytest.raises(UnmetWriteConditionError):
-        await metrics.publish(stream, [NewEvent(name="d")], condition=stream_is_empty())
+        await stream.publish([NewEvent(name="d")], condition=stream_is_empty())
+    await (
+        EventStore(backend)
+        .stream(category="payments", stream="p-1")
+        .publish([NewEvent(name="paid")])
+    )
+    stop()
+    await stream.publish([NewEvent(name="not counted")])
     found = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(generate_latest(registry).decode())
         for sample in family.samples
     }
-    labels = (("category", "orders"),)
-    assert found[("eventmill_events_published_total", labels)] == 3
-    assert found[("eventmill_publish_failures_total", labels)] == 1
-    assert found[("eventmill_publish_duration_seconds_count", labels)] == 2
+    orders = (("category", "orders"),)
+    assert found[("eventmill_events_published_total", orders)] == 3
+    assert found[("eventmill_publish_failures_total", orders)] == 1
+    assert found[("eventmill_publish_duration_seconds_count", orders)] == 2
+    assert found[("eventmill_events_published_total", (("category", "payments"),))] == 1

@@ -39,8 +39,9 @@ class Batches(TransactionalEventProcessor):
         pass
 
 
-async def ignore(event: StoredEvent) -> None:
-    pass
+async def traced_work(event: StoredEvent) -> None:
+    with trace.get_tracer("app").start_as_current_span("app work"):
+        pass
 
 
 async def test_processing_spans_link_to_the_publish_span(spans: InMemorySpanExporter) -> None:
@@ -59,26 +60,30 @@ async def test_processing_spans_link_to_the_publish_span(spans: InMemorySpanExpo
     node = EventProcessingNode(backend, node_id="n")
     orders = CategoryIdentifier("orders")
     node.register_subscriber(
-        group="each", source=orders, processor=tracing.traced(ignore, group="each")
+        group="each", source=orders, processor=tracing.traced(traced_work, group="each")
     )
     node.register_subscriber(
         group="batch", source=orders, processor=tracing.traced(Batches(), group="batch")
     )
     async with node:
         await node.wait_caught_up(timeout=timedelta(seconds=10))
-    processed = [s for s in spans.get_finished_spans() if s.name == "eventmill process"]
+    finished = spans.get_finished_spans()
+    processed = [s for s in finished if s.name == "eventmill process"]
     groups = sorted(str((s.attributes or {})["messaging.consumer.group.name"]) for s in processed)
-    assert groups == ["batch", "each", "each"]
+    assert groups == ["batch", "each"]  # one span per page, one per batch
     assert published.context is not None
     for span in processed:
-        assert [link.context.span_id for link in span.links] == [published.context.span_id] * len(
-            span.links
-        )
-        assert span.links
-    batch = next(
-        s for s in processed if (s.attributes or {}).get("messaging.batch.message_count") == 2
+        assert [link.context.span_id for link in span.links] == [published.context.span_id]
+        assert span.attributes is not None
+        assert span.attributes["messaging.batch.message_count"] == 2
+        assert span.attributes["eventmill.first_sequence_number"] == stored[0].sequence_number
+        assert span.attributes["eventmill.last_sequence_number"] == stored[1].sequence_number
+    page = next(
+        s for s in processed if (s.attributes or {})["messaging.consumer.group.name"] == "each"
     )
-    assert len(batch.links) == 2
+    work = [s for s in finished if s.name == "app work"]
+    assert page.context is not None and len(work) == 2
+    assert all(s.parent is not None and s.parent.span_id == page.context.span_id for s in work)
 
 
 def test_without_a_current_span_metadata_is_unchanged() -> None:

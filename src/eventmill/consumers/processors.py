@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeAlias
 
 from eventmill.backends.base import ConsumerTransaction
@@ -33,6 +34,13 @@ class EventProcessor(ABC):
     @abstractmethod
     async def process_event(self, event: StoredEvent) -> None:
         """Handle ``event``; raising stops the pass (the event is not processed)."""
+
+    def around_page(self, events: Sequence[StoredEvent]) -> AbstractContextManager[None]:
+        """A context entered while ``events`` (a page read from the source, or one held
+        event replayed) are given to ``process_event`` in turn; it may end early (the
+        pass ended, an exception). By default none; ``eventmill.tracing.traced`` opens
+        its span here."""
+        return nullcontext()
 
 
 class AutoCommitEventIteratorProcessor(ABC):

@@ -41,7 +41,7 @@ import logging
 import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -139,6 +139,10 @@ def _stream_key(event: StoredEvent) -> tuple[str, str]:
     return (event.category, event.stream)
 
 
+def _no_context(events: Sequence[StoredEvent]) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 def _is_storage_failure(error: Exception) -> bool:
     return isinstance(error, StorageError | ConflictError)
 
@@ -184,6 +188,9 @@ class EventSourceConsumer:
         """None: the processor's exceptions leave the pass."""
         self.on_retry_due: Callable[[], None] | None = None
         """Called (on the consumer's loop) when a backoff ends, e.g. to wake a poller."""
+        self.on_event_failed: Callable[[], None] | None = None
+        """Called each time the processor raised for an event (each try; without a
+        failure policy, a transactional batch that raised counts once), for metrics."""
         self._parked: dict[tuple[str, str], ParkedStream] = {}
         self._parked_names: frozenset[str] = frozenset()
         self._pending_holds: dict[tuple[str, str], list[int]] = {}
@@ -288,9 +295,9 @@ class EventSourceConsumer:
         elif isinstance(processor, ManagedEventIteratorProcessor):
             await self._consume_managed(processor)
         elif isinstance(processor, EventProcessor):
-            await self._consume_each(processor.process_event)
+            await self._consume_each(processor.process_event, processor.around_page)
         else:
-            await self._consume_each(processor)
+            await self._consume_each(processor, _no_context)
 
     async def _pages(self) -> AsyncGenerator[list[StoredEvent]]:
         after = self._processed
@@ -303,28 +310,43 @@ class EventSourceConsumer:
             if len(page) < page_size:
                 return
 
-    async def _consume_each(self, process: ProcessEventFunction) -> None:
-        policy = self.failure_policy
+    async def _consume_each(
+        self,
+        process: ProcessEventFunction,
+        around_page: Callable[[Sequence[StoredEvent]], AbstractContextManager[None]],
+    ) -> None:
         async with aclosing(self._pages()) as pages:
             async for page in pages:
-                for event in page:
-                    if self._halted():
+                with around_page(page):
+                    if not await self._consume_page(page, process):
                         return
-                    if policy is None:
-                        await process(event)
-                    elif event.stream in self._parked_names and self._held(event):
-                        pass  # counted at the end of the pass
-                    else:
-                        try:
-                            await process(event)
-                        except Exception as error:
-                            if _is_storage_failure(error):
-                                raise
-                            if not await self._settle(event, error, checkpoint=None):
-                                return
-                        else:
-                            await self._passed(self.source.place(event))
-                    await self._mark(event)
+
+    async def _consume_page(self, page: list[StoredEvent], process: ProcessEventFunction) -> bool:
+        """Process ``page`` one event at a time; False when the pass must end."""
+        policy = self.failure_policy
+        for event in page:
+            if self._halted():
+                return False
+            if policy is None:
+                try:
+                    await process(event)
+                except Exception:
+                    self._event_failed()
+                    raise
+            elif event.stream in self._parked_names and self._held(event):
+                pass  # counted at the end of the pass
+            else:
+                try:
+                    await process(event)
+                except Exception as error:
+                    if _is_storage_failure(error):
+                        raise
+                    if not await self._settle(event, error, checkpoint=None):
+                        return False
+                else:
+                    await self._passed(self.source.place(event))
+            await self._mark(event)
+        return True
 
     def _holds(self, event: StoredEvent) -> bool:
         """Whether ``event`` is held (its stream is parked; counted at the end of the
@@ -480,6 +502,8 @@ class EventSourceConsumer:
                     await self.state_store.save(place, transaction=transaction)
             except Exception as error:
                 self._pending_holds.clear()  # rolled back: counted again when re-read
+                if self.failure_policy is None and work and not _is_storage_failure(error):
+                    self._event_failed()
                 if self.failure_policy is None or _is_storage_failure(error) or not batch:
                     raise
                 if reset:  # the reset hook alone first; then find the failing event
@@ -593,6 +617,7 @@ class EventSourceConsumer:
             stream = StreamIdentifier(event.category, event.stream)
             failing = _Failing(place, stream, 0, datetime.now(UTC), 0.0)
         failing.attempts += 1
+        self._event_failed()
         described = where(self.state_store.group, self.source.identifier, event)
         logger.debug("%s: the processor raised", described, exc_info=error)
         if failing.attempts < policy.max_attempts:
@@ -640,6 +665,10 @@ class EventSourceConsumer:
         if failing.stored:
             store = self.source.backend.parked
             await store.remove(self._group, self._source, failing.stream, epoch=self._epoch)
+
+    def _event_failed(self) -> None:
+        if self.on_event_failed is not None:
+            self.on_event_failed()
 
     def _schedule_retry(self, delay: float) -> None:
         if self._retry_timer is not None:
@@ -837,7 +866,8 @@ class EventSourceConsumer:
                 await processor.process_events([event], transaction)
                 return await self._advance(record, following, left, transaction)
         if isinstance(processor, EventProcessor):
-            await processor.process_event(event)
+            with processor.around_page([event]):
+                await processor.process_event(event)
         elif isinstance(
             processor, AutoCommitEventIteratorProcessor | ManagedEventIteratorProcessor
         ):

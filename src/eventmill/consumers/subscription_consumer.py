@@ -165,6 +165,9 @@ class EventSubscriptionConsumer(Service[int]):
         self._parked_unknown = True
         self.stopped_by: ProcessorFailedError | None = None
         """The failure that stopped this subscriber (policy STOP_GROUP), or None."""
+        self.events_failed = 0
+        """Times the processor raised for an event, over every source held (see
+        ``EventSourceConsumer.on_event_failed``)."""
 
     @property
     def group(self) -> str:
@@ -232,6 +235,7 @@ class EventSubscriptionConsumer(Service[int]):
             failure_policy=self.failure_policy,
         )
         consumer.on_retry_due = self._wake
+        consumer.on_event_failed = self._count_failure
         self._holdings[source] = _Holding(consumer, epoch, lambda: None)
         self._parked_unknown = True
         unwatch = await consumer.source.watch(self._wake)
@@ -240,6 +244,9 @@ class EventSubscriptionConsumer(Service[int]):
         else:
             self._holdings[source].unwatch = unwatch
         self._wake()
+
+    def _count_failure(self) -> None:
+        self.events_failed += 1
 
     async def withdraw(self, source: EventSourceIdentifier) -> None:
         """Stop holding ``source``: its running pass ends at the next event boundary
