@@ -8,6 +8,9 @@ at the server, so they also start, lock and commit late).
         dsn = proxy.dsn(TEST_DSN)        # the same DSN, through the proxy
         proxy.delay = 2.0                # from now on, every client byte waits 2 s
 
+``proxy_in_thread(host, port)`` serves one from a thread of its own, for synchronous
+tests whose clients are other processes.
+
 Only the client-to-server direction is delayed (``delay`` may change at any time; a
 chunk keeps the delay it arrived with, and order is kept). Leaving the block closes
 the listener and every connection.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
@@ -102,3 +107,25 @@ class DelayProxy:
             forwarding.cancel()
             with contextlib.suppress(OSError):
                 writer.close()
+
+
+@contextlib.contextmanager
+def proxy_in_thread(host: str, port: int) -> Iterator[DelayProxy]:
+    """A DelayProxy to ``host``:``port`` running on an event loop in a thread of its
+    own (set ``delay`` from any thread); closed, with its connections, on leaving."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="delay-proxy", daemon=True)
+    thread.start()
+    proxy = DelayProxy(host, port)
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(timeout=10)
+        try:
+            yield proxy
+        finally:
+            asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(
+                timeout=10
+            )
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

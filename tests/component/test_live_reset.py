@@ -7,12 +7,10 @@ exactly-once projection ends equal to one built from scratch from the events."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,23 +19,12 @@ from eventmill.backends.postgres import PostgresBackend
 from eventmill.events import NewEvent
 from eventmill.store import EventStore
 from tests.component.replay_app import PARTITIONS, TABLES
+from tests.harness.eventmill_process import ROOT, start_eventmill
 from tests.postgres_support import TEST_DSN, drop_schema, unique_schema_name
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parents[2]
 STREAMS = 40
-
-
-def eventmill(*arguments: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "eventmill", *arguments],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 @pytest.fixture
@@ -89,7 +76,7 @@ async def test_live_reset_to_start_replays_every_partition_exactly_once(
         return int((await rows(backend, "SELECT count(*) FROM {schema}.applied"))[0][0])
 
     nodes = {
-        node_id: eventmill(
+        node_id: start_eventmill(
             "run",
             "tests.component.replay_app:make_node",
             "--log-level",

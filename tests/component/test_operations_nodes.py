@@ -2,18 +2,18 @@
 PostgreSQL cluster (it is stopped and started here): ``/metrics`` parsed with
 ``prometheus_client.parser`` against exact published and processed counts, lag in
 events and seconds while a group is held back, ``/readyz`` failing while a node has
-lost its sources (frozen past the max age) and while the database is down, then
-passing again, ``/healthz`` passing throughout, and the JSON log lines of the
-assignment change and of the outage parsed and checked."""
+lost all its sources (its database traffic delayed past the max age while it runs and
+answers; frozen past the max age) and while the database is down, then passing again,
+``/healthz`` passing throughout, and the JSON log lines of the assignment change and
+of the outage parsed and checked. The second node reaches the database through a
+``DelayProxy``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -29,11 +29,12 @@ from eventmill.backends.postgres import PostgresBackend
 from eventmill.cli import main
 from eventmill.events import NewEvent
 from eventmill.store import EventStore
+from tests.delay_proxy import DelayProxy, proxy_in_thread
+from tests.harness.eventmill_process import start_eventmill
 from tests.servers import PrivateCluster, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 300
 NODES = ("ops-1", "ops-2", "ops-3")
 
@@ -45,25 +46,17 @@ class Node:
         self.node_id = node_id
         self.port = free_port()
         self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "eventmill",
-                "run",
-                "tests.component.operations_app:make_node",
-                "--node-id",
-                node_id,
-                "--http-port",
-                str(self.port),
-                "--log-format",
-                "json",
-            ],
-            cwd=ROOT,
+        self.process = start_eventmill(
+            "run",
+            "tests.component.operations_app:make_node",
+            "--node-id",
+            node_id,
+            "--http-port",
+            str(self.port),
+            "--log-format",
+            "json",
+            env={"EVENTMILL_DSN": dsn, "EVENTMILL_TEST_HOLD": str(hold)},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "EVENTMILL_DSN": dsn, "EVENTMILL_TEST_HOLD": str(hold)},
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -139,10 +132,16 @@ async def publish(dsn: str, count: int) -> None:
 
 
 def test_three_nodes_metrics_readiness_and_logs(cluster: PrivateCluster, tmp_path: Path) -> None:
+    with proxy_in_thread("127.0.0.1", cluster.port) as proxy:
+        check_three_nodes(cluster, proxy, tmp_path)
+
+
+def check_three_nodes(cluster: PrivateCluster, proxy: DelayProxy, tmp_path: Path) -> None:
     dsn = cluster.dsn()
     assert main(["migrate", "--dsn", dsn]) == 0
     hold = tmp_path / "hold"
-    nodes = [Node(node_id, dsn, hold) for node_id in NODES]
+    proxied = dsn.replace(f"port={cluster.port}", f"port={proxy.port}")
+    nodes = [Node(node_id, proxied if node_id == "ops-2" else dsn, hold) for node_id in NODES]
     try:
         # Settled: every node ready, holding its share of each group's 4 partitions.
         def settled() -> bool:
@@ -182,6 +181,27 @@ def test_three_nodes_metrics_readiness_and_logs(cluster: PrivateCluster, tmp_pat
         assert total(nodes, "eventmill_events_processed_total", group="slow") == EVENTS
         assert total(nodes, "eventmill_events_processed_total", group="fast") == EVENTS
         assert total(nodes, "eventmill_pass_failures_total") == 0
+
+        # A node whose statements arrive 3 s late (past the 1.5 s max age) loses all
+        # its sources while it runs and answers: not ready but alive; then ready.
+        lagging = nodes[1]
+        proxy.delay = 3.0
+        try:
+            wait_until(
+                lambda: (
+                    [
+                        total([nodes[0], nodes[2]], "eventmill_sources_held", group=group)
+                        for group in ("fast", "slow")
+                    ]
+                    == [4, 4]
+                ),
+                "the lagging node's sources moved to the others",
+            )
+            wait_until(lambda: lagging.get("/readyz")[0] == 503, "the lagging node is not ready")
+            assert lagging.get("/healthz")[0] == 200
+        finally:
+            proxy.delay = 0.0
+        wait_until(settled, "the lagging node holds its share again", 60)
 
         # A node frozen past the max age loses its sources: not ready, then ready.
         frozen = nodes[2]
