@@ -1,9 +1,11 @@
 """The distribution: the wheel holds the library, its licence and typing marker but not
-the test harness; ``__version__`` comes from the metadata; a missing extra says what to
-install in one line."""
+the test harness; its long description reads on an index page (no links into the
+repository, no contributors' commands) and it names no project URL; ``__version__``
+comes from the metadata; a missing extra says what to install in one line."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -60,7 +62,7 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
     assert metadata["License-Expression"] == "MIT"
     classifiers = metadata.get_all("Classifier") or []
     assert "Framework :: AsyncIO" in classifiers and "Typing :: Typed" in classifiers
-    assert metadata.get_all("Project-URL")
+    assert metadata.get_all("Project-URL") is None  # no public repository to point at
     assert metadata["Keywords"]
     # Dev tools live in a dependency group, not in a published extra.
     assert set(metadata.get_all("Provides-Extra") or []) == {
@@ -72,6 +74,22 @@ def test_wheel_metadata(wheel: zipfile.ZipFile) -> None:
         "otel",
         "testing",
     }
+
+
+def test_long_description_has_no_links_into_the_repository(wheel: zipfile.ZipFile) -> None:
+    dist_info = f"eventmill-{version('eventmill')}.dist-info"
+    metadata = Parser().parsestr(wheel.read(f"{dist_info}/METADATA").decode())
+    assert metadata["Description-Content-Type"] == "text/markdown"
+    description = metadata.get_payload()
+    assert isinstance(description, str)
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("](docs/") > 10  # what the description must turn into text
+    relative = re.findall(r"\]\((?![a-z][a-z0-9+.-]*:|#)[^)]*\)", description)
+    assert relative == []
+    assert description.startswith("# eventmill\n\neventmill is an asyncio event store")
+    assert "make demo" not in description.split("## Install")[0]
+    assert "Guarantees (docs/guarantees.md): ordering" in description
+    assert "pip install 'eventmill[postgres]'" in description
 
 
 def test_version_comes_from_the_metadata() -> None:
