@@ -13,7 +13,7 @@ from eventmill import (
     StreamIdentifier,
 )
 from eventmill.backends.base import Backend
-from eventmill.events import EventSourceIdentifier
+from eventmill.events import EventSourceIdentifier, source_key
 
 ORDERS = CategoryIdentifier("orders")
 
@@ -53,6 +53,11 @@ async def test_groups_and_sources_are_separate(backend: Backend) -> None:
     assert {c.source for c in listed} == set(sources) and {c.group for c in listed} == {"a"}
     assert len(await checkpoints.list()) == 8
     assert [c.group for c in await checkpoints.list()] == ["a"] * 4 + ["b"] * 4
+    await checkpoints.reset("b", sources[0])
+    places = {(c.group, source_key(c.source)): c.after for c in await checkpoints.list()}
+    assert places[("b", source_key(sources[0]))] is None
+    assert await checkpoints.places() == places
+    assert await checkpoints.places("a") == {k: v for k, v in places.items() if k[0] == "a"}
 
 
 async def test_reset_persists_and_bumps_the_version(backend: Backend) -> None:

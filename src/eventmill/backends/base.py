@@ -603,6 +603,11 @@ class CheckpointStorage(ABC):
         """Every checkpoint (of ``group``), by group then source key."""
 
     @abstractmethod
+    async def places(self, group: str | None = None) -> dict[tuple[str, str], int | None]:
+        """(group, source key) -> ``after`` of every checkpoint (of ``group``): what a
+        cluster read needs, without building whole records. Raises StorageError."""
+
+    @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[ConsumerTransaction]:
         """Open a transaction: committed when the block exits normally, rolled back
         (changing nothing) when it raises. Raises StorageError."""

@@ -384,6 +384,14 @@ class InMemoryCheckpointStorage(CheckpointStorage):
                 if group is None or record_group == group
             ]
 
+    async def places(self, group: str | None = None) -> dict[tuple[str, str], int | None]:
+        with self._lock:
+            return {
+                key: record.after
+                for key, record in self._records.items()
+                if group is None or key[0] == group
+            }
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[InMemoryConsumerTransaction]:
         transaction = InMemoryConsumerTransaction(self)

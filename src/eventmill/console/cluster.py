@@ -8,6 +8,7 @@ the storage and raises StorageError when a read fails.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -173,21 +174,23 @@ async def read_cluster(
     counted from what changed since (``_plan_counts``) and each group's throughput is
     the events its checkpoints moved past since then, per second. Raises StorageError."""
     started = time.perf_counter()
-    holder = await backend.locks.holder(settings.coordinator_lock)
-    node_records = await backend.nodes.list()
-    records = await backend.subscribers.list()
-    holdings = await backend.subscriptions.list()
-    checkpoints = {(c.group, source_key(c.source)): c for c in await backend.checkpoints.list()}
+    # The reads are independent: concurrent, on connections of the pool, so a refresh
+    # waits for the slowest rather than for their sum. Lags need holdings and places.
+    holder, node_records, records, holdings, checkpoints, parked = await asyncio.gather(
+        backend.locks.holder(settings.coordinator_lock),
+        backend.nodes.list(),
+        backend.subscribers.list(),
+        backend.subscriptions.list(),
+        backend.checkpoints.places(),
+        backend.parked.list(),
+    )
     planned = []
     for holding in holdings:
         key = source_key(holding.source)
-        checkpoint = checkpoints.get((holding.group, key))
-        after = None if checkpoint is None else checkpoint.after
-        planned.append((holding.group, key, holding.source, after))
+        planned.append((holding.group, key, holding.source, checkpoints.get((holding.group, key))))
     places: list[LagPlace] = []
     readings = _plan_counts(planned, previous, places, settings.count_changes_above)
     lags = await backend.events.lags(places)
-    parked = await backend.parked.list()
     database_seconds = time.perf_counter() - started
     now = datetime.now(UTC)
     max_age = settings.subscriber_max_age.total_seconds()

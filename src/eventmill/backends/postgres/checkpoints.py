@@ -131,6 +131,10 @@ class PostgresCheckpointStorage(CheckpointStorage):
             f"SELECT {CHECKPOINT_COLUMNS} FROM {{schema}}.checkpoints"
             " WHERE group_name = %s ORDER BY source_key"
         )
+        self._places = sql(
+            "SELECT group_name, source_key, after_place FROM {schema}.checkpoints"
+            " WHERE group_name = coalesce(%s, group_name)"
+        )
 
     async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
         async with self._backend.connection() as connection:
@@ -241,6 +245,12 @@ class PostgresCheckpointStorage(CheckpointStorage):
                 cursor = await connection.execute(self._list_group, (group,))
             rows = await cursor.fetchall()
         return [checkpoint_from_row(row) for row in rows]
+
+    async def places(self, group: str | None = None) -> dict[tuple[str, str], int | None]:
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._places, (group,))
+            rows = await cursor.fetchall()
+        return {(group_name, key): after for group_name, key, after in rows}
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresConsumerTransaction]:
