@@ -52,8 +52,11 @@ class NodeProcess:
 
 
 class Cluster:
-    def __init__(self, backend: PostgresBackend) -> None:
+    """Node processes running ``module`` (``python -m module CONFIG_JSON``)."""
+
+    def __init__(self, backend: PostgresBackend, module: str) -> None:
         self.backend = backend
+        self.module = module
         self.nodes: list[NodeProcess] = []
 
     async def start(self, node_id: str, mode: str, freeze_at: int | None = None) -> NodeProcess:
@@ -67,7 +70,7 @@ class Cluster:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.component.zombie_node",
+            self.module,
             json.dumps(config),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
@@ -104,8 +107,10 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster_of(backend: PostgresBackend) -> AsyncIterator[Cluster]:
-    cluster = Cluster(backend)
+async def cluster_of(
+    backend: PostgresBackend, module: str = "tests.component.zombie_node"
+) -> AsyncIterator[Cluster]:
+    cluster = Cluster(backend, module)
     try:
         yield cluster
     finally:

@@ -608,9 +608,14 @@ class CheckpointStorage(ABC):
         cluster read needs, without building whole records. Raises StorageError."""
 
     @abstractmethod
-    def transaction(self) -> AbstractAsyncContextManager[ConsumerTransaction]:
+    def transaction(
+        self, *, bound: timedelta | None = None
+    ) -> AbstractAsyncContextManager[ConsumerTransaction]:
         """Open a transaction: committed when the block exits normally, rolled back
-        (changing nothing) when it raises. Raises StorageError."""
+        (changing nothing) when it raises. With ``bound``, a storage server ends the
+        transaction when it sits idle, or one statement runs, longer than that (its
+        session is closed; the holder's next statement raises StorageError), so a
+        frozen or cut-off holder cannot keep its rows locked. Raises StorageError."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

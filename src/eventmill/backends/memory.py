@@ -393,7 +393,10 @@ class InMemoryCheckpointStorage(CheckpointStorage):
             }
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[InMemoryConsumerTransaction]:
+    async def transaction(
+        self, *, bound: timedelta | None = None
+    ) -> AsyncIterator[InMemoryConsumerTransaction]:
+        """``bound`` is ignored: nothing outside this process can be held up."""
         transaction = InMemoryConsumerTransaction(self)
         try:
             yield transaction

@@ -68,7 +68,8 @@ class EventSubscriberManager(BrokerLoop):
         self._in_flight: deque[asyncio.Task[None]] = deque()
         self._chores: dict[str, asyncio.Task[None]] = {}
         """The node's own heartbeat and the purge, when under way (one of each)."""
-        self.lease = OwnershipLease(self._max_age - lease_margin(self._interval, self._max_age))
+        margin = lease_margin(self._interval, self._max_age)
+        self.lease = OwnershipLease(self._max_age - margin, margin=margin)
         """Renewed by each successful heartbeat; given to every EventSubscriptionConsumer
         registered here (see ``eventmill.consumers.lease``)."""
 

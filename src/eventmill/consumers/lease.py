@@ -14,7 +14,11 @@ max age: the lease lasts ``(heartbeat_interval + max_age) / 2`` (3 s with the de
 1 s and 5 s). The other half of the gap is the slack a healthy node has for a late
 heartbeat before it pauses itself. The margin is the time an event (or transactional
 batch) begun just before expiry has to finish before the source can possibly move,
-so single events should take less than that.
+so single events should take less than that. A consumer's exactly-once transactions
+are bounded by it (``CheckpointStorage.transaction(bound=...)``): on PostgreSQL the
+server ends a transaction idle, or a statement running, for longer than the margin, so
+a holder frozen or cut off inside its batch releases its checkpoint row in time for
+the source to move.
 
 A lease that lapsed (expired before it was renewed, even if nobody looked) also waits
 for a ``confirmed`` call: the observer reports each successful round, and only one
@@ -46,10 +50,21 @@ class OwnershipLease:
     tests. Never blocks; safe to read from another thread's loop.
     """
 
-    def __init__(self, duration: timedelta, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        duration: timedelta,
+        *,
+        margin: timedelta | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not isinstance(duration, timedelta) or duration <= timedelta(0):
             raise InvalidSettingsError(f"a lease duration must be positive, not {duration!r}")
+        if margin is not None and (not isinstance(margin, timedelta) or margin <= timedelta(0)):
+            raise InvalidSettingsError(f"a lease margin must be positive, not {margin!r}")
         self.duration = duration
+        self.margin = margin
+        """How long work begun while the lease is valid may take before the source can
+        move (None: unknown); exactly-once transactions are bounded by it."""
         self._seconds = duration.total_seconds()
         self._clock = clock
         self._sent_at: float | None = None

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from eventmill.backends.base import (
     ConsumerTransaction,
@@ -233,6 +233,10 @@ class EventSourceConsumer:
     def _epoch(self) -> int | None:
         """The epoch this consumer holds its source at, which fences its parked writes."""
         return self.state_store.epoch
+
+    def _bound(self) -> timedelta | None:
+        """How long a transaction of this consumer may stay open: the lease margin."""
+        return None if self.lease is None else self.lease.margin
 
     def _halted(self) -> bool:
         """Whether the pass must end before the next event: stopped, or lease expired."""
@@ -490,7 +494,7 @@ class EventSourceConsumer:
             held = [e for e in batch if e.stream in names and self._held(e)] if names else []
             work = [e for e in batch if e not in held] if held else batch
             try:
-                async with self.state_store.transaction() as transaction:
+                async with self.state_store.transaction(bound=self._bound()) as transaction:
                     if reset:
                         await processor.on_reset(
                             self.source.identifier, self._processed, transaction
@@ -507,7 +511,7 @@ class EventSourceConsumer:
                 if self.failure_policy is None or _is_storage_failure(error) or not batch:
                     raise
                 if reset:  # the reset hook alone first; then find the failing event
-                    async with self.state_store.transaction() as transaction:
+                    async with self.state_store.transaction(bound=self._bound()) as transaction:
                         await processor.on_reset(
                             self.source.identifier, self._processed, transaction
                         )
@@ -742,7 +746,7 @@ class EventSourceConsumer:
                 if failing.stored:
                     await store.remove(self._group, self._source, stream, epoch=self._epoch)
         else:
-            async with self.state_store.transaction() as transaction:
+            async with self.state_store.transaction(bound=self._bound()) as transaction:
                 if record is not None:
                     await store.park(record, transaction=transaction, epoch=self._epoch)
                 else:
@@ -805,7 +809,7 @@ class EventSourceConsumer:
                     "%s: skipped by request",
                     where(record.group, record.source, event),
                 )
-                async with self.state_store.transaction() as transaction:
+                async with self.state_store.transaction(bound=self._bound()) as transaction:
                     await self.source.backend.parked.record_skipped(
                         self._skipped(event, None), transaction=transaction, epoch=self._epoch
                     )
@@ -838,7 +842,7 @@ class EventSourceConsumer:
                         )
                     self._parked[key] = record
                     return True
-                async with self.state_store.transaction() as transaction:
+                async with self.state_store.transaction(bound=self._bound()) as transaction:
                     await self.source.backend.parked.record_skipped(
                         self._skipped(event, error), transaction=transaction, epoch=self._epoch
                     )
@@ -862,7 +866,7 @@ class EventSourceConsumer:
         transactional processor); return the record as it now is."""
         processor = self.processor
         if isinstance(processor, TransactionalEventProcessor):
-            async with self.state_store.transaction() as transaction:
+            async with self.state_store.transaction(bound=self._bound()) as transaction:
                 await processor.process_events([event], transaction)
                 return await self._advance(record, following, left, transaction)
         if isinstance(processor, EventProcessor):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from eventmill.backends.base import Checkpoint, CheckpointStorage, ConsumerTransaction
 from eventmill.conditions import MAX_POSITION
@@ -84,12 +85,15 @@ class EventConsumerStateStore:
         return saved
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[ConsumerTransaction]:
+    async def transaction(
+        self, *, bound: timedelta | None = None
+    ) -> AsyncIterator[ConsumerTransaction]:
         """A transaction for a batch and its checkpoint: committed when the block exits
-        normally, rolled back when it raises. Raises StorageError."""
+        normally, rolled back when it raises; ``bound``: see
+        ``CheckpointStorage.transaction``. Raises StorageError."""
         self._pending = None
         try:
-            async with self.checkpoints.transaction() as transaction:
+            async with self.checkpoints.transaction(bound=bound) as transaction:
                 yield transaction
         finally:
             pending, self._pending = self._pending, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import pytest
 
@@ -96,8 +97,10 @@ class CrashingCheckpoints(InMemoryCheckpointStorage):
         )
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[InMemoryConsumerTransaction]:
-        async with self.inner.transaction() as transaction:
+    async def transaction(
+        self, *, bound: timedelta | None = None
+    ) -> AsyncIterator[InMemoryConsumerTransaction]:
+        async with self.inner.transaction(bound=bound) as transaction:
             yield transaction
             if self.crashed:
                 raise StorageError("the process is dead")

@@ -9,6 +9,10 @@ FENCE_LOCK_TIMEOUT for a row another transaction holds locked.
 ``transaction()`` opens a transaction on a pool connection: a
 ``TransactionalEventProcessor`` writes through ``transaction.connection`` and the
 checkpoint is saved on the same connection before the one commit (exactly-once).
+Consumers holding an ownership lease bound it by the lease margin: the server ends
+the transaction of a holder that froze or was cut off inside it (its session idle, or
+one statement running, for longer than the margin), so the checkpoint row it locked
+is free again before the source can move.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ FENCES_PER_STATEMENT = 500
 FENCE_LOCK_TIMEOUT = timedelta(milliseconds=500)
 """How long a fence waits for a checkpoint row locked by another transaction (a
 holder frozen inside its batch transaction would otherwise stall it indefinitely)."""
+
+
+_BOUND = (
+    "SELECT set_config('idle_in_transaction_session_timeout', %s, true),"
+    " set_config('statement_timeout', %s, true)"
+)
+"""A transaction's bound (milliseconds, twice), for this transaction only."""
 
 
 def checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint:
@@ -253,6 +264,13 @@ class PostgresCheckpointStorage(CheckpointStorage):
         return {(group_name, key): after for group_name, key, after in rows}
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresConsumerTransaction]:
+    async def transaction(
+        self, *, bound: timedelta | None = None
+    ) -> AsyncIterator[PostgresConsumerTransaction]:
+        """With ``bound``: ``idle_in_transaction_session_timeout`` and
+        ``statement_timeout`` set to it for this transaction only (``SET LOCAL``)."""
         async with self._backend.connection() as connection, connection.transaction():
+            if bound is not None:
+                milliseconds = str(max(1, round(bound.total_seconds() * 1000)))
+                await connection.execute(_BOUND, (milliseconds, milliseconds), prepare=True)
             yield PostgresConsumerTransaction(self, connection)
