@@ -42,7 +42,12 @@ from eventmill import __version__, group_commands, parked_commands
 from eventmill.backends.base import Backend
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.broker.distributed import default_node_id
-from eventmill.cluster_status import ClusterStatus, LagBound, gather_cluster_status
+from eventmill.cluster_status import (
+    ClusterStatus,
+    LagBound,
+    describe_publisher,
+    gather_cluster_status,
+)
 from eventmill.demo import MAX_NODE_PROCESSES, run_in_memory, run_on_postgres
 from eventmill.errors import EventmillError, InvalidSettingsError
 from eventmill.events import check_name, identifier_from_json
@@ -304,6 +309,14 @@ def print_status(found: ClusterStatus) -> None:
             f"    {source.group:<24} {identifier_from_json(source.source)!s:<32} "
             f"epoch {source.epoch:<4} {source.state:<9} {holder}, checkpoint "
             f"{source.checkpoint}, lag {source.lag_events} ({source.lag_seconds:.1f}s)"
+        )
+    holdback = found.read_holdback
+    if holdback is not None:
+        print(
+            f"read watermark {holdback.watermark}: oldest publish in flight "
+            f"{describe_publisher(holdback)}"
+            + ("" if holdback.oldest is None else f", open {holdback.seconds:.1f}s")
+            + f"; {holdback.events_beyond} committed events beyond it"
         )
     for warning in found.warnings:
         print(f"WARNING: {warning}")

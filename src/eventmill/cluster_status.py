@@ -3,13 +3,19 @@
 What ``eventmill status`` prints and what an operations console shows: the leader and
 its term, every node (coordinator-only ones too), the schema version, each source's
 holder, checkpoint and lag (exact event counts, one ``EventStorage.lags`` call, and
-the age of the oldest unprocessed event), parked streams, and warnings:
+the age of the oldest unprocessed event: events committed behind an open publish
+count too), parked streams, what holds readers back (the read watermark, the oldest
+publish in flight and the committed events waiting behind it; PostgreSQL), and
+warnings:
 
 - no live coordinator (sources of a stopped node then stay unheld);
 - sources that nobody holds in a group that has live subscribers;
 - sources held by a subscriber that is dead (not seen within the max age);
 - groups lagging more than a bound (events or seconds), when one is given;
-- parked streams.
+- parked streams;
+- an open publish holding readers back for longer than HELD_BACK_WARNING (or the lag
+  bound in seconds, when one is given and is shorter): every log and category reader
+  of the schema waits for it.
 
 Everything returned is plain data (frozen dataclasses; ``to_json()`` for JSON).
 """
@@ -23,11 +29,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from eventmill.backends.base import Backend, LagPlace
+from eventmill.backends.base import Backend, LagPlace, ReadHoldback
 from eventmill.errors import InvalidSettingsError
 
 DEFAULT_MAX_AGE = timedelta(seconds=5)
 """A node or subscriber not seen for longer is dead (the broker's default max age)."""
+
+HELD_BACK_WARNING = timedelta(seconds=30)
+"""An open publish holding readers back for longer is warned about: a publish is one
+short statement, so one open this long was left open (or its session is stuck)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +118,8 @@ class ClusterStatus:
     nodes: tuple[NodeStatus, ...]
     groups: tuple[GroupStatus, ...]
     sources: tuple[SourceStatus, ...]
+    read_holdback: ReadHoldback | None
+    """What holds log and category readers back (None: nothing can, in memory)."""
     warnings: tuple[str, ...]
 
     @property
@@ -120,6 +132,7 @@ class ClusterStatus:
         for key in ("checked_at", "leader_since"):
             value = data[key]
             data[key] = None if value is None else value.isoformat()
+        data["read_holdback"] = None if self.read_holdback is None else self.read_holdback.to_json()
         data["healthy"] = self.healthy
         return data
 
@@ -140,6 +153,7 @@ async def gather_cluster_status(
     checkpoints = {(c.group, c.source): c for c in await backend.checkpoints.list()}
     parked = await backend.parked.list()
     version = await backend.schema_version()
+    holdback = await backend.events.read_holdback()
 
     seen = {(r.group, r.id): (now - r.last_seen).total_seconds() for r in subscribers}
     live = {key for key, age in seen.items() if age <= limit}
@@ -204,6 +218,9 @@ async def gather_cluster_status(
         for name in group_names
     ]
     warnings = _warnings(list(nodes.values()), groups, sources, lag_bound)
+    warning = held_back_warning(holdback, lag_bound)
+    if warning is not None:
+        warnings.append(warning)
     return ClusterStatus(
         checked_at=now,
         schema_version=version,
@@ -213,7 +230,39 @@ async def gather_cluster_status(
         nodes=tuple(sorted(nodes.values(), key=lambda n: n.node_id)),
         groups=tuple(groups),
         sources=tuple(sources),
+        read_holdback=holdback,
         warnings=tuple(warnings),
+    )
+
+
+def held_back_warning(holdback: ReadHoldback | None, lag_bound: LagBound | None) -> str | None:
+    """The warning about an open publish holding readers back for longer than
+    HELD_BACK_WARNING (or ``lag_bound``'s seconds, if shorter), else None."""
+    if holdback is None or holdback.oldest is None:
+        return None
+    bound = HELD_BACK_WARNING.total_seconds()
+    if lag_bound is not None and lag_bound.seconds is not None:
+        bound = min(bound, lag_bound.seconds)
+    if holdback.seconds <= bound:
+        return None
+    return (
+        f"reads held back {holdback.seconds:.1f} s by an open publish "
+        f"({describe_publisher(holdback)}); "
+        f"{holdback.events_beyond} committed events wait behind it"
+    )
+
+
+def describe_publisher(holdback: ReadHoldback) -> str:
+    """The oldest publish in flight in one line: pid, xid, application_name, state (or
+    its gid when prepared); 'none' when there is none."""
+    oldest = holdback.oldest
+    if oldest is None:
+        return "none"
+    if oldest.prepared_as is not None:
+        return f"prepared transaction {oldest.prepared_as!r}, xid {oldest.transaction_id}"
+    return (
+        f"pid {oldest.pid}, xid {oldest.transaction_id}, "
+        f"application_name {oldest.application_name!r}, {oldest.state}"
     )
 
 

@@ -30,6 +30,11 @@ a node) adds to ``eventmill_events_published_total{category}``,
 
 Counters are read from the node when scraped; lag is counted by ``run()`` (one
 ``EventStorage.lags`` statement per refresh), never during a scrape.
+
+What holds readers back (PostgreSQL; ``EventStorage.read_holdback``, read by ``run()``
+too): ``eventmill_watermark_age_seconds``, how long the oldest publish in flight has
+held log and category readers back, and ``eventmill_events_beyond_watermark``, the
+committed events they wait for behind it (both 0 when none, and in memory).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, ReadHoldback
 from eventmill.broker.distributed import DistributedEventBroker
 from eventmill.errors import EventmillError, MissingDependencyError
 from eventmill.events import EventSourceIdentifier
@@ -93,6 +98,8 @@ class NodeMetrics:
         )
         self.lags: dict[tuple[str, str], tuple[int, float]] = {}
         """(group, source) -> (events, seconds), as of the latest refresh."""
+        self.holdback: ReadHoldback | None = None
+        """What held readers back at the latest refresh (None: nothing can)."""
         self.fair_shares: dict[str, int] = {}
         """group -> sources each live subscriber should hold at least."""
         self.rates: dict[str, float] = {}
@@ -125,6 +132,7 @@ class NodeMetrics:
                     (handle.group, source, None if consumer is None else consumer.processed)
                 )
         lags = await backend.events.lags([(source, after, None) for _, source, after in places])
+        self.holdback = await backend.events.read_holdback()
         now_wall = time.time()
         found: dict[tuple[str, str], tuple[int, float]] = {}
         for (group, source, _), lag in zip(places, lags, strict=True):
@@ -345,3 +353,14 @@ class _NodeCollector(Collector):
         ready = GaugeMetricFamily("eventmill_ready", "1 while the node is ready")
         ready.add_metric([], 1 if node.ready and metrics.holds_fair_share() else 0)
         yield ready
+        holdback = metrics.holdback
+        yield GaugeMetricFamily(
+            "eventmill_watermark_age_seconds",
+            "How long the oldest publish in flight has held readers back (0: none)",
+            value=0.0 if holdback is None else holdback.seconds,
+        )
+        yield GaugeMetricFamily(
+            "eventmill_events_beyond_watermark",
+            "Committed events readers wait for behind the oldest publish in flight",
+            value=0 if holdback is None else holdback.events_beyond,
+        )

@@ -186,8 +186,9 @@ def check_isolation_mode(value: object) -> IsolationMode:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SourceStatistics:
     """One held source: its epoch, the place of the last processed event (None before
-    the first), the place of the latest event, and ``lag``: how many events are left
-    (counted by one read, so at most 10,000)."""
+    the first), the place of the latest event readable now, and ``lag``: how many
+    committed events are left, counted without reading them (exact, uncapped, and
+    including any a reader waits for behind an open publish)."""
 
     source: EventSourceIdentifier
     epoch: int
@@ -885,7 +886,8 @@ class EventProcessingNode:
                 reader = EventSource(self.backend, source, page_size=MAX_PAGE_SIZE)
                 latest_event = await reader.latest()
                 latest = None if latest_event is None else reader.place(latest_event)
-                lag = 0 if latest == processed else len(await reader.read(after=processed))
+                (counted,) = await self.backend.events.lags([(source, processed, None)])
+                lag = counted.events
                 sources.append(
                     SourceStatistics(
                         source=source, epoch=epoch, processed=processed, latest=latest, lag=lag

@@ -1,6 +1,8 @@
 """``eventmill status`` as a check: exact, uncapped lag (25,000 pending events), the
-leader and its term, every node, and exit codes 0 (healthy), 1 (no live coordinator,
-dead holder, unheld source, lag above ``--fail-on-lag``) and 2 (cannot check)."""
+leader and its term, every node, what holds readers back (an open publish: named, and
+the committed events behind it counted in the lag), and exit codes 0 (healthy), 1 (no
+live coordinator, dead holder, unheld source, lag above ``--fail-on-lag``, readers held
+back too long) and 2 (cannot check)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from eventmill.backends.base import Assign, Backend, Release
 from eventmill.backends.memory import InMemoryBackend
@@ -16,7 +22,9 @@ from eventmill.backends.postgres import PostgresBackend
 from eventmill.cli import EXIT_CANNOT_CHECK, main, status
 from eventmill.cluster_status import LagBound, gather_cluster_status
 from eventmill.errors import InvalidSettingsError
-from eventmill.events import CategoryIdentifier, NewEvent
+from eventmill.events import CategoryIdentifier, NewEvent, stream_hash
+from eventmill.metrics import NodeMetrics
+from eventmill.node import EventProcessingNode
 from eventmill.store import EventStore
 from tests.postgres_support import TEST_DSN, fresh_postgres_backend
 
@@ -115,6 +123,65 @@ async def test_no_live_coordinator_and_a_dead_holder_are_warnings(
     ]
 
 
+@pytest.mark.postgres
+async def test_an_open_publish_is_named_and_the_events_behind_it_count_as_lag(
+    postgres: PostgresBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await make_cluster(postgres)
+    await publish(postgres, 500)
+    async with await psycopg.AsyncConnection.connect(
+        TEST_DSN, application_name="stuck-publisher"
+    ) as stuck:
+        await stuck.execute(
+            sql.SQL("SELECT {}.publish('audit', 'a-1', %s, NULL, %s::jsonb)").format(
+                sql.Identifier(postgres.schema)
+            ),
+            (stream_hash("a-1"), '[["noted", {}, {}, "2026-01-01T00:00:00+00:00"]]'),
+        )
+        cursor = await stuck.execute(
+            "SELECT pg_backend_pid(), pg_current_xact_id()::text::bigint & 4294967295"
+        )
+        pid, xid = await cursor.fetchone() or (None, None)
+        await publish(postgres, 1000)  # committed, but behind the open publish
+        assert len(await postgres.events.read(ORDERS, after=None, limit=5000)) == 500
+
+        code, found = await check(postgres, capsys)
+        assert code == 0, found["warnings"]
+        holdback = found["read_holdback"]
+        assert holdback["events_beyond"] == 1000
+        assert holdback["oldest"]["pid"] == pid
+        assert holdback["oldest"]["transaction_id"] == xid
+        assert holdback["oldest"]["application_name"] == "stuck-publisher"
+        assert holdback["oldest"]["state"] == "idle in transaction"
+        assert found["sources"][0]["lag_events"] == 1500
+
+        metrics = NodeMetrics(EventProcessingNode(postgres, node_id="watching"))
+        await metrics.refresh()
+        scraped = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+            for sample in family.samples
+        }
+        assert scraped["eventmill_watermark_age_seconds"] > 0
+        assert scraped["eventmill_events_beyond_watermark"] == 1000
+
+        code, found = await check(postgres, capsys, "0.0s")
+        assert code == 1
+        (held,) = [w for w in found["warnings"] if w.startswith("reads held back")]
+        assert f"pid {pid}, xid {xid}, application_name 'stuck-publisher'" in held
+        assert held.endswith("1000 committed events wait behind it")
+
+        assert await status(TEST_DSN, postgres.schema, False) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if "read watermark" in x]
+        assert f"pid {pid}, xid {xid}" in line and "1000 committed events beyond it" in line
+        await stuck.rollback()
+
+    code, found = await check(postgres, capsys)
+    assert code == 0, found["warnings"]
+    assert found["read_holdback"]["oldest"] is None
+    assert found["read_holdback"]["events_beyond"] == 0
+
+
 async def test_unheld_sources_and_memory_backlog() -> None:
     backend = InMemoryBackend()
     await publish(backend, 1500)
@@ -138,6 +205,7 @@ async def test_unheld_sources_and_memory_backlog() -> None:
     assert sorted(s.lag_events for s in found.sources) == [0, 1500]
     assert found.groups[0].lag_events == 1500
     assert found.warnings == ("group totals: 1 sources unheld",)
+    assert found.read_holdback is None
 
 
 def test_lag_bounds() -> None:

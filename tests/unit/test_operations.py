@@ -155,6 +155,7 @@ async def test_metrics_and_endpoints_of_a_node() -> None:
             assert found[("eventmill_events_published_total", orders)] == 30
             assert found[("eventmill_publish_duration_seconds_count", orders)] == 30
             assert found[("eventmill_leader", ())] == 1
+            assert found[("eventmill_watermark_age_seconds", ())] == 0
             assert (await client.get("/healthz")).status_code == 200
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and "lag above the bound" in ready.text

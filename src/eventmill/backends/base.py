@@ -49,6 +49,63 @@ class SourceLag:
     oldest_at: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class PublisherInFlight:
+    """A publish that has not ended: log and category reads wait for the oldest."""
+
+    transaction_id: int
+    """Its transaction id's low 32 bits (as pg_locks and pg_prepared_xacts show it)."""
+    pid: int | None
+    """The server process running it; None when it is a prepared transaction."""
+    prepared_as: str | None
+    """Its gid when prepared (end it with COMMIT PREPARED or ROLLBACK PREPARED)."""
+    since: datetime | None
+    """When its transaction began (or was prepared)."""
+    application_name: str | None = None
+    """Its session's application_name (None when prepared)."""
+    state: str | None = None
+    """Its session's state, e.g. ``idle in transaction`` (None when prepared)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReadHoldback:
+    """What holds log and category readers back now (``EventStorage.read_holdback``)."""
+
+    watermark: int
+    """The read watermark: reads return events below it (a transaction id)."""
+    oldest: PublisherInFlight | None
+    """The oldest publish in flight, which the watermark waits for (None: none)."""
+    events_beyond: int
+    """Committed events that readers cannot read until it ends."""
+    checked_at: datetime
+    """The server's time when this was read."""
+
+    @property
+    def seconds(self) -> float:
+        """How long the oldest publish has held readers back (0.0 when none)."""
+        since = None if self.oldest is None else self.oldest.since
+        return 0.0 if since is None else max(0.0, (self.checked_at - since).total_seconds())
+
+    def to_json(self) -> dict[str, Any]:
+        """As JSON-ready data (times as ISO 8601 text)."""
+        oldest = self.oldest
+        return {
+            "watermark": self.watermark,
+            "events_beyond": self.events_beyond,
+            "seconds": round(self.seconds, 3),
+            "oldest": None
+            if oldest is None
+            else {
+                "pid": oldest.pid,
+                "transaction_id": oldest.transaction_id,
+                "application_name": oldest.application_name,
+                "state": oldest.state,
+                "prepared_as": oldest.prepared_as,
+                "since": None if oldest.since is None else oldest.since.isoformat(),
+            },
+        }
+
+
 LagPlace: TypeAlias = tuple[EventSourceIdentifier, int | None, int | None]
 """A span of a source to count: (source, after, through); places as for
 ``EventStorage.read``, ``after`` None from the start, ``through`` None to the end."""
@@ -110,6 +167,12 @@ class EventStorage(ABC):
                 place = read[-1]
             lags.append(SourceLag(events=count, newest=newest, oldest_at=oldest_at))
         return lags
+
+    async def read_holdback(self) -> ReadHoldback | None:
+        """The read watermark, the oldest publish in flight and the committed events
+        readers wait for behind it; None where reads never wait for a publish (in
+        memory). Raises StorageError."""
+        return None
 
 
 class Lock(ABC):

@@ -58,7 +58,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +66,13 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.rows import RowMaker
 
-from eventmill.backends.base import EventStorage, LagPlace, SourceLag
+from eventmill.backends.base import (
+    EventStorage,
+    LagPlace,
+    PublisherInFlight,
+    ReadHoldback,
+    SourceLag,
+)
 from eventmill.backends.postgres.driver_errors import NOT_READ_COMMITTED, UNMET_WRITE_CONDITION
 from eventmill.backends.postgres.lags import count_lags
 from eventmill.backends.postgres.notifications import channel_name
@@ -121,7 +126,8 @@ def _up_to_watermark(page: str) -> str:
 
 _PUBLISHERS_IN_FLIGHT = (
     "SELECT marker.objid::bigint, marker.pid, prepared.gid,"
-    " coalesce(prepared.prepared, activity.xact_start) AS since"
+    " coalesce(prepared.prepared, activity.xact_start) AS since,"
+    " activity.application_name, activity.state"
     " FROM pg_locks AS marker"
     " LEFT JOIN pg_prepared_xacts AS prepared"
     " ON prepared.transaction::text::bigint = marker.objid::bigint"
@@ -130,20 +136,14 @@ _PUBLISHERS_IN_FLIGHT = (
     " AND marker.classid = '{schema}.event_sequence_numbers'::regclass::oid"
     " ORDER BY since NULLS FIRST"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class PublisherInFlight:
-    """A publish that has not ended: log and category reads wait for the oldest."""
-
-    transaction_id: int
-    """Its transaction id's low 32 bits (as pg_locks and pg_prepared_xacts show it)."""
-    pid: int | None
-    """The server process running it; None when it is a prepared transaction."""
-    prepared_as: str | None
-    """Its gid when prepared (end it with COMMIT PREPARED or ROLLBACK PREPARED)."""
-    since: datetime | None
-    """When its transaction began (or was prepared)."""
+_HOLDBACK = (
+    # the watermark, then the committed events at or above it: the last event below
+    # it is found by a backward scan through them, the rest counted after it
+    "SELECT w.watermark::text::bigint, now(), (SELECT count(*) FROM {schema}.events"
+    " WHERE sequence_number > coalesce((SELECT sequence_number FROM {schema}.events"
+    " WHERE transaction_id < w.watermark ORDER BY sequence_number DESC LIMIT 1), 0))"
+    " FROM (SELECT {schema}.read_watermark() AS watermark) AS w"
+)
 
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
@@ -436,6 +436,21 @@ class PostgresEventStorage(EventStorage):
             cursor = await connection.execute(self._backend.sql(_PUBLISHERS_IN_FLIGHT))
             rows = await cursor.fetchall()
         return [PublisherInFlight(*row) for row in rows]
+
+    async def read_holdback(self) -> ReadHoldback:
+        """Two statements: the publishers in flight, then the watermark and the
+        committed events at or above it (counted from the last event below it
+        backwards: costs what readers wait for). Raises StorageError."""
+        publishers = await self.publishers_in_flight()
+        async with self._backend.connection() as connection:
+            cursor = await connection.execute(self._backend.sql(_HOLDBACK))
+            row = await cursor.fetchone()
+        assert row is not None
+        watermark, checked_at, beyond = row
+        oldest = publishers[0] if publishers else None
+        return ReadHoldback(
+            watermark=watermark, oldest=oldest, events_beyond=beyond, checked_at=checked_at
+        )
 
     async def lags(self, places: Sequence[LagPlace]) -> list[SourceLag]:
         """Counted in one statement without reading the events (``lags.count_lags``)."""
