@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from eventmill.backends.postgres import PostgresBackend
+from eventmill.events import stream_hash
 
 TEST_DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -73,3 +74,29 @@ async def own_database() -> AsyncIterator[str]:
             await connection.execute(
                 sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@asynccontextmanager
+async def open_publish(
+    backend: PostgresBackend, application_name: str
+) -> AsyncIterator[tuple[int, int]]:
+    """A publish of one event to ``audit/a-1`` in a transaction left open (on its own
+    connection, named ``application_name``) until the block ends, then rolled back:
+    it holds every log and category reader of the schema back. Yields the session's
+    pid and the transaction id's low 32 bits (as pg_locks shows it)."""
+    async with await psycopg.AsyncConnection.connect(
+        TEST_DSN, application_name=application_name
+    ) as connection:
+        await connection.execute(
+            sql.SQL("SELECT {}.publish('audit', 'a-1', %s, NULL, %s::jsonb)").format(
+                sql.Identifier(backend.schema)
+            ),
+            (stream_hash("a-1"), '[["noted", {}, {}, "2026-01-01T00:00:00+00:00"]]'),
+        )
+        cursor = await connection.execute(
+            "SELECT pg_backend_pid(), pg_current_xact_id()::text::bigint & 4294967295"
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        yield row[0], row[1]
+        await connection.rollback()

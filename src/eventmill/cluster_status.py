@@ -218,7 +218,10 @@ async def gather_cluster_status(
         for name in group_names
     ]
     warnings = _warnings(list(nodes.values()), groups, sources, lag_bound)
-    warning = held_back_warning(holdback, lag_bound)
+    bound = HELD_BACK_WARNING.total_seconds()
+    if lag_bound is not None and lag_bound.seconds is not None:
+        bound = min(bound, lag_bound.seconds)
+    warning = held_back_warning(holdback, bound)
     if warning is not None:
         warnings.append(warning)
     return ClusterStatus(
@@ -235,15 +238,10 @@ async def gather_cluster_status(
     )
 
 
-def held_back_warning(holdback: ReadHoldback | None, lag_bound: LagBound | None) -> str | None:
+def held_back_warning(holdback: ReadHoldback | None, bound: float) -> str | None:
     """The warning about an open publish holding readers back for longer than
-    HELD_BACK_WARNING (or ``lag_bound``'s seconds, if shorter), else None."""
-    if holdback is None or holdback.oldest is None:
-        return None
-    bound = HELD_BACK_WARNING.total_seconds()
-    if lag_bound is not None and lag_bound.seconds is not None:
-        bound = min(bound, lag_bound.seconds)
-    if holdback.seconds <= bound:
+    ``bound`` seconds, else None."""
+    if holdback is None or holdback.oldest is None or holdback.seconds <= bound:
         return None
     return (
         f"reads held back {holdback.seconds:.1f} s by an open publish "

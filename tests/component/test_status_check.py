@@ -10,11 +10,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import psycopg
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from psycopg import sql
 
 from eventmill.backends.base import Assign, Backend, Release
 from eventmill.backends.memory import InMemoryBackend
@@ -22,11 +20,11 @@ from eventmill.backends.postgres import PostgresBackend
 from eventmill.cli import EXIT_CANNOT_CHECK, main, status
 from eventmill.cluster_status import LagBound, gather_cluster_status
 from eventmill.errors import InvalidSettingsError
-from eventmill.events import CategoryIdentifier, NewEvent, stream_hash
+from eventmill.events import CategoryIdentifier, NewEvent
 from eventmill.metrics import NodeMetrics
 from eventmill.node import EventProcessingNode
 from eventmill.store import EventStore
-from tests.postgres_support import TEST_DSN, fresh_postgres_backend
+from tests.postgres_support import TEST_DSN, fresh_postgres_backend, open_publish
 
 PENDING = 25_000
 ORDERS = CategoryIdentifier("orders")
@@ -129,19 +127,7 @@ async def test_an_open_publish_is_named_and_the_events_behind_it_count_as_lag(
 ) -> None:
     await make_cluster(postgres)
     await publish(postgres, 500)
-    async with await psycopg.AsyncConnection.connect(
-        TEST_DSN, application_name="stuck-publisher"
-    ) as stuck:
-        await stuck.execute(
-            sql.SQL("SELECT {}.publish('audit', 'a-1', %s, NULL, %s::jsonb)").format(
-                sql.Identifier(postgres.schema)
-            ),
-            (stream_hash("a-1"), '[["noted", {}, {}, "2026-01-01T00:00:00+00:00"]]'),
-        )
-        cursor = await stuck.execute(
-            "SELECT pg_backend_pid(), pg_current_xact_id()::text::bigint & 4294967295"
-        )
-        pid, xid = await cursor.fetchone() or (None, None)
+    async with open_publish(postgres, "stuck-publisher") as (pid, xid):
         await publish(postgres, 1000)  # committed, but behind the open publish
         assert len(await postgres.events.read(ORDERS, after=None, limit=5000)) == 500
 
@@ -174,7 +160,6 @@ async def test_an_open_publish_is_named_and_the_events_behind_it_count_as_lag(
         assert await status(TEST_DSN, postgres.schema, False) == 0
         (line,) = [x for x in capsys.readouterr().out.splitlines() if "read watermark" in x]
         assert f"pid {pid}, xid {xid}" in line and "1000 committed events beyond it" in line
-        await stuck.rollback()
 
     code, found = await check(postgres, capsys)
     assert code == 0, found["warnings"]

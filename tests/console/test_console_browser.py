@@ -25,7 +25,7 @@ from tests.console.harness import (
     serve,
     wait_for,
 )
-from tests.postgres_support import fresh_postgres_backend
+from tests.postgres_support import fresh_postgres_backend, open_publish
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -195,3 +195,32 @@ async def follow_the_cluster(backend: PostgresBackend) -> None:
             assert await page.evaluate("window.eventmillConsole.loadedAt") == loaded_at
     finally:
         nodes.kill_all()
+
+
+async def test_the_page_names_an_open_publish() -> None:
+    async with fresh_postgres_backend() as backend, chromium() as browser:
+        await (
+            EventStore(backend)
+            .stream(category="orders", stream="o-1")
+            .publish([NewEvent(name="placed")])
+        )
+        settings = ConsoleSettings(held_back_warning_seconds=0.0)
+        app = ConsoleApp(backend, settings=settings, interval=timedelta(milliseconds=300))
+        async with serve(app) as url, open_publish(backend, "stuck-publisher") as (pid, _):
+            await (
+                EventStore(backend)
+                .stream(category="orders", stream="o-2")
+                .publish([NewEvent(name="placed")] * 3)
+            )
+            page = await browser.new_page()
+            await page.goto(url)
+            await page.wait_for_selector(
+                f'#watermark[data-pid="{pid}"][data-events-beyond="3"]', timeout=10_000
+            )
+            text = await page.inner_text("#watermark")
+            assert f"pid {pid}" in text and "stuck-publisher" in text
+            warnings = await page.inner_text("#warnings")
+            assert "reads held back" in warnings and f"pid {pid}" in warnings
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOTS / "open-publish.png"), full_page=True)
+            await page.close()  # ends its event stream, so the server can stop

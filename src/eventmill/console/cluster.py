@@ -1,6 +1,7 @@
 """What the console shows, read from storage in a few round trips: nodes, the leader,
-groups with their sources, holders, epochs, checkpoints and lag, parked streams, and
-warnings.
+groups with their sources, holders, epochs, checkpoints and lag, parked streams, what
+holds readers back (the read watermark, the oldest publish in flight and the committed
+events behind it; PostgreSQL), and warnings.
 
 ``read_cluster`` returns plain data (``ClusterState``), ready for JSON; it blocks on
 the storage and raises StorageError when a read fails.
@@ -16,6 +17,7 @@ from typing import Any
 
 from eventmill.backends.base import Backend, HoldingState, LagPlace, SourceLag
 from eventmill.broker.coordinator import COORDINATOR_LOCK
+from eventmill.cluster_status import HELD_BACK_WARNING, held_back_warning
 from eventmill.events import EventSourceIdentifier, source_key
 
 APPLICATION_PREFIX = "eventmill:"
@@ -34,7 +36,9 @@ class ConsoleSettings:
     - ``coordinator_lock``: the name of the lock the leader holds;
     - ``count_changes_above``: a source lagging more than this many events has its lag
       counted from what changed since the previous read; the others are counted from
-      their checkpoint every read (as cheap for a small backlog, and exact at once).
+      their checkpoint every read (as cheap for a small backlog, and exact at once);
+    - ``held_back_warning_seconds``: an open publish holding readers back for longer
+      is warned about.
     """
 
     subscriber_max_age: timedelta = timedelta(seconds=5)
@@ -42,6 +46,7 @@ class ConsoleSettings:
     lag_warning_seconds: float = 60.0
     coordinator_lock: str = COORDINATOR_LOCK
     count_changes_above: int = 10_000
+    held_back_warning_seconds: float = HELD_BACK_WARNING.total_seconds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,8 @@ class ClusterState:
     warnings: list[str]
     parked: list[dict[str, Any]] = field(default_factory=list)
     """Parked streams: each group's streams held back after a failure."""
+    read_holdback: dict[str, Any] | None = None
+    """What holds readers back (``ReadHoldback.to_json``); None: nothing can."""
     counts: dict[tuple[str, str], Count] = field(default_factory=dict)
     """(group, source key) -> what was counted, so the next read counts only changes."""
     serial: int = 0
@@ -158,6 +165,7 @@ class ClusterState:
             "groups": self.groups,
             "warnings": self.warnings,
             "parked": self.parked,
+            "read_holdback": self.read_holdback,
         }
 
 
@@ -190,7 +198,9 @@ async def read_cluster(
         planned.append((holding.group, key, holding.source, checkpoints.get((holding.group, key))))
     places: list[LagPlace] = []
     readings = _plan_counts(planned, previous, places, settings.count_changes_above)
-    lags = await backend.events.lags(places)
+    lags, holdback = await asyncio.gather(
+        backend.events.lags(places), backend.events.read_holdback()
+    )
     database_seconds = time.perf_counter() - started
     now = datetime.now(UTC)
     max_age = settings.subscriber_max_age.total_seconds()
@@ -348,6 +358,9 @@ async def read_cluster(
         warnings.append(f"{dead_held} sources held by dead or unknown subscribers")
     if parked_streams:
         warnings.append(f"{len(parked_streams)} parked streams")
+    held_back = held_back_warning(holdback, settings.held_back_warning_seconds)
+    if held_back is not None:
+        warnings.append(held_back)
     for group in groups.values():
         if group["lag"] > settings.lag_warning_events:
             warnings.append(
@@ -367,6 +380,7 @@ async def read_cluster(
         groups=[groups[name] for name in sorted(groups)],
         warnings=warnings,
         parked=parked_streams,
+        read_holdback=None if holdback is None else holdback.to_json(),
         counts=counts,
         serial=0 if previous is None else previous.serial + 1,
     )

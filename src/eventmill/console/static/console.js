@@ -130,6 +130,22 @@ function renderParked(state) {
   replaceRows(document.querySelector("#parked tbody"), rows);
 }
 
+function renderWatermark(state) {
+  // What holds log and category readers back: shown only where something can (PostgreSQL).
+  const holdback = state.read_holdback;
+  const section = document.getElementById("watermark-section");
+  section.hidden = !holdback;
+  if (!holdback) return;
+  const oldest = holdback.oldest;
+  const held = !oldest ? "no publish in flight"
+    : oldest.prepared_as ? `held back ${seconds(holdback.seconds)} by prepared transaction ${oldest.prepared_as} (xid ${oldest.transaction_id})`
+    : `held back ${seconds(holdback.seconds)} by pid ${oldest.pid}, xid ${oldest.transaction_id}, application_name ${oldest.application_name || "–"}, ${oldest.state}`;
+  const text = document.getElementById("watermark");
+  text.dataset.pid = oldest && oldest.pid !== null ? oldest.pid : "";
+  text.dataset.eventsBeyond = holdback.events_beyond;
+  text.replaceChildren(`watermark ${holdback.watermark}: ${held}; `, el("b", {}, holdback.events_beyond), " committed events beyond it");
+}
+
 function renderChanges() {
   const rows = consoleState.changes.slice(-50).reverse().map((change) =>
     el("tr", { "data-kind": change.kind },
@@ -166,6 +182,7 @@ function render(state) {
   renderNodes(state);
   renderGroups(state);
   renderParked(state);
+  renderWatermark(state);
   renderChanges();
 }
 
