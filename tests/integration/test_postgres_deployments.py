@@ -214,6 +214,9 @@ async def test_an_orphaned_prepared_publish_holds_readers_back_and_is_not_skippe
         (reason,) = await backend.events.publishers_in_flight()
         assert reason.prepared_as == name and reason.pid is None
         assert reason.since is not None
+        holdback = await backend.events.read_holdback()
+        assert holdback is not None and holdback.oldest == reason
+        assert holdback.events_beyond == 1  # `later`, committed behind it
         await holder.execute(sql.SQL("COMMIT PREPARED {}").format(gid))
         assert await backend.events.publishers_in_flight() == []
         assert [e.id for e in await store.log().read()] == [*held, later[0].id]
@@ -314,6 +317,7 @@ async def test_on_a_standby_log_and_category_reads_refuse_and_stream_reads_work(
                     await handle.read()
                 assert "target_session_attrs=read-write" in str(refused.value)
                 assert "\n" not in str(refused.value)
+            assert await replica.events.read_holdback() is None  # cannot be judged there
         finally:
             await replica.close()
 

@@ -73,7 +73,11 @@ from eventmill.backends.base import (
     ReadHoldback,
     SourceLag,
 )
-from eventmill.backends.postgres.driver_errors import NOT_READ_COMMITTED, UNMET_WRITE_CONDITION
+from eventmill.backends.postgres.driver_errors import (
+    NOT_READ_COMMITTED,
+    READ_ON_STANDBY,
+    UNMET_WRITE_CONDITION,
+)
 from eventmill.backends.postgres.lags import count_lags
 from eventmill.backends.postgres.notifications import channel_name
 from eventmill.conditions import WriteCondition
@@ -437,13 +441,23 @@ class PostgresEventStorage(EventStorage):
             rows = await cursor.fetchall()
         return [PublisherInFlight(*row) for row in rows]
 
-    async def read_holdback(self) -> ReadHoldback:
+    async def read_holdback(self) -> ReadHoldback | None:
         """Two statements: the publishers in flight, then the watermark and the
         committed events at or above it (counted from the last event below it
-        backwards: costs what readers wait for). Raises StorageError."""
+        backwards: costs what readers wait for). None on a server in recovery (log
+        and category reads are refused there). Raises StorageError."""
         publishers = await self.publishers_in_flight()
+        holdback = self._backend.sql(_HOLDBACK)
         async with self._backend.connection() as connection:
-            cursor = await connection.execute(self._backend.sql(_HOLDBACK))
+            try:
+                cursor = await connection.execute(holdback)
+            except psycopg.Error as error:
+                if error.sqlstate == READ_ON_STANDBY:
+                    return None
+                if error.sqlstate != NOT_READ_COMMITTED:
+                    raise
+                await connection.execute(_READ_COMMITTED)
+                cursor = await connection.execute(holdback)
             row = await cursor.fetchone()
         assert row is not None
         watermark, checked_at, beyond = row
