@@ -12,14 +12,16 @@
   ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata)
   on a backend whose publishes ``PublishMetrics`` counts.
 
-Modes alternate (in reverse order every other round), medians of 7 runs each; ratios
-of the medians. PostgreSQL: ``EVENTMILL_TEST_DSN`` in a throwaway schema per run.
+Modes alternate (in reverse order every other round, garbage collected between runs),
+medians of 7 runs each; ratios of the medians. PostgreSQL: ``EVENTMILL_TEST_DSN`` in a
+throwaway schema per run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -120,6 +122,7 @@ async def compare(
         for mode, measure in order if repeat % 2 == 0 else reversed(order):
             async with make() as backend:
                 rates[mode].append(await measure(backend))
+            gc.collect()  # no run pays for collecting an earlier run's garbage
     base = median(rates[next(iter(modes))])
     for mode, values in rates.items():
         report(f"{name}.{mode}", median(values), "events/s", **details)

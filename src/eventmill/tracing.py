@@ -100,22 +100,20 @@ async def publish(
 
 
 def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
-    links: dict[int, trace.Link] = {}
-    fields = sorted(propagate.get_global_textmap().fields)
+    links: list[trace.Link] = []
+    fields = list(propagate.get_global_textmap().fields)
     seen: set[tuple[object, ...]] = set()
     for event in events[:MAX_LINKS]:
         metadata = event.metadata
-        if not metadata:
-            continue
-        key = tuple(metadata.get(field) for field in fields)
+        key = tuple([metadata.get(field) for field in fields])
         if key in seen:  # the events of one publish share their context
             continue
         seen.add(key)
         carrier: dict[str, Any] = dict(metadata)
         context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
-        if context.is_valid and context.span_id not in links:
-            links[context.span_id] = trace.Link(context)
-    return list(links.values())
+        if context.is_valid:
+            links.append(trace.Link(context))
+    return links
 
 
 @contextmanager
