@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from eventmill import CategoryIdentifier, NewEvent, StreamIdentifier
-from eventmill.backends.base import Backend, ConsumerTransaction, ParkedStream
+from eventmill.backends.base import Backend, ConsumerTransaction, ParkedRequest, ParkedStream
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.consumers import (
     EventConsumerStateStore,
@@ -36,7 +36,7 @@ from eventmill.errors import (
     StaleEpochError,
 )
 from eventmill.events import StoredEvent
-from eventmill.groups import retire_group
+from eventmill.groups import reset_group, retire_group
 from eventmill.projections import ProjectionStore
 from eventmill.services.error_handlers import ConstantBackoff, ExponentialBackoff
 from eventmill.services.status import ProcessStatus
@@ -76,7 +76,7 @@ class Projecting(TransactionalEventProcessor):
     """Counts each event in a projection, in the batch's transaction; raises (after its
     write) on the events in ``poison``, so a failing batch has partial writes."""
 
-    def __init__(self, backend: InMemoryBackend, poison: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(self, backend: Backend, poison: Sequence[tuple[str, int]] = ()) -> None:
         self.store = ProjectionStore(backend, "applied")
         self.poison = set(poison)
 
@@ -457,3 +457,41 @@ async def test_stored_tries_are_deleted_once_the_event_passes(backend: Backend) 
     assert fixed.seen == [("bad", 0), ("b", 0)]
     assert not successor.retrying
     assert await parked_streams(backend) == []
+
+
+async def test_a_reset_replay_is_not_blocked_by_the_parks_before_it(backend: Backend) -> None:
+    await publish(backend, "a", "bad", "bad", "b")
+    await consumer(backend, Handler(poison=[("bad", 0)]), at_once()).consume_all()
+    assert [r.held for r in await parked_streams(backend)] == [2]
+    [checkpoint] = await reset_group(backend, "g", to_start=True)
+    fixed = Handler()  # the fix deployed, then the group replayed from the start
+    replay = EventSourceConsumer(
+        EventSource(backend, ORDERS),
+        fixed,
+        EventConsumerStateStore(backend.checkpoints, "g", ORDERS, epoch=checkpoint.epoch),
+        failure_policy=at_once(),
+    )
+    await replay.consume_all()
+    assert fixed.seen == [("a", 0), ("bad", 0), ("bad", 1), ("b", 0)]
+    assert await parked_streams(backend) == []
+
+
+async def test_a_zombie_replays_no_held_event_of_a_source_that_moved(backend: Backend) -> None:
+    await publish(backend, "bad", "a", "bad")
+    projecting = Projecting(backend, poison=[("bad", 0)])
+    zombie = EventSourceConsumer(
+        EventSource(backend, ORDERS),
+        projecting,
+        EventConsumerStateStore(backend.checkpoints, "g", ORDERS, epoch=1),
+        failure_policy=at_once(),
+    )
+    await zombie.consume_all()
+    assert await projecting.counts() == {"a:0": 1}
+    projecting.poison = set()
+    await retry_parked(backend, "g", BAD)
+    await backend.checkpoints.fence("g", ORDERS, 2)  # the source moved meanwhile
+    with pytest.raises(StaleEpochError):
+        await zombie.consume_all()
+    assert await projecting.counts() == {"a:0": 1}  # its replay rolled back
+    [record] = await parked_streams(backend)
+    assert (record.position, record.held, record.request) == (0, 2, ParkedRequest.RETRY)
