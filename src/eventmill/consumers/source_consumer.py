@@ -348,18 +348,10 @@ class EventSourceConsumer:
                     if not await self._settle(event, error, checkpoint=None):
                         return False
                 else:
-                    await self._passed(self.source.place(event))
+                    if self._failing is not None:
+                        await self._passed(self.source.place(event))
             await self._mark(event)
         return True
-
-    def _holds(self, event: StoredEvent) -> bool:
-        """Whether ``event`` is held (its stream is parked; counted at the end of the
-        pass) instead of given to the processor."""
-        return (
-            self.failure_policy is not None
-            and event.stream in self._parked_names
-            and self._held(event)
-        )
 
     async def _consume_auto_commit(self, processor: AutoCommitEventIteratorProcessor) -> None:
         """Feed the source to ``processor``; with a failure policy, a raise blames the
@@ -390,11 +382,12 @@ class EventSourceConsumer:
                 for event in page:
                     if last_pulled:
                         pulled = last_pulled.pop()
-                        await self._passed(self.source.place(pulled))
+                        if self._failing is not None:
+                            await self._passed(self.source.place(pulled))
                         await self._mark(pulled)
                     if self._halted():
                         return
-                    if self._holds(event):
+                    if event.stream in self._parked_names and self._held(event):
                         await self._mark(event)
                         continue
                     last_pulled.append(event)
@@ -437,7 +430,7 @@ class EventSourceConsumer:
             self._narrow_until = None
             return False
         event = batch[0]
-        if not self._holds(event):
+        if not (event.stream in self._parked_names and self._held(event)):
             try:
                 await self._process_alone(event)
             except Exception as error:
@@ -462,7 +455,7 @@ class EventSourceConsumer:
                     if self._halted():
                         return
                     place = self.source.place(event)
-                    if self._holds(event):
+                    if event.stream in self._parked_names and self._held(event):
                         if progress.pulled == self._processed:  # all pulled acknowledged
                             self._acknowledge(place)
                         progress.pulled = place
@@ -588,7 +581,8 @@ class EventSourceConsumer:
             failing.stored = True
 
     def _held(self, event: StoredEvent) -> bool:
-        """Whether ``event`` belongs to a parked stream; if so, note it to be counted."""
+        """Whether ``event`` belongs to a parked stream (held instead of given to the
+        processor); if so, note it to be counted at the end of the pass."""
         key = (event.category, event.stream)
         if key not in self._parked:
             return False
