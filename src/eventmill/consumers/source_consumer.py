@@ -543,12 +543,11 @@ class EventSourceConsumer:
             if key not in known and key not in self._recounted and record.request is None:
                 self._recounted.add(key)
                 places = [self.source.place(e) for e in await self._held_events(record)]
-                first = self._first_place(record)
-                last = places[-1] if places else first - 1
-                if (len(places), last) != (record.held, record.last_held):
-                    await store.park(
-                        replace(record, held=len(places), last_held=last), epoch=self._epoch
-                    )
+                # Not reached yet (a holder died before saving its checkpoint): the first
+                # event is held all the same, as when it was parked.
+                held, last = (len(places), places[-1]) if places else (1, self._first_place(record))
+                if (held, last) != (record.held, record.last_held):
+                    await store.park(replace(record, held=held, last_held=last), epoch=self._epoch)
         for record in parked:
             if record.retrying:
                 await self._resume_tries(record)

@@ -495,3 +495,34 @@ async def test_a_zombie_replays_no_held_event_of_a_source_that_moved(backend: Ba
     assert await projecting.counts() == {"a:0": 1}  # its replay rolled back
     [record] = await parked_streams(backend)
     assert (record.position, record.held, record.request) == (0, 2, ParkedRequest.RETRY)
+
+
+async def test_a_recount_before_the_first_held_event_keeps_it_held(backend: Backend) -> None:
+    await publish(backend, "x", "bad", "bad")
+    first, second = await EventSource(backend, BAD).read(after=None)
+    record = ParkedStream(  # parked by a holder that died before saving its checkpoint
+        group="g",
+        source=ORDERS,
+        stream=BAD,
+        sequence_number=first.sequence_number,
+        position=0,
+        event_name=first.name,
+        held=1,
+        last_held=first.sequence_number,
+        error_type="KeyError",
+        error_message="'total'",
+        traceback="",
+        attempts=1,
+        first_failed_at=first.observed_at,
+        last_failed_at=first.observed_at,
+    )
+    await backend.parked.park(record)
+    successor = consumer(backend, Handler(poison=[("x", 0)]), at_once(attempts=2))
+    await successor.consume_all()  # x waits for another try before "bad" is reached
+
+    async def bad() -> ParkedStream:
+        return next(r for r in await parked_streams(backend) if r.stream == BAD)
+
+    assert await bad() == record  # still parked, holding its first event
+    await successor.consume_all()  # x parked too; "bad" reached and held
+    assert ((await bad()).held, (await bad()).last_held) == (2, second.sequence_number)
