@@ -1,7 +1,8 @@
 """The ``eventmill parked`` commands (see ``eventmill.consumers.failures``).
 
 - ``eventmill parked list --dsn DSN [--group G] [--json]``: every parked stream with
-  its first held event, the count of held events, the error and the tries;
+  its first held event, the count of held events, the error and the tries, and every
+  event that failed and waits for another try ("retrying", JSON ``"retrying": true``);
 - ``eventmill parked retry GROUP STREAM --dsn DSN``: ask the holder of the stream's
   source to replay its held events in order through the code it runs now;
 - ``eventmill parked skip GROUP STREAM --dsn DSN [--through SEQ]``: ask the holder to
@@ -132,6 +133,7 @@ def parked_json(record: ParkedStream) -> dict[str, Any]:
         "position": record.position,
         "event_name": record.event_name,
         "held": record.held,
+        "retrying": record.retrying,
         "error_type": record.error_type,
         "error_message": record.error_message,
         "traceback": record.traceback,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -93,3 +94,41 @@ def test_errors_are_one_line(schema: str, capsys: pytest.CaptureFixture[str]) ->
         main(["parked", "skip", "totals", "no-slash", *where])
     assert exited.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_list_shows_an_event_waiting_for_another_try(
+    schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(_retrying(schema))
+    where = ["--dsn", TEST_DSN, "--schema", schema]
+    assert main(["parked", "list", *where]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "retrying sequence number 8 (position 0, order-paid)" in lines[1]
+    assert "KeyError: 'total' after 1 tries" in lines[1]
+    assert main(["parked", "list", "--json", *where]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["stream"]["stream"], r["retrying"], r["held"]) for r in records] == [
+        ("o-1", False, 2),
+        ("o-2", True, 0),
+    ]
+
+
+async def _retrying(schema: str) -> None:
+    backend = await PostgresBackend.connect(TEST_DSN, schema=schema, max_size=1)
+    try:
+        [parked] = await backend.parked.list()
+        await backend.parked.park(
+            replace(
+                parked,
+                stream=StreamIdentifier("orders", "o-2"),
+                sequence_number=8,
+                position=0,
+                event_name="order-paid",
+                held=0,
+                last_held=8,
+                error_message="'total'",
+                attempts=1,
+            )
+        )
+    finally:
+        await backend.close()
