@@ -19,6 +19,7 @@ MODULES = [
     "rebuilds",
     "shared_tail",
     "peers",
+    "watermark_locks",
     "console",
     "operations",
 ]

@@ -25,9 +25,12 @@ as well.
 
 Reading. The log, categories and partitions are read by two statements pipelined
 (one round trip): the first takes the visibility watermark ({schema}.read_watermark():
-the oldest transaction id among publishers in flight, found in ``pg_locks``, or the
-snapshot's xmax when none is; migration 0008 says why it is exact, prepared (2PC)
-publishers included), the second reads. Under READ COMMITTED the read's snapshot is
+the oldest transaction id among publishers in flight, or the snapshot's xmax when none
+is), the second reads. The watermark never reads the lock table: only the transactions
+running at its snapshot are looked at, each by a try-lock of the key of the marker a
+publisher holds until it ends, so its cost does not grow with the locks other sessions
+hold, and with no transaction running it touches no lock at all (migration 0011 says
+why it is exact, prepared (2PC) publishers included). Under READ COMMITTED the read's snapshot is
 taken after the watermark's lock scan, so it sees every publisher that had ended by
 then. The reads run under READ COMMITTED whatever the server's, database's, role's or
 DSN's default: the watermark refuses any other level (EM004) and the reader then sets
