@@ -24,7 +24,7 @@ from eventmill import (
     position_is,
     stream_is_empty,
 )
-from eventmill.backends.postgres import PostgresBackend
+from eventmill.backends.postgres import PostgresBackend, event_storage
 from eventmill.backends.postgres.driver_errors import translate_driver_errors
 from eventmill.backends.postgres.schema import PUBLISH_LOCK_CLASS
 from eventmill.events import stream_hash
@@ -356,3 +356,38 @@ async def test_a_failure_inside_the_critical_section_releases_its_lock() -> None
         async with second_backend(backend.schema) as other:
             stored = await EventStore(other).stream(category="c", stream="s").publish(events(1))
         assert stored[0].position == 2
+
+
+def _plan_rows(node: dict[str, Any]) -> int:
+    """Rows read from tables by an EXPLAIN ANALYZE plan node and its children."""
+    reads_table = "Relation Name" in node
+    own = node["Actual Rows"] * node["Actual Loops"] if reads_table else 0
+    return own + sum(_plan_rows(child) for child in node.get("Plans", []))
+
+
+async def test_a_stalled_read_examines_one_page() -> None:
+    """With an open publish and many committed events beyond it, a log or category read
+    reads one page of rows from the table, not everything beyond the watermark."""
+    page = 50
+    async with fresh_postgres_backend() as backend, await connect() as holder:
+        store = EventStore(backend)
+        async with holder.transaction():
+            await raw_publish(holder, backend, "c", "held", 1)
+            for number in range(20):
+                await store.stream(category="c", stream=f"s{number}").publish(events(100))
+            assert await store.category("c").read() == []
+            async with backend.connection() as connection:
+                for query, parameters in (
+                    (event_storage._READ_CATEGORY, ("c", 0, page)),
+                    (event_storage._READ_LOG, (0, page)),
+                ):
+                    async with connection.pipeline():  # as the storage reads
+                        await connection.execute(backend.sql(event_storage._SET_WATERMARK))
+                        cursor = await connection.execute(
+                            backend.sql("EXPLAIN (ANALYZE, FORMAT JSON) " + query), parameters
+                        )
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    plan = row[0][0]["Plan"]
+                    assert plan["Actual Rows"] == 0
+                    assert _plan_rows(plan) <= page

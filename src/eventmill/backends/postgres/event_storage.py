@@ -112,7 +112,16 @@ _PAGE_COLUMNS = (
 )
 _WATERMARK = "current_setting('eventmill.watermark')::xid8"
 _VISIBLE = f"transaction_id < {_WATERMARK}"
-_SET_WATERMARK = "SELECT set_config('eventmill.watermark', {schema}.read_watermark()::text, false)"
+_SET_WATERMARK = (
+    "SELECT set_config('eventmill.watermark', {schema}.read_watermark()::text, false),"
+    " set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true)"
+)
+"""The watermark for the next statement, which runs in the same (implicit) transaction
+and so also plans with these two settings: a page is an ordered index scan that stops
+after ``limit`` rows. Otherwise, whenever the planner's estimate of the rows after
+``after`` is low (a table not analyzed since it grew, a stall with many events beyond
+the watermark), it reads every row after ``after`` with a bitmap scan and sorts them
+for each page: a 100,000-event category read then cost time quadratic in its length."""
 _READ_COMMITTED = "SET default_transaction_isolation = 'read committed'"
 # Serialization failures of a publish (possible under REPEATABLE READ or SERIALIZABLE
 # defaults), which is its own transaction, are retried this many times.
