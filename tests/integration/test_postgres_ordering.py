@@ -391,3 +391,45 @@ async def test_a_stalled_read_examines_one_page() -> None:
                     plan = row[0][0]["Plan"]
                     assert plan["Actual Rows"] == 0
                     assert _plan_rows(plan) <= page
+
+
+async def test_the_watermark_looks_past_transactions_that_do_not_publish() -> None:
+    """The watermark probes each transaction running at its snapshot, lowest first:
+    older transactions that hold an xid but never publish are passed over, the first
+    publisher in flight stops the read, and no probe's lock is left behind."""
+    async with (
+        fresh_postgres_backend() as backend,
+        await connect() as idle_one,
+        await connect() as idle_two,
+        await connect() as publisher,
+    ):
+        store = EventStore(backend)
+        before = await store.stream(category="c", stream="early").publish(events(2))
+        async with idle_one.transaction(), idle_two.transaction(), publisher.transaction():
+            await idle_one.execute("SELECT pg_current_xact_id()")
+            await idle_two.execute("SELECT pg_current_xact_id()")
+            middle = await store.stream(category="c", stream="middle").publish(events(2))
+            held = await raw_publish(publisher, backend, "c", "held", 1)
+            after = await store.stream(category="c", stream="late").publish(events(1))
+            for _ in range(3):
+                assert await store.log().read() == [*before, *middle]
+                assert await store.category("c").read() == [*before, *middle]
+            async with backend.connection() as connection:
+                cursor = await connection.execute(
+                    backend.sql(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND mode = 'ExclusiveLock' AND objsubid = 1 AND classid ="
+                        " '{schema}.event_sequence_numbers'::regclass::oid"
+                    )
+                )
+                assert await cursor.fetchone() == (0,)
+
+        async def all_visible() -> bool:
+            return len(await store.log().read()) == 6
+
+        await wait_until(all_visible)
+        assert [e.id for e in await store.log().read()] == [
+            *(e.id for e in [*before, *middle]),
+            *held,
+            after[0].id,
+        ]
