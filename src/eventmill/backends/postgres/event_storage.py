@@ -516,7 +516,12 @@ class PostgresEventStorage(EventStorage):
         return await count_lags(self._backend, places)
 
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
-        """The last event a read could return now, or None. Raises StorageError."""
+        """The last event a read could return now, or None. Raises StorageError.
+
+        It filters (newest row below the watermark) instead of stopping as reads do:
+        exact on tables this cluster wrote (xid order is sequence order), not on a
+        table copied from another cluster until ``repair_copied_events`` has run
+        (docs/postgres.md)."""
         parameters: tuple[object, ...]
         if isinstance(source, LogIdentifier):
             query, parameters = self._latest_log, ()
