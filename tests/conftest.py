@@ -69,8 +69,10 @@ def standby(private_cluster: PrivateCluster) -> Iterator[PrivateCluster]:
 
 @pytest.fixture(scope="session")
 def transaction_bouncer(private_cluster: PrivateCluster) -> Iterator[Bouncer]:
-    """PgBouncer in transaction pooling mode in front of ``private_cluster``."""
-    bouncer = Bouncer(private_cluster, "transaction")
+    """PgBouncer in transaction pooling mode in front of ``private_cluster``, with 3
+    server connections per database: clients contend for them, so a client's
+    transactions run in changing server sessions."""
+    bouncer = Bouncer(private_cluster, "transaction", pool_size=3)
     yield bouncer
     bouncer.stop()
 

@@ -186,6 +186,9 @@ class PrivateCluster:
                 "stream",
                 "-R",
                 "--no-sync",
+                # At once: a spread checkpoint (the default) after the session's other
+                # tests wrote to the cluster took minutes.
+                "--checkpoint=fast",
             ]
         )
         copy.configure({"hot_standby": "on"})
@@ -200,9 +203,10 @@ class PrivateCluster:
 
 
 class Bouncer:
-    """A PgBouncer in ``pool_mode`` (transaction or session) in front of ``cluster``."""
+    """A PgBouncer in ``pool_mode`` (transaction or session) in front of ``cluster``,
+    with at most ``pool_size`` server connections per database and user."""
 
-    def __init__(self, cluster: PrivateCluster, pool_mode: str) -> None:
+    def __init__(self, cluster: PrivateCluster, pool_mode: str, *, pool_size: int = 40) -> None:
         self.folder = _new_folder("eventmill-bouncer-")
         self.port = free_port()
         self.pool_mode = pool_mode
@@ -219,7 +223,10 @@ class Bouncer:
             f"auth_file = {self.folder / 'users.txt'}\n"
             f"pool_mode = {pool_mode}\n"
             "max_client_conn = 500\n"
-            "default_pool_size = 40\n"
+            f"default_pool_size = {pool_size}\n"
+            # Hand out server connections in turn, not the last used first: a client's
+            # next transaction then lands on another server session, as under load.
+            "server_round_robin = 1\n"
             "ignore_startup_parameters = extra_float_digits\n"
             f"logfile = {self.folder / 'pgbouncer.log'}\n"
         )

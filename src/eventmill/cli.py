@@ -18,7 +18,9 @@
 
 Every option also comes from an ``EVENTMILL_*`` environment variable (``--dsn``:
 ``EVENTMILL_DSN``). Errors (bad arguments, an unreachable database, a missing schema)
-print one line on stderr and exit with a non-zero code.
+print one line on stderr and exit with a non-zero code. Behind PgBouncer in transaction
+mode, ``--direct-dsn`` (``EVENTMILL_DIRECT_DSN``) names PostgreSQL itself for the
+connections that need a session of their own (``PostgresBackend.connect``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import json
@@ -160,6 +163,7 @@ async def run(
     pool_size: int = 10,
     app_dir: str = ".",
     operations: Operations | None = None,
+    direct_dsn: str | None = None,
 ) -> int:
     """Make the node with the factory and run it until SIGINT/SIGTERM; return 0. Its
     PostgreSQL connections carry ``application_name`` ``eventmill:<node id>``."""
@@ -171,7 +175,11 @@ async def run(
         InMemoryBackend()
         if dsn is None
         else await connect(
-            dsn, schema, pool_size=pool_size, application_name=f"eventmill:{node_id}"
+            dsn,
+            schema,
+            pool_size=pool_size,
+            application_name=f"eventmill:{node_id}",
+            direct_dsn=direct_dsn,
         )
     )
     try:
@@ -225,8 +233,10 @@ async def connect(
     install: bool = False,
     pool_size: int = 4,
     application_name: str = "eventmill",
+    direct_dsn: str | None = None,
 ) -> Backend:
-    """A PostgreSQL backend, with its schema installed if ``install``."""
+    """A PostgreSQL backend (its pool over ``dsn``, its sessions over ``direct_dsn`` if
+    given), with its schema installed if ``install``."""
     from eventmill.backends.postgres import PostgresBackend
 
     backend = await PostgresBackend.connect(
@@ -235,6 +245,7 @@ async def connect(
         max_size=pool_size,
         connect_timeout=timedelta(seconds=5),
         application_name=application_name,
+        direct_dsn=direct_dsn,
     )
     if install:
         try:
@@ -245,12 +256,12 @@ async def connect(
     return backend
 
 
-async def migrate(dsn: str, schema: str) -> int:
+async def migrate(dsn: str, schema: str, direct_dsn: str | None = None) -> int:
     """Install or upgrade the schema and repair events copied from another cluster;
     print what was done."""
     from eventmill.backends.postgres import PostgresBackend
 
-    backend = await connect(dsn, schema)
+    backend = await connect(dsn, schema, direct_dsn=direct_dsn)
     try:
         assert isinstance(backend, PostgresBackend)
         applied = await backend.install_schema()
@@ -322,9 +333,15 @@ def print_status(found: ClusterStatus) -> None:
         print(f"WARNING: {warning}")
 
 
-async def status(dsn: str, schema: str, as_json: bool, lag_bound: LagBound | None = None) -> int:
+async def status(
+    dsn: str,
+    schema: str,
+    as_json: bool,
+    lag_bound: LagBound | None = None,
+    direct_dsn: str | None = None,
+) -> int:
     """Print the deployment's state; return 0 when healthy, 1 with warnings."""
-    backend = await connect(dsn, schema)
+    backend = await connect(dsn, schema, direct_dsn=direct_dsn)
     try:
         await backend.check_schema()
         found = await gather_cluster_status(backend, lag_bound=lag_bound)
@@ -358,14 +375,18 @@ def console_token(token_file: str | None) -> str | None:
     return token or None
 
 
-async def console(dsn: str, schema: str, host: str, port: int, token: str | None) -> int:
+async def console(
+    dsn: str, schema: str, host: str, port: int, token: str | None, direct_dsn: str | None = None
+) -> int:
     """Serve the console until SIGINT/SIGTERM; return 0."""
     # eventmill.console first: without the extra it raises MissingDependencyError.
     from eventmill.console import ConsoleApp  # noqa: I001
 
     import uvicorn
 
-    backend = await connect(dsn, schema, application_name="eventmill-console")
+    backend = await connect(
+        dsn, schema, application_name="eventmill-console", direct_dsn=direct_dsn
+    )
     try:
         app = ConsoleApp(backend, token=token, title=schema)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
@@ -481,6 +502,7 @@ def parser() -> argparse.ArgumentParser:
     _from_environment(
         run_parser, "--dsn", help="PostgreSQL DSN (default: in memory, nothing shared or kept)"
     )
+    _from_environment(run_parser, "--direct-dsn", help=DIRECT_DSN_HELP)
     _from_environment(run_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     _from_environment(
         run_parser,
@@ -531,6 +553,7 @@ def parser() -> argparse.ArgumentParser:
     )
     migrate_parser = commands.add_parser("migrate", help="install or upgrade the schema")
     _from_environment(migrate_parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(migrate_parser, "--direct-dsn", help=DIRECT_DSN_HELP)
     _from_environment(migrate_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser = commands.add_parser(
         "status",
@@ -539,6 +562,7 @@ def parser() -> argparse.ArgumentParser:
         "2 cannot check (bad arguments, cannot connect, schema missing).",
     )
     _from_environment(status_parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(status_parser, "--direct-dsn", help=DIRECT_DSN_HELP)
     _from_environment(status_parser, "--schema", default="eventmill", help="PostgreSQL schema")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
     _from_environment(
@@ -565,8 +589,15 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
+DIRECT_DSN_HELP = (
+    "PostgreSQL DSN for the connections that need a session of their own (locks, "
+    "LISTEN, heartbeats, migrations) when --dsn goes through PgBouncer in transaction mode"
+)
+
+
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     _from_environment(parser, "--dsn", help="PostgreSQL DSN (required)")
+    _from_environment(parser, "--direct-dsn", help=DIRECT_DSN_HELP)
     _from_environment(parser, "--schema", default="eventmill", help="PostgreSQL schema")
 
 
@@ -645,19 +676,26 @@ def _dispatch(arguments: argparse.Namespace) -> int:
                     http_port=arguments.http_port,
                     ready_max_lag=arguments.ready_max_lag,
                 ),
+                direct_dsn=arguments.direct_dsn,
             )
         )
     dsn = _needs_dsn(arguments.dsn, arguments.command)
+    direct_dsn: str | None = arguments.direct_dsn
+    connect_here = functools.partial(connect, direct_dsn=direct_dsn)
     if arguments.command in group_commands.COMMANDS:
-        return asyncio.run(group_commands.run(arguments, dsn, connect))
+        return asyncio.run(group_commands.run(arguments, dsn, connect_here))
     if arguments.command in parked_commands.COMMANDS:
-        return asyncio.run(parked_commands.run(arguments, dsn, connect))
+        return asyncio.run(parked_commands.run(arguments, dsn, connect_here))
     if arguments.command == "migrate":
-        return asyncio.run(migrate(dsn, arguments.schema))
+        return asyncio.run(migrate(dsn, arguments.schema, direct_dsn))
     if arguments.command == "console":
         token = console_token(arguments.token_file)
-        return asyncio.run(console(dsn, arguments.schema, arguments.host, arguments.port, token))
-    return asyncio.run(status(dsn, arguments.schema, arguments.json, arguments.fail_on_lag))
+        return asyncio.run(
+            console(dsn, arguments.schema, arguments.host, arguments.port, token, direct_dsn)
+        )
+    return asyncio.run(
+        status(dsn, arguments.schema, arguments.json, arguments.fail_on_lag, direct_dsn)
+    )
 
 
 if __name__ == "__main__":

@@ -237,8 +237,11 @@ async def _report(node: EventProcessingNode, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _connect_backend(dsn: str, schema: str, pool_size: int) -> PostgresBackend:
-    """Connect, retrying with backoff while the database is away."""
+async def _connect_backend(
+    dsn: str, schema: str, pool_size: int, direct_dsn: str | None
+) -> PostgresBackend:
+    """Connect (the pool over ``dsn``, sessions over ``direct_dsn`` if given), retrying
+    with backoff while the database is away."""
     delay = 0.1
     while True:
         try:
@@ -248,6 +251,7 @@ async def _connect_backend(dsn: str, schema: str, pool_size: int) -> PostgresBac
                 min_size=1,
                 max_size=pool_size,
                 connect_timeout=timedelta(seconds=5),
+                direct_dsn=direct_dsn,
             )
         except StorageError as error:
             logger.warning("node cannot connect yet: %s", error)
@@ -260,7 +264,9 @@ async def run_node(config: dict[str, Any]) -> None:
     node_id: str = config["node_id"]
     settings = FaultNodeSettings.from_json(config["settings"])
     dsn = make_conninfo(config["dsn"], application_name=f"{config['schema']}/{node_id}")
-    backend = await _connect_backend(dsn, config["schema"], settings.pool_size)
+    backend = await _connect_backend(
+        dsn, config["schema"], settings.pool_size, config["direct_dsn"]
+    )
     try:
         retry: RetryErrorHandler[Any] = RetryErrorHandler(
             backoff=ExponentialBackoff(maximum=settings.retry_maximum)
@@ -447,7 +453,9 @@ class FaultCluster:
     checks of the guarantees afterwards; see the module docstring. ``server`` is the
     private cluster (tests/servers.py) ``dsn`` leads to, directly or through a
     PgBouncer: the one RESTART faults and ``server_stopped`` stop, never the machine's
-    shared server. Leaving the block kills the nodes still running and starts the
+    shared server. With ``direct_dsn`` every backend (the nodes' and the harness's)
+    keeps its pool on ``dsn`` and its sessions on ``direct_dsn``
+    (``PostgresBackend.connect``). Leaving the block kills the nodes still running and starts the
     server again if a fault left it down."""
 
     def __init__(
@@ -456,6 +464,7 @@ class FaultCluster:
         schema: str,
         *,
         server: PrivateCluster,
+        direct_dsn: str | None = None,
         groups: Sequence[FaultGroup],
         settings: FaultNodeSettings | None = None,
         ready_timeout: timedelta = timedelta(seconds=30),
@@ -463,6 +472,7 @@ class FaultCluster:
         self.dsn = dsn
         self.schema = schema
         self.server = server
+        self.direct_dsn = direct_dsn
         self.groups = list(groups)
         self.settings = settings or FaultNodeSettings()
         self.ready_timeout = ready_timeout.total_seconds()
@@ -476,7 +486,10 @@ class FaultCluster:
 
     async def __aenter__(self) -> Self:
         self.backend = await _connect_backend(
-            make_conninfo(self.dsn, application_name=f"{self.schema}-harness"), self.schema, 2
+            make_conninfo(self.dsn, application_name=f"{self.schema}-harness"),
+            self.schema,
+            2,
+            self.direct_dsn,
         )
         await self.backend.install_schema()
         async with self.backend.connection() as connection:
@@ -512,6 +525,7 @@ class FaultCluster:
         config = {
             "node_id": node_id,
             "dsn": self.dsn,
+            "direct_dsn": self.direct_dsn,
             "schema": self.schema,
             "groups": [asdict(group) for group in self.groups],
             "settings": self.settings.to_json(),

@@ -7,6 +7,7 @@ transactions, never on the shared server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import secrets
 import subprocess
@@ -40,14 +41,23 @@ def isolation_option(level: str) -> str:
 
 
 @asynccontextmanager
-async def private_backend(dsn: str, *, max_size: int = 6) -> AsyncIterator[PostgresBackend]:
-    """A backend over ``dsn`` in a new schema, installed, dropped afterwards."""
+async def private_backend(
+    dsn: str, *, max_size: int = 6, pool_dsn: str | None = None
+) -> AsyncIterator[PostgresBackend]:
+    """A backend over ``dsn`` in a new schema, installed, dropped afterwards: on a pool
+    of the test's own, or with ``pool_dsn`` made by ``connect`` with its pool over
+    ``pool_dsn`` and ``dsn`` as its direct DSN."""
     schema = unique_schema_name()
     async with AsyncConnectionPool(
         dsn, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False
     ) as pool:
         await pool.wait()
-        backend = PostgresBackend(pool, schema=schema)
+        if pool_dsn is None:
+            backend = PostgresBackend(pool, schema=schema)
+        else:
+            backend = await PostgresBackend.connect(
+                pool_dsn, direct_dsn=dsn, schema=schema, max_size=max_size
+            )
         await backend.install_schema()
         try:
             yield backend
@@ -58,6 +68,22 @@ async def private_backend(dsn: str, *, max_size: int = 6) -> AsyncIterator[Postg
                 await connection.execute(
                     sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema))
                 )
+
+
+async def database_defaulting_to(cluster: PrivateCluster, isolation: str) -> str:
+    """A database of ``cluster`` whose default isolation is ``isolation`` (made once):
+    PgBouncer passes no ``options`` from a DSN, a database's default reaches through."""
+    name = "em_" + isolation.replace(" ", "_")
+    async with await psycopg.AsyncConnection.connect(cluster.dsn(), autocommit=True) as admin:
+        cursor = await admin.execute("SELECT FROM pg_database WHERE datname = %s", (name,))
+        if await cursor.fetchone() is None:
+            await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            await admin.execute(
+                sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                    sql.Identifier(name), sql.Literal(isolation)
+                )
+            )
+    return name
 
 
 async def roll_back_prepared(connection: psycopg.AsyncConnection[Any]) -> None:
@@ -76,16 +102,28 @@ WRITERS = 6  # api, slow (open transactions, some rolled back), two-phase, twice
 EVENTS_PER_WRITER = 100
 
 
-@pytest.mark.parametrize("isolation", ISOLATION_LEVELS)
+DEPLOYMENTS = [(level, "direct") for level in ISOLATION_LEVELS] + [
+    (level, "pgbouncer transaction mode + direct dsn")
+    for level in ("read committed", "serializable")
+]
+
+
+@pytest.mark.parametrize(("isolation", "deployment"), DEPLOYMENTS)
 async def test_readers_miss_nothing_under_any_default_isolation_with_2pc_publishers(
-    isolation: str, private_cluster: PrivateCluster
+    isolation: str, deployment: str, private_cluster: PrivateCluster, transaction_bouncer: Bouncer
 ) -> None:
     """Writers publish through EventStore, in slow transactions (a fifth rolled back)
     and in prepared transactions committed or rolled back later, while readers of the
     log and of every category poll throughout; the server's default isolation level is
-    ``isolation`` for every connection (readers included)."""
-    dsn = private_cluster.dsn(options=isolation_option(isolation))
-    async with private_backend(dsn) as backend:
+    ``isolation`` for every connection (readers included). The backend connects
+    directly, or has its pool behind PgBouncer in transaction mode (its sessions over
+    a direct DSN); the raw writers connect directly."""
+    if deployment == "direct":
+        dsn, pool_dsn = private_cluster.dsn(options=isolation_option(isolation)), None
+    else:
+        database = await database_defaulting_to(private_cluster, isolation)
+        dsn, pool_dsn = private_cluster.dsn(database), transaction_bouncer.dsn(database)
+    async with private_backend(dsn, pool_dsn=pool_dsn) as backend:
         store = EventStore(backend)
         committed: dict[str, str] = {}  # id -> category
         rolled_back: set[str] = set()
@@ -231,6 +269,71 @@ async def test_pgbouncer_in_transaction_mode_is_refused_with_one_line(
     message = str(refused.value)
     assert "\n" not in message
     assert "pool_mode = transaction" in message and "pool_mode = session" in message
+
+
+async def test_pgbouncer_in_transaction_mode_needs_a_direct_dsn_to_the_same_database(
+    private_cluster: PrivateCluster, transaction_bouncer: Bouncer
+) -> None:
+    other = await database_defaulting_to(private_cluster, "read committed")
+    with pytest.raises(StorageError, match="lead to different databases") as elsewhere:
+        await PostgresBackend.connect(
+            transaction_bouncer.dsn(), direct_dsn=private_cluster.dsn(other)
+        )
+    assert "\n" not in str(elsewhere.value)
+    with pytest.raises(StorageError, match="pool_mode = session"):
+        await PostgresBackend.connect(
+            transaction_bouncer.dsn(), direct_dsn=transaction_bouncer.dsn()
+        )
+    backend = await PostgresBackend.connect(
+        transaction_bouncer.dsn(), direct_dsn=private_cluster.dsn(), schema=unique_schema_name()
+    )
+    try:
+        assert backend.transaction_pooled
+        await backend.install_schema()
+        lock = await backend.locks.try_lock("leader")
+        assert lock is not None and await lock.confirm()
+        holder = await backend.locks.holder("leader")  # seen through the pooler
+        assert holder is not None and holder.session == lock.backend_pid
+        await lock.release()
+    finally:
+        async with backend.connection() as connection:
+            await connection.execute(backend.sql("DROP SCHEMA {schema} CASCADE"))
+        await backend.close()
+
+
+async def test_migrate_through_pgbouncer_in_transaction_mode_takes_a_direct_dsn(
+    private_cluster: PrivateCluster, transaction_bouncer: Bouncer
+) -> None:
+    schema = unique_schema_name()
+    command = [sys.executable, "-m", "eventmill", "migrate", "--schema", schema]
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "--dsn", transaction_bouncer.dsn()],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--direct-dsn" in refused.stderr
+    migrated = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "EVENTMILL_DSN": transaction_bouncer.dsn(),
+            "EVENTMILL_DIRECT_DSN": private_cluster.dsn(),
+        },
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    async with await psycopg.AsyncConnection.connect(
+        private_cluster.dsn(), autocommit=True
+    ) as connection:
+        cursor = await connection.execute(
+            sql.SQL("SELECT count(*) FROM {}.schema_version").format(sql.Identifier(schema))
+        )
+        assert (await cursor.fetchone()) != (0,)
+        await connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 async def test_pgbouncer_in_session_mode_works(session_bouncer: Bouncer) -> None:

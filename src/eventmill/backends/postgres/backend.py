@@ -12,6 +12,14 @@ opens one with ``connection.transaction()``) and turns driver errors into eventm
 errors. SQL is written with a ``{schema}`` placeholder and composed by ``backend.sql``,
 which inserts the validated, quoted schema name; user text never becomes SQL.
 
+Transaction pooling: ``connect(dsn, direct_dsn=...)`` runs the pool over ``dsn`` (say
+PgBouncer with ``pool_mode = transaction``) and every connection that needs a session
+of its own over ``direct_dsn`` (PostgreSQL itself, or a pooler in session mode): the
+locks, LISTEN, the heartbeats' connections and schema migrations. The pool then
+prepares no statement, and reads take their watermark and read in one explicit READ
+COMMITTED transaction (one round trip), so nothing depends on which server session a
+transaction lands on.
+
 Event loops: a psycopg pool serves only the loop it was opened on (the backend's home
 loop: the one ``connect`` ran on, or for a user's pool the one the backend was made or
 first used on). A backend made by ``connect`` also serves every other loop (services in
@@ -48,7 +56,7 @@ from eventmill.backends.postgres.notifications import PostgresEventNotifications
 from eventmill.backends.postgres.parked import PostgresParkedStreamStorage
 from eventmill.backends.postgres.projection_versions import PostgresProjectionVersionStorage
 from eventmill.backends.postgres.projections import PostgresProjectionStorage
-from eventmill.backends.postgres.server_checks import check_server
+from eventmill.backends.postgres.server_checks import check_same_database, check_server
 from eventmill.backends.postgres.subscribers import PostgresSubscriberStateStore
 from eventmill.backends.postgres.subscriptions import PostgresSubscriptionStateStore
 from eventmill.errors import (
@@ -93,6 +101,7 @@ class PostgresBackend(Backend):
         self._closed = False
         self._home: asyncio.AbstractEventLoop | None = _running_loop()
         self._dsn: str | None = None
+        self._direct_dsn: str | None = None
         self._per_loop_max_size = 0
         self._timeout = 0.0
         self._application_name = "eventmill"
@@ -121,6 +130,7 @@ class PostgresBackend(Backend):
         connect_timeout: timedelta = timedelta(seconds=30),
         per_loop_max_size: int = 4,
         application_name: str | None = None,
+        direct_dsn: str | None = None,
     ) -> PostgresBackend:
         """A backend on a pool of its own, opened now on the running loop; on any other
         loop it uses a pool of at most ``per_loop_max_size`` connections of that loop.
@@ -128,13 +138,23 @@ class PostgresBackend(Backend):
         shows it; ``eventmill run`` sets ``eventmill:<node id>``); when it is None, the
         DSN's own ``application_name`` if it names one, else ``eventmill``.
 
+        With ``direct_dsn``, the pool may sit behind a pooler that does not keep sessions
+        (PgBouncer in transaction mode), and the locks, LISTEN, heartbeats and
+        migrations connect to ``direct_dsn``, which must keep them and lead to the same
+        database (see the module docstring).
+
         Blocks until ``min_size`` connections work (at most ``connect_timeout``). Raises
         InvalidSettingsError for bad arguments, StorageError when the database cannot be
-        reached, is older than PostgreSQL 14, or sits behind a pooler that does not keep
-        sessions (PgBouncer in transaction mode; see ``server_checks``).
+        reached, is older than PostgreSQL 14, sits behind a pooler that does not keep
+        sessions (PgBouncer in transaction mode) without a ``direct_dsn`` that does, or
+        when ``direct_dsn`` leads elsewhere than ``dsn`` (see ``server_checks``).
         """
         if not isinstance(dsn, str):
             raise InvalidSettingsError(f"dsn must be a connection string, not {describe(dsn)}")
+        if direct_dsn is not None and not isinstance(direct_dsn, str):
+            raise InvalidSettingsError(
+                f"direct_dsn must be a connection string or None, not {describe(direct_dsn)}"
+            )
         check_schema_name(schema)
         if type(min_size) is not int or type(max_size) is not int or not 0 <= min_size <= max_size:
             raise InvalidSettingsError(
@@ -161,12 +181,16 @@ class PostgresBackend(Backend):
         settings: dict[str, Any] = {"autocommit": True, "application_name": application_name}
         # Direct connections first: a wrong DSN fails at once with the real reason, and
         # an unsupported server or a pooler that does not keep sessions is refused.
-        await check_server(dsn, settings, max(1, round(seconds)))
+        await check_server(direct_dsn or dsn, settings, max(1, round(seconds)))
+        pool_settings = settings
+        if direct_dsn is not None:
+            pool_settings = {**settings, "prepare_threshold": None}
+            await check_same_database(direct_dsn, dsn, pool_settings, max(1, round(seconds)))
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            kwargs=settings,
+            kwargs=pool_settings,
             timeout=seconds,
             reconnect_timeout=RECONNECT_WINDOW.total_seconds(),
             open=False,
@@ -179,6 +203,7 @@ class PostgresBackend(Backend):
         backend = cls(pool, schema=schema)
         backend._owns_pool = True
         backend._dsn = dsn
+        backend._direct_dsn = direct_dsn
         backend._per_loop_max_size = per_loop_max_size
         backend._timeout = seconds
         backend._application_name = application_name
@@ -234,6 +259,13 @@ class PostgresBackend(Backend):
         Other braces must be doubled. Values go in as ``%s`` parameters, never here.
         """
         return sql.SQL(text).format(schema=self._identifier)
+
+    @property
+    def transaction_pooled(self) -> bool:
+        """Whether the pool may run each transaction in another server session (made by
+        ``connect`` with a ``direct_dsn``): then its connections prepare no statement
+        (``prepare_threshold=None``, which overrides ``prepare=True``)."""
+        return self._direct_dsn is not None
 
     @property
     def home_loop(self) -> asyncio.AbstractEventLoop | None:
@@ -294,9 +326,17 @@ class PostgresBackend(Backend):
         return pool.connection()
 
     async def dedicated_connection(self) -> AsyncConnection[Any]:
-        """A new autocommit connection outside the pool, made the way the pool makes its
-        own (its conninfo and kwargs), for locks and LISTEN. The caller closes it.
+        """A new autocommit connection outside the pool, for locks, LISTEN, heartbeats
+        and migrations: to the ``direct_dsn`` if ``connect`` was given one, else made the
+        way the pool makes its own (its conninfo and kwargs). The caller closes it.
         Raises psycopg.Error when it cannot connect."""
+        if self._direct_dsn is not None:
+            return await AsyncConnection.connect(
+                self._direct_dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self._timeout)),
+                application_name=self._application_name,
+            )
         conninfo: str = await _pool_setting(self.pool.conninfo)
         kwargs: dict[str, Any] = dict(await _pool_setting(self.pool.kwargs) or {})
         return await AsyncConnection.connect(conninfo, **{**kwargs, "autocommit": True})
@@ -308,6 +348,7 @@ class PostgresBackend(Backend):
             autocommit=True,
             connect_timeout=max(1, round(self._timeout)),
             application_name=self._application_name,
+            **({"prepare_threshold": None} if self._direct_dsn is not None else {}),
         )
 
     def _forget_loop_pool(self, pool: LoopConnectionPool) -> None:
@@ -324,11 +365,20 @@ class PostgresBackend(Backend):
     async def install_schema(self) -> list[int]:
         """Create or upgrade the schema; safe to call from many processes at once.
 
-        Returns the migration versions applied now. Raises SchemaError when the
-        database's schema is newer than this code, StorageError when the database fails.
+        Returns the migration versions applied now. Runs on a dedicated connection when
+        the pool is transaction-pooled (its migration lock is a session lock). Raises
+        SchemaError when the database's schema is newer than this code, StorageError
+        when the database fails.
         """
-        async with self.connection() as connection:
-            return await schema_installer.install(connection, self.schema)
+        if self._direct_dsn is None:
+            async with self.connection() as connection:
+                return await schema_installer.install(connection, self.schema)
+        with translate_driver_errors(self.schema):
+            direct = await self.dedicated_connection()
+            try:
+                return await schema_installer.install(direct, self.schema)
+            finally:
+                await direct.close()
 
     async def repair_copied_events(self) -> int:
         """Restamp events copied from another cluster; return how many were restamped.

@@ -35,7 +35,10 @@ taken after the watermark's lock scan, so it sees every publisher that had ended
 then. The reads run under READ COMMITTED whatever the server's, database's, role's or
 DSN's default: the watermark refuses any other level (EM004) and the reader then sets
 its session's default to READ COMMITTED and reads again (``connect`` sets it on every
-new connection). An event below the watermark has finished publishing, and so has
+new connection). Through a transaction-pooled pool (``connect(..., direct_dsn=...)``)
+a read is one explicit READ COMMITTED transaction instead (BEGIN, SET TRANSACTION, the
+watermark, the read, COMMIT, pipelined: still one round trip), which needs no session
+setting. An event below the watermark has finished publishing, and so has
 every publisher with a lower sequence number (its xid is lower still), so each read
 returns a gap-free prefix of what will ever commit: a reader resuming after sequence
 number N never misses a later commit below N.
@@ -124,6 +127,7 @@ after ``limit`` rows. Otherwise, whenever the planner's estimate of the rows aft
 the watermark), it reads every row after ``after`` with a bitmap scan and sorts them
 for each page: a 100,000-event category read then cost time quadratic in its length."""
 _READ_COMMITTED = "SET default_transaction_isolation = 'read committed'"
+_READ_COMMITTED_TRANSACTION = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 # Serialization failures of a publish (possible under REPEATABLE READ or SERIALIZABLE
 # defaults), which is its own transaction, are retried this many times.
 _SERIALIZATION_RETRIES = 20
@@ -559,7 +563,9 @@ class PostgresEventStorage(EventStorage):
     ) -> list[StoredEvent]:
         """Run a read; with ``watermark``, first set the visibility watermark (same trip).
         A connection whose session is not READ COMMITTED is set to it, and the read
-        run again. Raises StorageError (translated by the caller's context)."""
+        run again; through a transaction-pooled pool the read is one explicit READ
+        COMMITTED transaction instead. Raises StorageError (translated by the caller's
+        context)."""
         async with (
             self._backend.connection() as connection,
             connection.cursor(row_factory=_stored_event_rows) as cursor,
@@ -567,6 +573,14 @@ class PostgresEventStorage(EventStorage):
             cursor.adapters.register_loader("jsonb", _JsonbLoader)
             if not watermark:
                 await cursor.execute(query, parameters, prepare=True)
+                return await cursor.fetchall()
+            if self._backend.transaction_pooled:
+                # No session setting would follow the next transaction to its server
+                # session: READ COMMITTED is set on the transaction itself.
+                async with connection.pipeline(), connection.transaction():
+                    await connection.execute(_READ_COMMITTED_TRANSACTION)
+                    await connection.execute(self._set_watermark, prepare=True)
+                    await cursor.execute(query, parameters, prepare=True)
                 return await cursor.fetchall()
             try:
                 async with connection.pipeline():

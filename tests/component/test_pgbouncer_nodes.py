@@ -1,7 +1,8 @@
-"""The node suite through PgBouncer in session mode (issue 11: "session mode passes the
-node suite"). Node processes (``EventProcessingNode``, tests/harness/faults.py) connect
-through a real PgBouncer with ``pool_mode = session`` in front of the session's private
-cluster, and so does the harness: one leader (the lock's holder is the node whose
+"""The node suite through PgBouncer (issue 11): in session mode, and in transaction
+mode with a direct DSN beside it for the sessions (locks, LISTEN, heartbeats,
+migrations). Node processes (``EventProcessingNode``, tests/harness/faults.py) connect
+through a real PgBouncer in front of the session's private cluster, and so does the
+harness: one leader (the lock's holder is the node whose
 record says it leads), the partitions assigned across the nodes, every event processed
 exactly once, wake-ups by LISTEN/NOTIFY (the nodes poll once a minute only, so an event
 processed sooner was announced), and a SIGKILLed node's partitions taken over."""
@@ -35,16 +36,21 @@ QUIET = timedelta(seconds=20)
 STREAMS = [f"s-{n}" for n in range(12)]
 
 
-@pytest.fixture
+@pytest.fixture(params=["session", "transaction with a direct dsn"])
 async def cluster(
-    private_cluster: PrivateCluster, session_bouncer: Bouncer
+    request: pytest.FixtureRequest,
+    private_cluster: PrivateCluster,
+    session_bouncer: Bouncer,
+    transaction_bouncer: Bouncer,
 ) -> AsyncIterator[FaultCluster]:
     schema = unique_schema_name()
+    session = request.param == "session"
     try:
         async with FaultCluster(
-            session_bouncer.dsn(),
+            (session_bouncer if session else transaction_bouncer).dsn(),
             schema,
             server=private_cluster,
+            direct_dsn=None if session else private_cluster.dsn(),
             groups=[GROUP],
             settings=SETTINGS,
         ) as running:
@@ -79,7 +85,7 @@ async def wait_for_holders(cluster: FaultCluster, wanted: dict[str, int]) -> Non
     await wait_until(held_as_wanted, QUIET.total_seconds())
 
 
-async def test_nodes_through_pgbouncer_in_session_mode(cluster: FaultCluster) -> None:
+async def test_nodes_through_pgbouncer(cluster: FaultCluster) -> None:
     assert cluster.backend is not None
     await asyncio.gather(cluster.start("n1"), cluster.start("n2"))
     await wait_for_holders(cluster, {"n1": 2, "n2": 2})
