@@ -676,11 +676,11 @@ def _dispatch(arguments: argparse.Namespace) -> int:
                     http_port=arguments.http_port,
                     ready_max_lag=arguments.ready_max_lag,
                 ),
-                direct_dsn=arguments.direct_dsn,
+                direct_dsn=arguments.direct_dsn or None,
             )
         )
     dsn = _needs_dsn(arguments.dsn, arguments.command)
-    direct_dsn: str | None = arguments.direct_dsn
+    direct_dsn: str | None = arguments.direct_dsn or None
     connect_here = functools.partial(connect, direct_dsn=direct_dsn)
     if arguments.command in group_commands.COMMANDS:
         return asyncio.run(group_commands.run(arguments, dsn, connect_here))

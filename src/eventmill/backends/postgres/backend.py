@@ -181,7 +181,9 @@ class PostgresBackend(Backend):
         settings: dict[str, Any] = {"autocommit": True, "application_name": application_name}
         # Direct connections first: a wrong DSN fails at once with the real reason, and
         # an unsupported server or a pooler that does not keep sessions is refused.
-        await check_server(direct_dsn or dsn, settings, max(1, round(seconds)))
+        await check_server(
+            dsn if direct_dsn is None else direct_dsn, settings, max(1, round(seconds))
+        )
         pool_settings = settings
         if direct_dsn is not None:
             pool_settings = {**settings, "prepare_threshold": None}
