@@ -290,6 +290,8 @@ async def test_pgbouncer_in_transaction_mode_needs_a_direct_dsn_to_the_same_data
     try:
         assert backend.transaction_pooled
         await backend.install_schema()
+        holdback = await backend.events.read_holdback()
+        assert holdback is not None and holdback.oldest is None
         lock = await backend.locks.try_lock("leader")
         assert lock is not None and await lock.confirm()
         holder = await backend.locks.holder("leader")  # seen through the pooler

@@ -499,7 +499,12 @@ class PostgresEventStorage(EventStorage):
         holdback = self._backend.sql(_HOLDBACK)
         async with self._backend.connection() as connection:
             try:
-                cursor = await connection.execute(holdback)
+                if self._backend.transaction_pooled:  # as in _fetch
+                    async with connection.transaction():
+                        await connection.execute(_READ_COMMITTED_TRANSACTION)
+                        cursor = await connection.execute(holdback)
+                else:
+                    cursor = await connection.execute(holdback)
             except psycopg.Error as error:
                 if error.sqlstate == READ_ON_STANDBY:
                     return None
