@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -129,8 +130,11 @@ for each page: a 100,000-event category read then cost time quadratic in its len
 _READ_COMMITTED = "SET default_transaction_isolation = 'read committed'"
 _READ_COMMITTED_TRANSACTION = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 # Serialization failures of a publish (possible under REPEATABLE READ or SERIALIZABLE
-# defaults), which is its own transaction, are retried this many times.
+# defaults), which is its own transaction, are retried this many times, after a random
+# wait of up to 1 ms doubled per retry (at most 64 ms): a conflicting transaction still
+# open (a slow or prepared one) failed immediate retries in a row.
 _SERIALIZATION_RETRIES = 20
+_SERIALIZATION_WAIT = 0.001
 
 
 def _up_to_watermark(page: str) -> str:
@@ -375,6 +379,8 @@ class PostgresEventStorage(EventStorage):
                         # Its own transaction, so nothing was written: safe to run again.
                         if attempt == _SERIALIZATION_RETRIES:
                             raise
+                        wait = _SERIALIZATION_WAIT * 2 ** min(attempt, 6)
+                        await asyncio.sleep(random.uniform(0, wait))
                         continue
                     break
             except psycopg.Error as error:
