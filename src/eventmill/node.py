@@ -103,7 +103,8 @@ class NodeSettings:
 
     - ``poll_interval``: the wait between passes when no publish wakes a subscriber;
     - ``checkpoint_interval``: a checkpoint is saved after this many processed events
-      (and at the end of every pass): the most events replayed after a crash;
+      (and at the end of every pass); twice this is the most events replayed after a
+      crash (a save commits while the next events are processed);
     - ``error_handler``: decides about a failed pass (default: ``default_error_handler()``);
     - ``isolation_mode``: where a subscriber's passes run (MAIN_THREAD: on the node's loop);
     - ``shutdown_timeout``: how long a graceful stop waits for in-flight batches;

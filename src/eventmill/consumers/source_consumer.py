@@ -1,10 +1,12 @@
 """EventSourceConsumer: feeds one source to one processor and keeps its checkpoint.
 
 A pass (``consume_all``) resumes after the stored checkpoint, reads page by page until
-the source is drained, and saves the checkpoint every ``checkpoint_every`` processed
-events and at the end of the pass. So after a crash at most ``checkpoint_every``
-events are delivered again (at-least-once); with a ``TransactionalEventProcessor`` on
-PostgreSQL none are (exactly-once). When the processor raises, the checkpoint of the
+the source is drained (reading the next page while it processes one), and saves the
+checkpoint every ``checkpoint_every`` processed events, each save committing while the
+next events are processed, and at the end of the pass. So after a crash at most twice
+``checkpoint_every`` events are delivered again (at-least-once); with a
+``TransactionalEventProcessor`` on PostgreSQL none are (exactly-once): its checkpoint
+commits with its batch. When the processor raises, the checkpoint of the
 events processed before the failure is saved and the exception re-raised.
 
 ``stop()`` ends the running pass at the next event boundary (a transactional batch is
@@ -46,6 +48,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from eventmill.backends.base import (
+    Checkpoint,
     ConsumerTransaction,
     ParkedRequest,
     ParkedStream,
@@ -198,6 +201,10 @@ class EventSourceConsumer:
         self._failing: _Failing | None = None
         self._narrow_until: int | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._saving: asyncio.Task[Checkpoint] | None = None
+        """The checkpoint save in flight (see ``_save_behind``), of ``_saving_count``
+        events."""
+        self._saving_count = 0
 
     @property
     def parked(self) -> tuple[ParkedStream, ...]:
@@ -281,8 +288,10 @@ class EventSourceConsumer:
                     await self._save_holds(None)
                 if self._unsaved and (self.settings.checkpoint_at_end or self._stop):
                     await self._save()
+                await self._saved()
             except BaseException as error:
                 if isinstance(error, ConflictError):
+                    await self._end_saving_after(error)
                     self._loaded = False
                     self._pending_holds.clear()  # the source moved: its next holder recounts
                 else:
@@ -304,15 +313,26 @@ class EventSourceConsumer:
             await self._consume_each(processor, _no_context)
 
     async def _pages(self) -> AsyncGenerator[list[StoredEvent]]:
-        after = self._processed
+        """The pages after the processed place, until one is not full or the pass halts.
+        While a full page is processed, the next one is read (a task): a drain then waits
+        for reads and checkpoint saves side by side rather than one after the other. A
+        read ahead that is not wanted any more (the pass halted or failed) is cancelled."""
         page_size = self.source.page_size
-        while not self._halted():
-            page = await self.source.read(after=after)
-            if page:
+        ahead: asyncio.Task[list[StoredEvent]] | None = None
+        try:
+            page = await self.source.read(after=self._processed)
+            while len(page) == page_size and not self._halted():
+                ahead = asyncio.create_task(self.source.read(after=self.source.place(page[-1])))
                 yield page
-                after = self.source.place(page[-1])
-            if len(page) < page_size:
-                return
+                if self._halted():
+                    return
+                page, ahead = await ahead, None
+            if page and not self._halted():
+                yield page
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
 
     async def _consume_each(
         self,
@@ -906,9 +926,11 @@ class EventSourceConsumer:
         return moved
 
     async def _mark(self, event: StoredEvent) -> None:
-        """Record ``event`` processed; save when ``checkpoint_every`` are unsaved."""
+        """Record ``event`` processed; once ``checkpoint_every`` are unsaved, start saving
+        in the background (``_save_behind``)."""
         self._acknowledge(self.source.place(event))
-        await self._save_if_due(force=False)
+        if self._unsaved >= self.settings.checkpoint_every:
+            await self._save_behind()
 
     def _acknowledge(self, place: int) -> None:
         if self._processed is None or place > self._processed:
@@ -921,16 +943,59 @@ class EventSourceConsumer:
             await self._save()
 
     async def _save(self) -> None:
+        """Save the processed place now (after the save in flight, if any)."""
+        await self._saved()
         await self.state_store.save(self._processed)
         self._unsaved = 0
 
+    async def _save_behind(self) -> None:
+        """Save the processed place while the next events are processed.
+
+        A synchronous save per ``checkpoint_every`` events made a drain on PostgreSQL
+        wait for a commit (a WAL flush) each time, most of its time with a quick
+        processor. So the save of batch k commits while batch k+1 is processed. The
+        saved place is one already processed (a checkpoint is never ahead of the
+        processor), saves stay one at a time and in order (the previous one is waited
+        for here, and raises here if it failed), and every pass ends only after its
+        last save ended. The cost: a crash may deliver again the batch whose save was
+        in flight as well as the one being processed, at most twice
+        ``checkpoint_every`` events. Transactional processors do not use this: their
+        checkpoint commits with their batch.
+        """
+        await self._saved()
+        place, count = self._processed, self._unsaved
+        self._saving = asyncio.create_task(self.state_store.save(place))
+        self._saving_count = count
+        self._unsaved = 0
+
+    async def _saved(self) -> None:
+        """Wait for the save in flight, if any; if it failed, its events count as
+        unsaved again and its error is raised (ConflictError, StorageError)."""
+        saving, self._saving = self._saving, None
+        if saving is None:
+            return
+        try:
+            await saving
+        except BaseException:
+            self._unsaved += self._saving_count
+            raise
+
+    async def _end_saving_after(self, error: BaseException) -> None:
+        """Wait for the save in flight; its failure becomes a note on ``error``."""
+        try:
+            await self._saved()
+        except Exception as save_error:
+            error.add_note(f"eventmill: the checkpoint could not be saved: {save_error!r}")
+            self._loaded = False
+
     async def _save_after_failure(self, error: BaseException) -> None:
+        await self._end_saving_after(error)
         try:
             if self._pending_holds:
                 await self._save_holds(None)
         except Exception as save_error:
             error.add_note(f"eventmill: held events could not be counted: {save_error!r}")
-        if not self._unsaved:
+        if not self._unsaved or not self._loaded:  # not loaded: the save in flight failed
             return
         try:
             await self._save()
