@@ -441,14 +441,13 @@ class PostgresBackend(Backend):
             )
 
     async def close(self) -> None:
-        """Send queued announcements, close the lock manager's standby connections and
-        the heartbeat connections, then close the pools this backend made (the other
+        """Close the LISTEN connection, the lock manager's standby connections and the
+        heartbeat connections, then close the pools this backend made (the other
         loops' idle connections at once, those in use when given back); a user's pool
         stays open. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        await self._events.close()
         await self._notifications.close()
         await self._locks.close()
         await self._subscribers.close()

@@ -15,13 +15,15 @@ autocommit statement (one round trip, its own transaction). Inside, in this orde
 4. it inserts the events stamped with the xid and returns what Python needs to build
    the ``StoredEvent``s (first sequence number and position, time, ids).
 
-Wake-ups. After the publish has committed, the category is announced with NOTIFY on
-the channel ``<schema>_events`` by a background task that folds the categories of
-publishes within a few milliseconds into one statement. It runs in a short
-transaction of its own: a NOTIFY inside the publishing transaction would hold
-PostgreSQL's notification lock through that transaction's commit and make concurrent
-publishers commit one at a time. A lost announcement costs latency only: readers poll
-as well.
+Wake-ups. The category is announced with NOTIFY on the channel ``<schema>_events`` in
+the publish's round trip, as a statement of its own after it: the publish, a Sync (which
+commits it: each Sync ends an implicit transaction), the NOTIFY and a second Sync are
+pipelined on the publishing connection. So the notification leaves the server right
+after the commit, and no round trip, task or connection is spent on it apart. It is not
+inside the publishing transaction: a NOTIFY there would hold PostgreSQL's notification
+lock through that transaction's commit (its WAL flush) and make concurrent publishers
+commit one at a time; a NOTIFY alone writes no WAL, so its commit does not wait for a
+flush. A lost announcement costs latency only: readers poll as well.
 
 Reading. The log, categories and partitions are read by two statements pipelined
 (one round trip): the first takes the visibility watermark ({schema}.read_watermark():
@@ -63,10 +65,9 @@ import asyncio
 import json
 import logging
 import random
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -172,12 +173,9 @@ _HOLDBACK = (
 
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
-_ANNOUNCE = "SELECT pg_notify(%s, category) FROM unnest(%s::text[]) AS category"
+_ANNOUNCE = "SELECT pg_notify(%s, %s)"
 logger = logging.getLogger(__name__)
 
-# Publishes within this window of an announcement share the next one: a burst costs a
-# NOTIFY per window, not per publish, and delays wake-ups by at most the window.
-ANNOUNCE_WINDOW = timedelta(milliseconds=3)
 _encode_fast = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _encode_text = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -350,9 +348,6 @@ class PostgresEventStorage(EventStorage):
         self._set_watermark = backend.sql(_SET_WATERMARK)
         self._latest_stream = backend.sql(_LATEST_STREAM)
         self._channel = channel_name(backend.schema)
-        # Per event loop publishing here: the categories to announce, and its announcer.
-        self._announcers_lock = threading.Lock()
-        self._announcers: dict[asyncio.AbstractEventLoop, tuple[set[str], asyncio.Task[None]]] = {}
 
     async def publish(
         self,
@@ -374,7 +369,9 @@ class PostgresEventStorage(EventStorage):
             try:
                 for attempt in range(_SERIALIZATION_RETRIES + 1):
                     try:
-                        cursor = await connection.execute(self._publish, parameters, prepare=True)
+                        cursor = await self._publish_and_announce(
+                            connection, parameters, stream.category
+                        )
                     except psycopg.errors.SerializationFailure:
                         # Its own transaction, so nothing was written: safe to run again.
                         if attempt == _SERIALIZATION_RETRIES:
@@ -392,7 +389,6 @@ class PostgresEventStorage(EventStorage):
                 raise
             row = await cursor.fetchone()
         assert row is not None
-        self._announce(stream.category)
         first_sequence_number: int = row[0]
         first_position: int = row[1]
         observed_at: datetime = row[2]
@@ -415,51 +411,34 @@ class PostgresEventStorage(EventStorage):
             for offset, event in enumerate(events)
         ]
 
-    def _announce(self, category: str) -> None:
-        """Queue a NOTIFY for ``category``; the running loop's announcer task sends it
-        without blocking."""
-        loop = asyncio.get_running_loop()
-        with self._announcers_lock:
-            announcer = self._announcers.get(loop)
-            if announcer is not None and not announcer[1].done():
-                announcer[0].add(category)
-                return
-            unannounced = {category}
-            task = loop.create_task(
-                self._send_announcements(loop, unannounced), name="eventmill-announce"
-            )
-            self._announcers[loop] = (unannounced, task)
+    async def _publish_and_announce(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        parameters: tuple[object, ...],
+        category: str,
+    ) -> AsyncCursor[Any]:
+        """Send the publish, a Sync, the NOTIFY of ``category`` and a Sync in one go, then
+        wait for their answers (see the module docstring). Raises the publish's error
+        (psycopg.Error); a failed NOTIFY is logged, as only latency is lost.
 
-    async def _send_announcements(
-        self, loop: asyncio.AbstractEventLoop, unannounced: set[str]
-    ) -> None:
-        """Announce at once, then at most once per ANNOUNCE_WINDOW while publishes on
-        ``loop`` go on."""
+        psycopg has no public call that queues a Sync without waiting for the answers
+        before it (``Pipeline.sync`` waits, a round trip per publish), so this queues one
+        with the pipeline's own ``_enqueue_sync``: the next command or the end of the
+        block sends it. A publish refused (write condition) still announces its category:
+        a spurious wake-up costs each node one read, less than a round trip on every
+        publish would.
+        """
+        cursor = connection.cursor()
         try:
-            while unannounced:  # only this loop's thread touches this set
-                categories = sorted(unannounced)
-                unannounced.clear()
-                try:
-                    async with self._backend.connection() as connection:
-                        await connection.execute(
-                            _ANNOUNCE, (self._channel, categories), prepare=True
-                        )
-                except Exception as error:  # only latency is lost: readers poll as well
-                    logger.warning("eventmill: could not announce published events: %s", error)
-                await asyncio.sleep(ANNOUNCE_WINDOW.total_seconds())
-        finally:
-            with self._announcers_lock:
-                current = self._announcers.get(loop)
-                if current is not None and current[0] is unannounced:
-                    del self._announcers[loop]
-
-    async def close(self) -> None:
-        """Send the announcements still queued on the running loop (other loops' announcers
-        send theirs). Blocks until they are sent or failed."""
-        with self._announcers_lock:
-            announcer = self._announcers.get(asyncio.get_running_loop())
-        if announcer is not None:
-            await asyncio.shield(announcer[1])
+            async with connection.pipeline() as pipeline:
+                await cursor.execute(self._publish, parameters, prepare=True)
+                pipeline._enqueue_sync()  # commits the publish: the NOTIFY is a transaction apart
+                await connection.execute(_ANNOUNCE, (self._channel, category), prepare=True)
+        except psycopg.Error as error:
+            if cursor.pgresult is None:  # the publish's own answer is an error, or lost
+                raise
+            logger.warning("eventmill: could not announce published events: %s", error)
+        return cursor
 
     async def read(
         self, source: EventSourceIdentifier, *, after: int | None, limit: int
