@@ -167,13 +167,13 @@ async def test_the_next_batch_is_processed_while_a_checkpoint_commits(kind: str)
     await publish(backend, 25)
     gated = GatedCheckpoints(backend.checkpoints)
     recorder = Recorder()
+    twentieth = asyncio.Event()
+    recorder.on_event = lambda event: twentieth.set() if event.sequence_number == 20 else None
     passing = asyncio.create_task(
         consumer(backend, kind, recorder, checkpoints=gated).consume_all()
     )
-    deadline = asyncio.get_running_loop().time() + 5
-    while len(recorder.seen) < 20 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.001)
     try:
+        await asyncio.wait_for(twentieth.wait(), 5)
         # The save of the first 10 is under way; the next 10 were processed meanwhile,
         # and the second save waits for the first.
         assert recorder.seen == list(range(1, 21))
