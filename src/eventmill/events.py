@@ -239,6 +239,67 @@ class StoredEvent:
     observed_at: datetime
 
 
+_new_object = object.__new__
+
+
+def stored_event(
+    id: str,
+    name: str,
+    category: str,
+    stream: str,
+    position: int,
+    sequence_number: int,
+    payload: JsonObject,
+    metadata: JsonObject,
+    occurred_at: datetime,
+    observed_at: datetime,
+) -> StoredEvent:
+    """A StoredEvent from values already checked, by position: what storage makes for
+    every event it stores or reads. The same object as ``StoredEvent(...)`` at less than
+    half the cost: the generated frozen ``__init__`` sets each field through
+    ``object.__setattr__``; this sets the slots directly."""
+    event = _new_object(StoredEvent)
+    _set_id(event, id)
+    _set_name(event, name)
+    _set_category(event, category)
+    _set_stream(event, stream)
+    _set_position(event, position)
+    _set_sequence_number(event, sequence_number)
+    _set_payload(event, payload)
+    _set_metadata(event, metadata)
+    _set_occurred_at(event, occurred_at)
+    _set_observed_at(event, observed_at)
+    return event
+
+
+(
+    _set_id,
+    _set_name,
+    _set_category,
+    _set_stream,
+    _set_position,
+    _set_sequence_number,
+    _set_payload,
+    _set_metadata,
+    _set_occurred_at,
+    _set_observed_at,
+) = (
+    getattr(StoredEvent, field).__set__
+    for field in (
+        "id",
+        "name",
+        "category",
+        "stream",
+        "position",
+        "sequence_number",
+        "payload",
+        "metadata",
+        "occurred_at",
+        "observed_at",
+    )
+)
+
+
 _VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
@@ -254,6 +315,21 @@ def new_event_ids(count: int) -> list[str]:
         f"-{_VARIANT_DIGIT[text[at + 16]]}{text[at + 17 : at + 20]}-{text[at + 20 : at + 32]}"
         for at in range(0, 32 * count, 32)
     ]
+
+
+_spare_ids: list[str] = []
+"""Ids made ahead for ``new_event_id``; emptied in a forked child (its parent has them)."""
+os.register_at_fork(after_in_child=_spare_ids.clear)
+
+
+def new_event_id() -> str:
+    """One fresh event id (as ``new_event_ids``), from ids made 64 at a time: making one
+    alone costs twice as much (the system call and formatting per call)."""
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        _spare_ids.extend(new_event_ids(64))
+        return _spare_ids.pop()
 
 
 def stream_hash(stream: str) -> int:

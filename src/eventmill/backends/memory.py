@@ -81,8 +81,10 @@ from eventmill.events import (
     StoredEvent,
     StreamIdentifier,
     check_name,
+    new_event_id,
     new_event_ids,
     source_key,
+    stored_event,
     stream_bucket,
 )
 
@@ -110,7 +112,7 @@ class InMemoryEventStorage(EventStorage):
         condition: WriteCondition | None,
     ) -> list[StoredEvent]:
         category_name, stream_name = stream.category, stream.stream
-        ids = new_event_ids(len(events))
+        ids = [new_event_id()] if len(events) == 1 else new_event_ids(len(events))
         observed_at = datetime.now(UTC)
         with self._lock:
             streams = self._streams.get(category_name)
@@ -126,19 +128,19 @@ class InMemoryEventStorage(EventStorage):
             position = len(existing)
             sequence_number = len(self._log) + 1
             stored = [
-                StoredEvent(
-                    id=event_id,
-                    name=event.name,
-                    category=category_name,
-                    stream=stream_name,
-                    position=position + offset,
-                    sequence_number=sequence_number + offset,
-                    payload=event.payload,
-                    metadata=event.metadata,
-                    occurred_at=event.occurred_at,
-                    observed_at=observed_at,
+                stored_event(
+                    ids[offset],
+                    event.name,
+                    category_name,
+                    stream_name,
+                    position + offset,
+                    sequence_number + offset,
+                    event.payload,
+                    event.metadata,
+                    event.occurred_at,
+                    observed_at,
                 )
-                for offset, (event_id, event) in enumerate(zip(ids, events, strict=True))
+                for offset, event in enumerate(events)
             ]
             self._log.extend(stored)
             category.extend(stored)

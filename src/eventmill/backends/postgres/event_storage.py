@@ -100,6 +100,7 @@ from eventmill.events import (
     NewEvent,
     StoredEvent,
     StreamIdentifier,
+    stored_event,
     stream_hash,
 )
 
@@ -396,17 +397,17 @@ class PostgresEventStorage(EventStorage):
         category = stream.category
         name_of_stream = stream.stream
         return [
-            StoredEvent(
-                id=ids[offset],
-                name=event.name,
-                category=category,
-                stream=name_of_stream,
-                position=first_position + offset,
-                sequence_number=first_sequence_number + offset,
-                payload=event.payload,
-                metadata=event.metadata,
-                occurred_at=event.occurred_at,
-                observed_at=observed_at,
+            stored_event(
+                ids[offset],
+                event.name,
+                category,
+                name_of_stream,
+                first_position + offset,
+                first_sequence_number + offset,
+                event.payload,
+                event.metadata,
+                event.occurred_at,
+                observed_at,
             )
             for offset, event in enumerate(events)
         ]
