@@ -792,8 +792,9 @@ class FaultCluster:
             if group.transactional:
                 bounds[group.group] = 0
             else:
-                # Each fault or handover replays at most one checkpoint interval per source.
-                bounds[group.group] = self.settings.checkpoint_interval * (
+                # Each fault or handover replays at most twice the checkpoint interval
+                # per source (the batch whose save was in flight and the current one).
+                bounds[group.group] = 2 * self.settings.checkpoint_interval * (
                     epochs[0][0] + faults * group.partitions
                 )
             if extra > bounds[group.group]:
