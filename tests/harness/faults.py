@@ -794,8 +794,10 @@ class FaultCluster:
             else:
                 # Each fault or handover replays at most twice the checkpoint interval
                 # per source (the batch whose save was in flight and the current one).
-                bounds[group.group] = 2 * self.settings.checkpoint_interval * (
-                    epochs[0][0] + faults * group.partitions
+                bounds[group.group] = (
+                    2
+                    * self.settings.checkpoint_interval
+                    * (epochs[0][0] + faults * group.partitions)
                 )
             if extra > bounds[group.group]:
                 violations.append(

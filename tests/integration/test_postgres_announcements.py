@@ -21,8 +21,10 @@ async def test_each_publish_is_announced_in_a_transaction_apart() -> None:
             await listener.execute(sql.SQL("LISTEN {}").format(channel))
             stream = EventStore(backend).stream(category="orders", stream="o1")
             await stream.publish([NewEvent(name="placed")])
-            await EventStore(backend).stream(category="refunds", stream="r1").publish(
-                [NewEvent(name="asked")]
+            await (
+                EventStore(backend)
+                .stream(category="refunds", stream="r1")
+                .publish([NewEvent(name="asked")])
             )
             heard = [n.payload async for n in listener.notifies(timeout=10, stop_after=2)]
             assert heard == ["orders", "refunds"]
