@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -175,7 +174,6 @@ _HOLDBACK = (
 
 _PUBLISH = "SELECT * FROM {schema}.publish(%s, %s, %s, %s::bigint[], %s::jsonb)"
 _ANNOUNCE = "SELECT pg_notify(%s, %s)"
-logger = logging.getLogger(__name__)
 
 _encode_fast = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _encode_text = json.JSONEncoder(ensure_ascii=False).encode
@@ -366,29 +364,26 @@ class PostgresEventStorage(EventStorage):
             [[e.name, e.payload, e.metadata, e.occurred_at.isoformat()] for e in events]
         )
         parameters = (stream.category, stream.stream, stream_hash(stream.stream), allowed, batch)
-        async with self._backend.connection() as connection:
-            try:
-                for attempt in range(_SERIALIZATION_RETRIES + 1):
-                    try:
-                        cursor = await self._publish_and_announce(
-                            connection, parameters, stream.category
-                        )
-                    except psycopg.errors.SerializationFailure:
-                        # Its own transaction, so nothing was written: safe to run again.
-                        if attempt == _SERIALIZATION_RETRIES:
-                            raise
-                        wait = _SERIALIZATION_WAIT * 2 ** min(attempt, 6)
-                        await asyncio.sleep(random.uniform(0, wait))
-                        continue
-                    break
-            except psycopg.Error as error:
-                if error.sqlstate == UNMET_WRITE_CONDITION:
-                    found = int(error.diag.message_detail or "-1")
-                    raise UnmetWriteConditionError(
-                        condition, None if found < 0 else found
-                    ) from error
-                raise
-            row = await cursor.fetchone()
+        for attempt in range(_SERIALIZATION_RETRIES + 1):
+            if attempt:  # after a random wait, on a connection not held meanwhile
+                wait = _SERIALIZATION_WAIT * 2 ** min(attempt - 1, 6)
+                await asyncio.sleep(random.uniform(0, wait))
+            async with self._backend.connection() as connection:
+                try:
+                    row = await self._publish_and_announce(connection, parameters, stream.category)
+                except psycopg.errors.SerializationFailure:
+                    # Its own transaction, so nothing was written: safe to run again.
+                    if attempt == _SERIALIZATION_RETRIES:
+                        raise
+                    continue
+                except psycopg.Error as error:
+                    if error.sqlstate == UNMET_WRITE_CONDITION:
+                        found = int(error.diag.message_detail or "-1")
+                        raise UnmetWriteConditionError(
+                            condition, None if found < 0 else found
+                        ) from error
+                    raise
+            break
         assert row is not None
         first_sequence_number: int = row[0]
         first_position: int = row[1]
@@ -417,17 +412,20 @@ class PostgresEventStorage(EventStorage):
         connection: psycopg.AsyncConnection[Any],
         parameters: tuple[object, ...],
         category: str,
-    ) -> AsyncCursor[Any]:
+    ) -> Any:
         """Send the publish, a Sync, the NOTIFY of ``category`` and a Sync in one go, then
-        wait for their answers (see the module docstring). Raises the publish's error
-        (psycopg.Error); a failed NOTIFY is logged, as only latency is lost.
+        wait for their answers (see the module docstring); return the publish's row.
+        Raises psycopg.Error: the publish's, its commit's or the NOTIFY's (a NOTIFY that
+        fails after a commit looks to the caller like a commit whose answer was lost).
 
         psycopg has no public call that queues a Sync without waiting for the answers
         before it (``Pipeline.sync`` waits, a round trip per publish), so this queues one
         with the pipeline's own ``_enqueue_sync``: the next command or the end of the
-        block sends it. A publish refused (write condition) still announces its category:
-        a spurious wake-up costs each node one read, less than a round trip on every
-        publish would.
+        block sends it. A commit that fails at its Sync (a serialization failure under
+        SERIALIZABLE) leaves psycopg's pipeline out of step with the server's answers;
+        such a connection is closed, never given back. A publish refused (write
+        condition) still announces its category: a spurious wake-up costs each node one
+        read, less than a round trip on every publish would.
         """
         cursor = connection.cursor()
         try:
@@ -435,11 +433,14 @@ class PostgresEventStorage(EventStorage):
                 await cursor.execute(self._publish, parameters, prepare=True)
                 pipeline._enqueue_sync()  # commits the publish: the NOTIFY is a transaction apart
                 await connection.execute(_ANNOUNCE, (self._channel, category), prepare=True)
-        except psycopg.Error as error:
-            if cursor.pgresult is None:  # the publish's own answer is an error, or lost
-                raise
-            logger.warning("eventmill: could not announce published events: %s", error)
-        return cursor
+        except psycopg.Error:
+            if (
+                connection.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
+                or connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            ):
+                await connection.close()
+            raise
+        return await cursor.fetchone()
 
     async def read(
         self, source: EventSourceIdentifier, *, after: int | None, limit: int
