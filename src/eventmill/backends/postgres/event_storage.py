@@ -433,12 +433,15 @@ class PostgresEventStorage(EventStorage):
                 await cursor.execute(self._publish, parameters, prepare=True)
                 pipeline._enqueue_sync()  # commits the publish: the NOTIFY is a transaction apart
                 await connection.execute(_ANNOUNCE, (self._channel, category), prepare=True)
-        except psycopg.Error:
+        except psycopg.Error as error:
             if (
                 connection.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF
                 or connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
             ):
                 await connection.close()
+            first = error.__context__  # psycopg failing to leave that pipeline hides it
+            if isinstance(first, psycopg.Error):
+                raise first from None
             raise
         return await cursor.fetchone()
 
