@@ -427,6 +427,13 @@ class PostgresEventStorage(EventStorage):
         condition) still announces its category: a spurious wake-up costs each node one
         read, less than a round trip on every publish would.
         """
+        if self._backend.transaction_pooled:
+            # PgBouncer in transaction mode: no pipeline spanning transactions (one hung
+            # there), so the NOTIFY follows in a round trip of its own.
+            published = await connection.execute(self._publish, parameters, prepare=True)
+            row = await published.fetchone()
+            await connection.execute(_ANNOUNCE, (self._channel, category), prepare=True)
+            return row
         cursor = connection.cursor()
         try:
             async with connection.pipeline() as pipeline:
