@@ -65,7 +65,6 @@ import asyncio
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -109,11 +108,12 @@ if TYPE_CHECKING:
     from eventmill.backends.postgres.backend import PostgresBackend
 
 _COLUMNS = (
-    "sequence_number, id::text, name, category, stream, position, payload, metadata,"
+    "id::text, name, category, stream, position, sequence_number, payload, metadata,"
     " occurred_at, observed_at"
 )
+"""A read's columns, in the order of ``events.stored_event``'s parameters."""
 _PAGE_COLUMNS = (
-    "sequence_number, id, name, category, stream, position, payload, metadata,"
+    "id, name, category, stream, position, sequence_number, payload, metadata,"
     " occurred_at, observed_at, transaction_id"
 )
 _WATERMARK = "current_setting('eventmill.watermark')::xid8"
@@ -255,58 +255,16 @@ def _partition_query(partitions: int, *, latest: bool) -> str:
     return merged if latest else _up_to_watermark(merged)
 
 
-_ROW_FIELDS = (
-    "sequence_number",
-    "id",
-    "name",
-    "category",
-    "stream",
-    "position",
-    "payload",
-    "metadata",
-    "occurred_at",
-    "observed_at",
-)
-"""StoredEvent's fields in the order of _COLUMNS (every field, once)."""
-assert sorted(_ROW_FIELDS) == sorted(field.name for field in fields(StoredEvent))
-(
-    _set_sequence_number,
-    _set_id,
-    _set_name,
-    _set_category,
-    _set_stream,
-    _set_position,
-    _set_payload,
-    _set_metadata,
-    _set_occurred_at,
-    _set_observed_at,
-) = (getattr(StoredEvent, name).__set__ for name in _ROW_FIELDS)
-_new_object = object.__new__
-
-
-def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
-    """A StoredEvent from a row of _COLUMNS, its slots set directly: the generated
-    ``__init__`` of a frozen dataclass sets each field through ``object.__setattr__``,
-    which took a quarter of a read's time in Python."""
-    event: StoredEvent = _new_object(StoredEvent)
-    _set_sequence_number(event, values[0])
-    _set_id(event, values[1])
-    _set_name(event, values[2])
-    _set_category(event, values[3])
-    _set_stream(event, values[4])
-    _set_position(event, values[5])
-    _set_payload(event, values[6])
-    _set_metadata(event, values[7])
-    _set_occurred_at(event, values[8])
-    _set_observed_at(event, values[9])
-    return event
-
-
 def _partition_parameters(source: CategoryPartitionIdentifier) -> dict[str, object]:
     parameters: dict[str, object] = {"category": source.category}
     for number, bucket in enumerate(source.buckets):
         parameters[f"b{number}"] = bucket
     return parameters
+
+
+def _make_stored_event(values: Sequence[Any]) -> StoredEvent:
+    """A StoredEvent from a row of _COLUMNS."""
+    return stored_event(*values)
 
 
 def _stored_event_rows(cursor: AsyncCursor[Any]) -> RowMaker[StoredEvent]:
