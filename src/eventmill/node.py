@@ -231,6 +231,9 @@ class _SubscriberPasses(Service[int]):
         """Events processed by the passes that finished (for metrics)."""
         self.on_pass: Callable[[float, int], None] | None = None
         """Called after each pass that finished with its duration (s) and event count."""
+        self.on_drained: Callable[[], None] | None = None
+        """Called after each pass that processed events (it read to the end of its
+        sources): a versioned projection's keeper checks for its cutover then."""
 
     async def execute(self) -> int:
         if self.on_loop is not None:
@@ -243,6 +246,8 @@ class _SubscriberPasses(Service[int]):
         self.events_processed += count
         if self.on_pass is not None:
             self.on_pass(time.perf_counter() - started, count)
+        if count and self.on_drained is not None:
+            self.on_drained()
         return count
 
 
@@ -541,6 +546,7 @@ class EventProcessingNode:
             retire_grace=retire_grace,
             check_interval=check_interval,
         )
+        handle.passes.on_drained = handle.keeper.wake
         return handle
 
     async def _keep(self, handle: SubscriberHandle, keeper: ProjectionKeeper) -> None:

@@ -13,7 +13,9 @@ that builds its own tables (on PostgreSQL: in ``version_schema``, see
 ``backends/postgres/projection_versions.py``) from the start of its source, while the
 version serving until now keeps serving through the read alias (PostgreSQL: the views
 of ``alias_schema``). A ``ProjectionKeeper`` runs next to each version's subscriber on
-every node that registers it; every ``check_interval`` it:
+every node that registers it; every ``check_interval``, and while its version builds
+also each time the version's subscriber ends a pass that processed events (it read to
+the end of its sources, so the cutover may be due), it:
 
 1. reports the build's progress every PROGRESS_EVERY seconds (``behind``: the events
    left after its checkpoints, counted by ``EventStorage.lags``; the ETA from how fast
@@ -35,6 +37,7 @@ of versioned projections, in reactor groups of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -121,6 +124,8 @@ class ProjectionKeeper:
         self.retire_grace = retire_grace
         self.check_interval = check_interval
         self._last: tuple[float, int] | None = None  # (monotonic time, events behind)
+        self._building = True  # wake() is ignored once the version no longer builds
+        self._woken: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     async def prepare(self) -> bool:
         """Declare the version and run ``setup``; False when a newer version already
@@ -139,17 +144,29 @@ class ProjectionKeeper:
                 await self.setup(transaction)
         return True
 
+    def wake(self) -> None:
+        """Run the next round now rather than after ``check_interval`` while the version
+        builds (callable from any thread; ignored before ``run`` and once it serves)."""
+        if self._building and self._woken is not None:
+            loop, woken = self._woken
+            loop.call_soon_threadsafe(woken.set)
+
     async def run(self) -> None:
         """Keep the version until it is replaced (then return: the caller stops its
         subscriber) or cancelled. A round that fails with an eventmill error (storage
         down, a row locked too long) is logged and the next one tries again."""
+        woken = asyncio.Event()
+        self._woken = (asyncio.get_running_loop(), woken)
         while True:
+            woken.clear()
             try:
                 if await self.keep():
                     return
             except EventmillError as error:  # e.g. storage down, a row locked: next round
                 logger.warning("projection %s v%d: %s", self.name, self.version, error)
-            await asyncio.sleep(self.check_interval.total_seconds())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.check_interval.total_seconds()):
+                    await woken.wait()
 
     async def keep(self) -> bool:
         """One round; True when this version was replaced. Raises StorageError."""
@@ -159,13 +176,15 @@ class ProjectionKeeper:
         if mine is None or mine.state in (VersionState.RETIRING, VersionState.RETIRED):
             logger.info("projection %s: version %d was replaced", self.name, self.version)
             return True
-        if mine.state is VersionState.BUILDING:
+        self._building = mine.state is VersionState.BUILDING
+        if self._building:
             if self._last is None or time.monotonic() - self._last[0] >= PROGRESS_EVERY:
                 behind, eta = await self.progress()
                 await versions.report(self.name, self.version, behind=behind, eta_seconds=eta)
             if await self.caught_up() and await versions.cut_over(
                 self.name, self.version, grace=self.retire_grace
             ):
+                self._building = False
                 logger.info("projection %s: version %d serves now", self.name, self.version)
         for record in records.values():
             if record.state is VersionState.RETIRING and _due(record):

@@ -107,6 +107,52 @@ async def test_progress_counts_the_events_left() -> None:
     assert behind == 8 and eta is not None and eta >= 0
 
 
+class Gated(Counter):
+    """A Counter whose batches wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def process_events(
+        self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
+    ) -> None:
+        await self.gate.wait()
+        await super().process_events(events, transaction)
+
+
+async def test_the_end_of_a_building_pass_wakes_the_keeper() -> None:
+    backend = InMemoryBackend()
+    store = EventStore(backend)
+    await store.stream(category="orders", stream="o-1").publish(
+        [NewEvent(name="placed") for _ in range(30)]
+    )
+    versions = backend.projection_versions
+    counter = Gated()
+    node = EventProcessingNode(backend, node_id="n")
+    node.register_projection(
+        name="summary",
+        version=1,
+        source=ORDERS,
+        processor=counter,
+        cutover_lag=0,
+        check_interval=timedelta(hours=1),  # only a wake-up can bring the cutover
+    )
+    async with node:
+
+        async def first_round_ran() -> bool:
+            return [r.behind for r in await versions.versions("summary")] == [30]
+
+        await wait_for(first_round_ran, "the keeper's first round")
+        counter.gate.set()
+
+        async def serves() -> bool:
+            return [r.state for r in await versions.versions("summary")] == [VersionState.SERVING]
+
+        await wait_for(serves, "version 1 to serve once its pass ended")
+    assert counter.seen == 30
+
+
 def test_bad_registrations_are_refused() -> None:
     node = EventProcessingNode(InMemoryBackend(), node_id="n")
     with pytest.raises(InvalidSettingsError):

@@ -13,7 +13,13 @@ Each round it reads the holdings of this node and, per local subscriber:
 ``is_current`` tells whether the latest successful round is recent enough (younger
 than the subscriber max age) for this node's view to be trusted: a node that was
 paused or cut off longer than that may have been declared dead and its sources given
-away, so it must not process until a round has brought it up to date. Each successful
+away, so it must not process until a round has brought it up to date.
+
+While a subscriber added less than the subscriber max age ago holds no source yet, the
+rounds come every quarter interval: a leader on another node assigns it sources in
+its own next round, which this node cannot hear of sooner, and the wait for a new
+subscriber's first source (a rebuild's start) is then at most that quarter instead of
+a full interval. Each successful
 round also ``confirms`` the node's ``OwnershipLease`` (``lease``, set by the
 distributed broker): after a lapse the lease stays invalid until such a round.
 """
@@ -54,6 +60,7 @@ class EventSubscriptionObserver(BrokerLoop):
         self._max_age = check_interval(subscriber_max_age, "subscriber_manager_subscriber_max_age")
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._accepted: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
+        self._added: dict[tuple[str, str], float] = {}  # monotonic time of ``add``
         self.changes = {"accepted": 0, "withdrawn": 0}
         """Sources accepted and withdrawn so far (for metrics)."""
         self._busy = asyncio.Lock()  # rounds, removals and releases take turns
@@ -77,6 +84,8 @@ class EventSubscriptionObserver(BrokerLoop):
         known = self._subscribers.get(key)
         if known is not None and known is not subscriber:
             raise InvalidInputError(f"subscriber {key[1]!r} of {key[0]!r} is already observed")
+        if known is None:
+            self._added[key] = time.monotonic()
         self._subscribers[key] = subscriber
         self._accepted.setdefault(key, {})
 
@@ -88,6 +97,7 @@ class EventSubscriptionObserver(BrokerLoop):
             if self._subscribers.get(key) is not subscriber:
                 return
             del self._subscribers[key]
+            del self._added[key]
             await self._release_all(subscriber, self._accepted.pop(key, {}))
 
     async def _release_all(
@@ -106,12 +116,17 @@ class EventSubscriptionObserver(BrokerLoop):
         )
 
     async def run_round(self) -> timedelta | None:
-        """One synchronisation (then the lease is confirmed). Raises StorageError."""
+        """One synchronisation (then the lease is confirmed); the next comes after a
+        quarter interval while a new subscriber waits for its first source (see the
+        module docstring). Raises StorageError."""
         started = time.monotonic()
         async with self._busy:
             await self._synchronise()
         if self.lease is not None:
             self.lease.confirmed(started)
+        young = started - self._max_age.total_seconds()
+        if any(not self._accepted[key] and added > young for key, added in self._added.items()):
+            return self.interval / 4
         return None
 
     async def _synchronise(self) -> None:

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 
-from eventmill.backends.base import HoldingState, SourceHolding, SubscriptionStateStore
+from eventmill.backends.base import Assign, HoldingState, SourceHolding, SubscriptionStateStore
 from eventmill.backends.memory import (
     InMemoryBackend,
     InMemoryNodeStateStore,
@@ -25,6 +25,7 @@ from eventmill.broker.distributed import (
     make_event_broker,
 )
 from eventmill.broker.loop import BrokerLoop
+from eventmill.broker.observer import EventSubscriptionObserver
 from eventmill.broker.singleton import SingletonEventBroker
 from eventmill.broker.subscriber_manager import EventSubscriberManager
 from eventmill.errors import InvalidInputError, InvalidSettingsError, StorageError
@@ -347,3 +348,18 @@ async def test_a_loop_honours_a_cancellation_swallowed_inside_a_round() -> None:
         async with asyncio.timeout(10):
             await task
     assert loop.status is ProcessStatus.STOPPED
+
+
+async def test_a_new_subscriber_is_synchronised_every_quarter_interval_until_it_holds() -> None:
+    backend = InMemoryBackend()
+    observer = EventSubscriptionObserver(
+        backend, "n", synchronisation_interval=timedelta(milliseconds=400)
+    )
+    subscriber = FakeSubscriber("s", {})
+    observer.add(subscriber)
+    assert await observer.run_round() == timedelta(milliseconds=100)  # nothing held yet
+    await backend.subscriptions.apply(
+        [Assign(group="g", source=SOURCES[0], subscriber_id="s", node_id="n", epoch=1)]
+    )
+    assert await observer.run_round() is None  # it holds a source: the full interval
+    assert subscriber.held == {SOURCES[0]: 1}
