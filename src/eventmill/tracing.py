@@ -38,7 +38,7 @@ from eventmill.events import EventSourceIdentifier, NewEvent, StoredEvent
 from eventmill.store import EventStream
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import context, propagate, trace
 except ImportError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependencyError(
         "eventmill tracing needs opentelemetry-api: pip install 'eventmill[otel]'"
@@ -60,8 +60,11 @@ def _installed() -> bool:
 
 
 def with_trace_context(events: Sequence[NewEvent]) -> list[NewEvent]:
-    """``events`` with the current trace context added to their metadata (unchanged
-    when there is no current span)."""
+    """``events`` with the current span's trace context added to their metadata
+    (unchanged when no current span is recording: a context no span was recorded for
+    would link processing spans to nothing)."""
+    if not trace.get_current_span().is_recording():
+        return list(events)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if not carrier:
@@ -87,7 +90,7 @@ async def publish(
     metadata. Raises what ``publish`` raises (recorded on the span)."""
     if not _installed():
         return await stream.publish(events, condition=condition)
-    with _tracer.start_as_current_span(
+    span = _tracer.start_span(
         "eventmill publish",
         kind=trace.SpanKind.PRODUCER,
         attributes={
@@ -95,8 +98,24 @@ async def publish(
             "messaging.destination.name": str(stream.identifier),
             "messaging.batch.message_count": len(events),
         },
-    ):
+    )
+    # Attached by hand rather than with start_as_current_span, whose two context
+    # managers cost a third as much as the span itself.
+    token = context.attach(trace.set_span_in_context(span))
+    try:
         return await stream.publish(with_trace_context(events), condition=condition)
+    except Exception as error:
+        _record_failure(span, error)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+
+
+def _record_failure(span: trace.Span, error: Exception) -> None:
+    """What start_as_current_span records of an exception leaving the span."""
+    span.record_exception(error)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
 def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
@@ -134,13 +153,21 @@ def _span(group: str, events: Sequence[StoredEvent]) -> Iterator[None]:
     if len(events) == 1:
         attributes["messaging.message.id"] = str(events[0].id)
         attributes["messaging.destination.name"] = f"{events[0].category}/{events[0].stream}"
-    with _tracer.start_as_current_span(
+    span = _tracer.start_span(
         "eventmill process",
         kind=trace.SpanKind.CONSUMER,
         links=_links(events),
         attributes=attributes,
-    ):
+    )
+    token = context.attach(trace.set_span_in_context(span))  # as in publish
+    try:
         yield
+    except Exception as error:
+        _record_failure(span, error)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
 
 
 class _TracedEach(EventProcessor):

@@ -16,7 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from eventmill import tracing
 from eventmill.backends.base import ConsumerTransaction
 from eventmill.backends.memory import InMemoryBackend
+from eventmill.conditions import stream_is_empty
 from eventmill.consumers.processors import TransactionalEventProcessor
+from eventmill.errors import UnmetWriteConditionError
 from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
 from eventmill.node import EventProcessingNode
 from eventmill.store import EventStore
@@ -89,3 +91,29 @@ async def test_processing_spans_link_to_the_publish_span(spans: InMemorySpanExpo
 def test_without_a_current_span_metadata_is_unchanged() -> None:
     event = NewEvent(name="placed", metadata={"a": 1})
     assert tracing.with_trace_context([event]) == [event]
+
+
+async def test_a_publish_not_recorded_writes_no_trace_context(
+    spans: InMemorySpanExporter,
+) -> None:
+    spans.clear()
+    unsampled = trace.SpanContext(
+        trace_id=1, span_id=2, is_remote=True, trace_flags=trace.TraceFlags(0)
+    )
+    stream = EventStore(InMemoryBackend()).stream(category="orders", stream="o-1")
+    with trace.use_span(trace.NonRecordingSpan(unsampled)):
+        (stored,) = await tracing.publish(stream, [NewEvent(name="placed", metadata={"a": 1})])
+    assert stored.metadata == {"a": 1}
+    assert spans.get_finished_spans() == ()
+
+
+async def test_a_failed_publish_is_recorded_on_its_span(spans: InMemorySpanExporter) -> None:
+    spans.clear()
+    stream = EventStore(InMemoryBackend()).stream(category="orders", stream="o-1")
+    await stream.publish([NewEvent(name="placed")])
+    with pytest.raises(UnmetWriteConditionError):
+        await tracing.publish(stream, [NewEvent(name="placed")], condition=stream_is_empty())
+    (published,) = spans.get_finished_spans()
+    assert published.status.status_code is trace.StatusCode.ERROR
+    assert [event.name for event in published.events] == ["exception"]
+    assert trace.get_current_span() is trace.INVALID_SPAN  # the publish span detached
