@@ -215,6 +215,7 @@ class PublishMetrics:
             buckets=PASS_BUCKETS,
             registry=registry,
         )
+        self._children: dict[str, tuple[Histogram, Counter]] = {}
 
     def observe(self, backend: Backend) -> Callable[[], None]:
         """Count the publishes through an ``EventStore`` on ``backend`` until the
@@ -224,9 +225,15 @@ class PublishMetrics:
     def __call__(self, category: str, events: int, seconds: float, failed: bool) -> None:
         if failed:
             self.failures.labels(category).inc()
-        else:
-            self.duration.labels(category).observe(seconds)
-            self.published.labels(category).inc(events)
+            return
+        children = self._children.get(category)
+        if children is None:
+            # labels() costs as much as the observation: each category's once.
+            children = self._children.setdefault(
+                category, (self.duration.labels(category), self.published.labels(category))
+            )
+        children[0].observe(seconds)
+        children[1].inc(events)
 
 
 class _PassTimer:

@@ -7,10 +7,11 @@ imported only here; spans are recorded once the application installs an SDK).
     node.register_subscriber(group="totals", source=orders,
                              processor=tracing.traced(totals, group="totals"))
 
-- ``publish``: a PRODUCER span ``eventmill publish`` around the write; each event's
-  metadata carries the trace context (by the configured propagator: W3C
-  ``traceparent``, ``tracestate`` by default), so it is stored with the event. With no
-  tracer provider installed it is ``stream.publish``, nothing added;
+- ``publish``: a PRODUCER span ``eventmill publish`` around the write; while that span
+  is recorded (sampled), each event's metadata carries the trace context (by the
+  configured propagator: W3C ``traceparent``, ``tracestate`` by default), so it is
+  stored with the event; an unsampled publish stores nothing of it. With no tracer
+  provider installed it is ``stream.publish``, nothing added;
 - ``traced``: wraps an async function or ``EventProcessor`` (a CONSUMER span
   ``eventmill process`` per page of events read from the source, and per held event
   replayed) or a ``TransactionalEventProcessor`` (one per batch). The span links to
