@@ -7,7 +7,9 @@ connection per backend, opened on the first ``subscribe`` (not from the pool), l
 and wakes the watchers of that category and of the log, each on its own event loop.
 The listening task runs on the backend's home loop while that loop runs (so it outlives
 the threads of SHARED_THREAD and DEDICATED_THREAD services), else on the subscriber's
-loop; if that loop ends, the next ``subscribe`` starts a new listener.
+loop; if that loop ends, the next ``subscribe`` starts a new listener. It waits on the
+connection's socket alone (not psycopg's ``notifies()``, which also wakes its loop every
+0.1 s), so an idle node's loop sleeps until a notification or its own polls are due.
 If the connection fails, every watcher is woken (notifications may have been lost)
 and it reconnects with a growing delay; meanwhile readers rely on polling, which a
 lost notification only delays, never breaks.
@@ -138,18 +140,41 @@ class PostgresEventNotifications(EventNotifications):
                 failures += 1
                 continue
             try:
-                if failures:
-                    self.registry.wake(None)
+                # Notifications psycopg read while LISTEN ran are in its own backlog,
+                # which only ``notifies()`` empties: wake everyone once instead (after a
+                # failure, some may also have been lost).
+                self.registry.wake(None)
                 failures = 0
                 _resolve(listening)
-                async for notification in connection.notifies():
-                    self.registry.wake(notification.payload)
+                await self._receive(connection)
             except psycopg.Error as error:
                 logger.warning("eventmill: LISTEN connection lost: %s", error)
                 self.registry.wake(None)
                 failures += 1
             finally:
                 await connection.close()
+
+    async def _receive(self, connection: AsyncConnection[Any]) -> None:
+        """Wake the watchers of each notification as it arrives; blocks until the
+        connection fails (raises psycopg.OperationalError) or the task is cancelled.
+
+        Waits on the socket alone: psycopg's ``notifies()`` also wakes every 0.1 s
+        (its interrupt-check interval, not configurable there), ten loop wake-ups a
+        second on an otherwise idle node."""
+        pgconn = connection.pgconn
+        encoding = connection.info.encoding
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(connection.fileno(), readable.set)
+        try:
+            while True:
+                while (notification := pgconn.notifies()) is not None:
+                    self.registry.wake(notification.extra.decode(encoding))
+                await readable.wait()
+                readable.clear()
+                pgconn.consume_input()
+        finally:
+            loop.remove_reader(connection.fileno())
 
     async def close(self) -> None:
         """Stop listening; blocks until the connection is closed (at most 10 s if the
