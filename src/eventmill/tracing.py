@@ -100,23 +100,26 @@ async def publish(
             "messaging.batch.message_count": len(events),
         },
     )
-    # Attached by hand rather than with start_as_current_span, whose two context
-    # managers cost a third as much as the span itself.
+    with _current(span):
+        return await stream.publish(with_trace_context(events), condition=condition)
+
+
+@contextmanager
+def _current(span: trace.Span) -> Iterator[None]:
+    """``span`` as the current span until the block ends, then ended; an exception
+    leaving the block is recorded on it as start_as_current_span would. Attached by
+    hand: start_as_current_span's two nested context managers cost a third as much
+    as the span itself."""
     token = context.attach(trace.set_span_in_context(span))
     try:
-        return await stream.publish(with_trace_context(events), condition=condition)
+        yield
     except Exception as error:
-        _record_failure(span, error)
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         raise
     finally:
         context.detach(token)
         span.end()
-
-
-def _record_failure(span: trace.Span, error: Exception) -> None:
-    """What start_as_current_span records of an exception leaving the span."""
-    span.record_exception(error)
-    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
 def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
@@ -160,15 +163,8 @@ def _span(group: str, events: Sequence[StoredEvent]) -> Iterator[None]:
         links=_links(events),
         attributes=attributes,
     )
-    token = context.attach(trace.set_span_in_context(span))  # as in publish
-    try:
+    with _current(span):
         yield
-    except Exception as error:
-        _record_failure(span, error)
-        raise
-    finally:
-        context.detach(token)
-        span.end()
 
 
 class _TracedEach(EventProcessor):

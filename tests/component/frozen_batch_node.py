@@ -31,11 +31,10 @@ from typing import Any
 from eventmill.backends.base import Checkpoint, ConsumerTransaction
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.backends.postgres.checkpoints import PostgresConsumerTransaction
-from eventmill.broker.distributed import DistributedEventBroker
 from eventmill.consumers.processors import TransactionalEventProcessor
-from eventmill.events import CategoryIdentifier, EventSourceIdentifier, StoredEvent, source_key
-from eventmill.node import EventProcessingNode, NodeMode, NodeSettings, SubscriberHandle
-from tests.component.zombie_node import BROKER_SETTINGS
+from eventmill.events import CategoryIdentifier, EventSourceIdentifier, StoredEvent
+from eventmill.node import EventProcessingNode, NodeMode, NodeSettings
+from tests.component.zombie_node import BROKER_SETTINGS, report_holdings
 
 TABLE = """
 CREATE TABLE {schema}.frozen_applied (
@@ -91,19 +90,6 @@ def freeze_after_saving(freeze_at: int) -> None:
     PostgresConsumerTransaction.save_checkpoint = save_then_freeze  # type: ignore[method-assign]
 
 
-async def _report(node: EventProcessingNode, handle: SubscriberHandle | None) -> None:
-    broker = node.broker
-    assert isinstance(broker, DistributedEventBroker)
-    while True:
-        line = {
-            "lease_valid": broker.manager.lease.is_valid(),
-            "held": [] if handle is None else [source_key(s) for s in handle.subscriber.sources],
-            "time": time.time(),
-        }
-        print(json.dumps(line), flush=True)
-        await asyncio.sleep(0.02)
-
-
 async def run_node(config: dict[str, Any]) -> None:
     """Run the node ``config`` describes until SIGTERM."""
     node_id: str = config["node_id"]
@@ -134,7 +120,7 @@ async def run_node(config: dict[str, Any]) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         async with node:
             print("ready", flush=True)
-            reporter = asyncio.get_running_loop().create_task(_report(node, handle))
+            reporter = asyncio.get_running_loop().create_task(report_holdings(node, handle))
             await stop.wait()
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

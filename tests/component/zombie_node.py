@@ -73,7 +73,8 @@ class SlowRecorder(EventProcessor):
             os.kill(os.getpid(), signal.SIGSTOP)
 
 
-async def _report(node: EventProcessingNode, handle: SubscriberHandle | None) -> None:
+async def report_holdings(node: EventProcessingNode, handle: SubscriberHandle | None) -> None:
+    """Print the lease's validity and the sources held, as a JSON line every 20 ms."""
     broker = node.broker
     assert isinstance(broker, DistributedEventBroker)
     while True:
@@ -115,7 +116,7 @@ async def run_node(config: dict[str, Any]) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         async with node:
             print("ready", flush=True)
-            reporter = asyncio.get_running_loop().create_task(_report(node, handle))
+            reporter = asyncio.get_running_loop().create_task(report_holdings(node, handle))
             await stop.wait()
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
