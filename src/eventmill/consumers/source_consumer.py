@@ -314,7 +314,8 @@ class EventSourceConsumer:
 
     async def _pages(self) -> AsyncGenerator[list[StoredEvent]]:
         """The pages after the processed place, until one is not full or the pass halts.
-        While a full page is processed, the next one is read (a task): a drain then waits
+        While a full page is processed, the next one is read (a task, given the loop once
+        so that its query is sent before the page is processed): a drain then waits
         for reads and checkpoint saves side by side rather than one after the other. A
         read ahead that is not wanted any more (the pass halted or failed) is cancelled."""
         page_size = self.source.page_size
@@ -323,6 +324,7 @@ class EventSourceConsumer:
             page = await self.source.read(after=self._processed)
             while len(page) == page_size and not self._halted():
                 ahead = asyncio.create_task(self.source.read(after=self.source.place(page[-1])))
+                await asyncio.sleep(0)  # its query goes out now (see _save_behind)
                 yield page
                 if self._halted():
                     return
@@ -967,6 +969,12 @@ class EventSourceConsumer:
         self._saving = asyncio.create_task(self.state_store.save(place))
         self._saving_count = count
         self._unsaved = 0
+        # A task runs only once this coroutine suspends, and processing a batch with a
+        # quick processor never does: without this yield the save's UPDATE was only
+        # sent when the next save waited for it, so commits and processing did not
+        # overlap at all (measured: the drain took the read plus the commits). One
+        # yield lets the task borrow a connection and send the statement.
+        await asyncio.sleep(0)
 
     async def _saved(self) -> None:
         """Wait for the save in flight, if any; if it failed, its events count as

@@ -186,6 +186,49 @@ async def test_the_next_batch_is_processed_while_a_checkpoint_commits(kind: str)
     assert await stored_after(backend) == 25
 
 
+@pytest.mark.parametrize("kind", ["each", "function", "auto-commit"])
+async def test_a_save_is_sent_before_the_next_batch_is_processed(kind: str) -> None:
+    """With a processor that never suspends and no page boundary in between, the save
+    of the first 10 has reached the storage before event 15 is processed: its commit
+    overlaps the processing instead of starting when the next save waits for it."""
+    backend = InMemoryBackend()
+    await publish(backend, 25)
+    gated = GatedCheckpoints(backend.checkpoints)
+    gated.release.set()
+    recorder = Recorder()
+    asked_at_15: list[int | None] = []
+    recorder.on_event = lambda event: (
+        asked_at_15.extend(gated.asked) if event.sequence_number == 15 else None
+    )
+    assert await consumer(backend, kind, recorder, checkpoints=gated, page_size=50).consume_all()
+    assert asked_at_15 == [10]
+    assert gated.saved == [10, 20, 25]
+
+
+@pytest.mark.parametrize("kind", ["each", "function", "auto-commit", "managed"])
+async def test_the_next_page_is_asked_for_before_a_full_page_is_processed(kind: str) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 12)
+    asked: list[int | None] = []
+    read = backend.events.read
+
+    async def recording_read(
+        source: EventSourceIdentifier, *, after: int | None, limit: int
+    ) -> list[StoredEvent]:
+        asked.append(after)
+        return await read(source, after=after, limit=limit)
+
+    backend.events.read = recording_read  # type: ignore[method-assign]
+    recorder = Recorder()
+    asked_at_1: list[int | None] = []
+    recorder.on_event = lambda event: (
+        asked_at_1.extend(asked) if event.sequence_number == 1 else None
+    )
+    assert await consumer(backend, kind, recorder, page_size=5).consume_all() == 12
+    assert asked_at_1 == [None, 5]
+    assert recorder.seen == list(range(1, 13))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_failure_keeps_the_events_before_it_checkpointed(kind: str) -> None:
     backend = InMemoryBackend()
