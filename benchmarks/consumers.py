@@ -6,14 +6,22 @@ For each backend (in memory, PostgreSQL):
   with a trivial processor, saving every 100 events; as events/s and as a ratio to a
   plain category read (EventSource pages of 500) measured in the same run. Also the
   backend statements per event: reads plus checkpoint saves, each one SQL statement on
-  PostgreSQL, counted at the storage ports.
+  PostgreSQL, counted at the storage ports. And the floor of its checkpoint commits:
+  as many saves as the drain makes (``DRAIN_EVENTS / 100``), one at a time through the
+  same ``EventConsumerStateStore.save`` (one UPDATE, one commit each), measured beside
+  it: saves stay one at a time (each carries the version of the one before) and at
+  most one batch is processed ahead of a save in flight (the replay bound), so a drain
+  cannot take less time than these commits. Reported as seconds, with the drain's and
+  the read's seconds, and as ``ratio_allowed_by_commits``: the read's time over the
+  floor's (the best drain-to-read ratio the commits leave).
 - ``drain.checkpoint_1``: the same over 10,000 events, saving after every event.
 - ``latency.push`` / ``latency.poll``: publish-to-processor time, p50 and p99, for a
   subscriber that waits for wake-ups (push) or only polls every second (poll), one event
   at a time, publishes 0-10 ms apart (dense) and 10-250 ms apart (sparse); and the CPU
   an idle push subscriber uses (share of one core).
 
-Medians of 3 runs. PostgreSQL: ``EVENTMILL_TEST_DSN`` (default
+Medians of 3 runs. ``CONSUMERS_ONLY=drain`` runs the checkpoint-100 drain (with its read
+and floor) alone. PostgreSQL: ``EVENTMILL_TEST_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``), in a throwaway schema.
 """
 
@@ -56,6 +64,7 @@ POLL_INTERVAL = timedelta(seconds=1)
 IDLE_SECONDS = 10.0
 DENSE_GAPS = (0.0, 0.01)
 SPARSE_GAPS = (0.01, 0.25)
+ONLY = os.environ.get("CONSUMERS_ONLY", "")
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 BENCH = CategoryIdentifier("bench")
 
@@ -122,6 +131,16 @@ async def read_rate(backend: Backend, identifier: CategoryIdentifier) -> float:
     async for _event in EventSource(backend, identifier).iterate():
         count += 1
     return count / (time.perf_counter() - started)
+
+
+async def commit_floor(backend: Backend, group: str, saves: int) -> float:
+    """Seconds ``saves`` checkpoint saves take one after the other, as a drain's are."""
+    state = EventConsumerStateStore(backend.checkpoints, group, BENCH)
+    await state.save(None)  # the first save inserts the row; the drain's later ones update
+    started = time.perf_counter()
+    for place in range(1, saves + 1):
+        await state.save(place)
+    return time.perf_counter() - started
 
 
 async def drain_rate(
@@ -226,9 +245,11 @@ async def measure(kind: str, backend: Backend) -> None:
     await fill(backend, "bench", DRAIN_EVENTS)
     reads: list[float] = []
     drains: list[float] = []
+    floors: list[float] = []
     statements: list[float] = []
     for repeat in range(REPEATS):
         reads.append(await read_rate(backend, BENCH))
+        floors.append(await commit_floor(backend, f"floor-{repeat}", DRAIN_EVENTS // 100))
         counter = Counting(backend)
         rate, count = await drain_rate(backend, BENCH, f"drain-{repeat}", 100)
         drains.append(rate)
@@ -239,6 +260,20 @@ async def measure(kind: str, backend: Backend) -> None:
     ratios = [drain / read for drain, read in zip(drains, reads, strict=True)]
     report(f"{kind}.consumers.drain.checkpoint_100.ratio_to_read", median(ratios), "ratio")
     report(f"{kind}.consumers.drain.checkpoint_100.statements", median(statements), "per event")
+    report(
+        f"{kind}.consumers.drain.checkpoint_100.commit_floor",
+        median(floors),
+        "s",
+        commits=DRAIN_EVENTS // 100,
+        drain_s=round(DRAIN_EVENTS / median(drains), 3),
+        read_s=round(DRAIN_EVENTS / median(reads), 3),
+    )
+    allowed = [DRAIN_EVENTS / read / floor for read, floor in zip(reads, floors, strict=True)]
+    report(
+        f"{kind}.consumers.drain.checkpoint_100.ratio_allowed_by_commits", median(allowed), "ratio"
+    )
+    if ONLY == "drain":
+        return
     await fill(backend, "eager", EAGER_EVENTS)
     eager = [
         (await drain_rate(backend, CategoryIdentifier("eager"), f"eager-{repeat}", 1))[0]
