@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from eventmill import CategoryIdentifier, EventConsumerStateStore, EventSourceConsumer
-from eventmill.backends.postgres import PostgresBackend
-from eventmill.consumers import ConsumerSettings, EventProcessor
+from eventmill import CategoryIdentifier
+from eventmill.consumers import EventProcessor
 from eventmill.events import StoredEvent
-from eventmill.sources import EventSource
+from tests.integration.worker_support import drain
 
 DRAIN = CategoryIdentifier("drain")
 EVERY = 50
@@ -24,19 +23,7 @@ class PrintNumbers(EventProcessor):
 
 
 async def main(dsn: str, schema: str) -> None:
-    backend = await PostgresBackend.connect(dsn, schema=schema, min_size=1, max_size=3)
-    try:
-        consumer = EventSourceConsumer(
-            EventSource(backend, DRAIN, page_size=200),
-            PrintNumbers(),
-            EventConsumerStateStore(backend.checkpoints, "drain", DRAIN),
-            settings=ConsumerSettings(checkpoint_every=EVERY),
-        )
-        while await consumer.consume_all():
-            pass
-        print("drained", flush=True)
-    finally:
-        await backend.close()
+    await drain(dsn, schema, DRAIN, "drain", PrintNumbers(), page_size=200, every=EVERY)
 
 
 if __name__ == "__main__":

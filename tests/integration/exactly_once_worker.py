@@ -11,12 +11,11 @@ from collections.abc import Sequence
 
 from psycopg import sql
 
-from eventmill import CategoryIdentifier, EventConsumerStateStore, EventSourceConsumer
+from eventmill import CategoryIdentifier
 from eventmill.backends.base import ConsumerTransaction
-from eventmill.backends.postgres import PostgresBackend
-from eventmill.consumers import ConsumerSettings, TransactionalEventProcessor
+from eventmill.consumers import TransactionalEventProcessor
 from eventmill.events import StoredEvent
-from eventmill.sources import EventSource
+from tests.integration.worker_support import drain
 
 WORK = CategoryIdentifier("work")
 
@@ -38,20 +37,7 @@ class ApplyRows(TransactionalEventProcessor):
 
 
 async def main(dsn: str, schema: str) -> None:
-    backend = await PostgresBackend.connect(dsn, schema=schema, min_size=1, max_size=2)
-    try:
-        state = EventConsumerStateStore(backend.checkpoints, "exactly-once", WORK)
-        consumer = EventSourceConsumer(
-            EventSource(backend, WORK, page_size=500),
-            ApplyRows(schema),
-            state,
-            settings=ConsumerSettings(checkpoint_every=50),
-        )
-        while await consumer.consume_all():
-            pass
-        print("drained", flush=True)
-    finally:
-        await backend.close()
+    await drain(dsn, schema, WORK, "exactly-once", ApplyRows(schema), page_size=500, every=50)
 
 
 if __name__ == "__main__":
