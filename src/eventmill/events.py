@@ -112,39 +112,46 @@ def _copy_json(value: Any, depth: int) -> JsonValue:
         if not math.isfinite(value):
             raise _NotJson(f"{describe(value)} is not valid JSON (NaN or infinity)")
         return value  # type: ignore[no-any-return]
-    if kind is dict or kind is list:
+    if kind is dict:
+        return _copy_object(value, depth)
+    if kind is list:
         if depth >= MAX_JSON_DEPTH:
             raise _NotJson(f"nested more than {MAX_JSON_DEPTH} lists and objects deep")
-        if kind is list:
-            copied_list: list[JsonValue] = []
-            for index, item in enumerate(value):
-                try:
-                    copied_list.append(_copy_json(item, depth + 1))
-                except _NotJson as error:
-                    error.steps.append(f"[{index}]")
-                    raise
-            return copied_list
-        copied: dict[str, JsonValue] = {}
-        for key, item in value.items():
-            if type(key) is not str:
-                raise _NotJson(
-                    f"object keys must be str, not {type(key).__name__} ({describe(key, 40)})"
-                )
-            if "\x00" in key or not key.isascii():
-                _check_text(key, "an object key")
-            # Strings and small ints, most of what payloads hold, skip the call.
-            if (type(item) is str and item.isascii() and "\x00" not in item) or (
-                type(item) is int and -(2**62) < item < 2**62
-            ):
-                copied[key] = item
-                continue
+        copied_list: list[JsonValue] = []
+        for index, item in enumerate(value):
             try:
-                copied[key] = _copy_json(item, depth + 1)
+                copied_list.append(_copy_json(item, depth + 1))
             except _NotJson as error:
-                error.steps.append(f".{key}")
+                error.steps.append(f"[{index}]")
                 raise
-        return copied
+        return copied_list
     raise _NotJson(f"{kind.__name__} is not JSON (use dict, list, str, int, float, bool or None)")
+
+
+def _copy_object(value: dict[Any, Any], depth: int) -> JsonObject:
+    """``_copy_json`` of a dict (``copy_json_object`` calls it directly)."""
+    if depth >= MAX_JSON_DEPTH:
+        raise _NotJson(f"nested more than {MAX_JSON_DEPTH} lists and objects deep")
+    copied: dict[str, JsonValue] = {}
+    for key, item in value.items():
+        if type(key) is not str:
+            raise _NotJson(
+                f"object keys must be str, not {type(key).__name__} ({describe(key, 40)})"
+            )
+        if "\x00" in key or not key.isascii():
+            _check_text(key, "an object key")
+        # Strings and small ints, most of what payloads hold, skip the call.
+        if (type(item) is str and item.isascii() and "\x00" not in item) or (
+            type(item) is int and -(2**62) < item < 2**62
+        ):
+            copied[key] = item
+            continue
+        try:
+            copied[key] = _copy_json(item, depth + 1)
+        except _NotJson as error:
+            error.steps.append(f".{key}")
+            raise
+    return copied
 
 
 def copy_json_object(value: object, where: str) -> JsonObject:
@@ -159,7 +166,7 @@ def copy_json_object(value: object, where: str) -> JsonObject:
     elif not value:
         return {}
     try:
-        return _copy_json(value, 0)  # type: ignore[return-value]
+        return _copy_object(value, 0)
     except _NotJson as error:
         place = where + "".join(reversed(error.steps))
         raise InvalidEventError(f"{place}: {error.problem}") from None
@@ -198,7 +205,9 @@ class NewEvent:
     occurred_at: datetime
 
     # Written out rather than generated with a __post_init__: every published event is
-    # made here, and setting each (frozen) field once, validated, halves the cost.
+    # made here, and setting each (frozen) field once, validated, halves the cost. The
+    # fields are set through their slots' descriptors (below the class), not
+    # ``object.__setattr__``, which looks each name up first.
     def __init__(
         self,
         *,
@@ -207,19 +216,20 @@ class NewEvent:
         metadata: JsonObject = _DEFAULT,
         occurred_at: datetime = _DEFAULT,
     ) -> None:
-        set_field = object.__setattr__
-        set_field(self, "name", check_name(name, "event name", InvalidEventError))
-        set_field(
-            self, "payload", {} if payload is _DEFAULT else copy_json_object(payload, "payload")
+        _set_new_name(self, check_name(name, "event name", InvalidEventError))
+        _set_new_payload(self, {} if payload is _DEFAULT else copy_json_object(payload, "payload"))
+        _set_new_metadata(
+            self, {} if metadata is _DEFAULT else copy_json_object(metadata, "metadata")
         )
-        set_field(
-            self, "metadata", {} if metadata is _DEFAULT else copy_json_object(metadata, "metadata")
-        )
-        set_field(
+        _set_new_occurred_at(
             self,
-            "occurred_at",
             datetime.now(UTC) if occurred_at is _DEFAULT else _utc_time(occurred_at, "occurred_at"),
         )
+
+
+_set_new_name, _set_new_payload, _set_new_metadata, _set_new_occurred_at = (
+    getattr(NewEvent, field).__set__ for field in ("name", "payload", "metadata", "occurred_at")
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -152,13 +152,18 @@ _registry: weakref.WeakKeyDictionary[
         tuple[asyncio.AbstractEventLoop, EventSourceIdentifier], SharedTail
     ],
 ] = weakref.WeakKeyDictionary()
+_any_tail = False
+"""Whether a tail was ever made in this process: until then a publish's
+``note_published`` reads this global alone, not the weak dictionary's ``len``."""
 
 
 def shared_tail(storage: EventStorage, identifier: EventSourceIdentifier) -> SharedTail:
     """The tail of ``identifier`` on ``storage`` for the running loop, made on first use
     and kept while an event source holds it. Never blocks."""
+    global _any_tail
     loop = asyncio.get_running_loop()
     with _registry_lock:
+        _any_tail = True
         tails = _registry.get(storage)
         if tails is None:
             tails = _registry[storage] = weakref.WeakValueDictionary()
@@ -171,7 +176,7 @@ def shared_tail(storage: EventStorage, identifier: EventSourceIdentifier) -> Sha
 def note_published(storage: EventStorage, category: str) -> None:
     """Record that events of ``category`` were just published to ``storage``, so its
     tails (on every loop) read past them. Never blocks for long."""
-    if not _registry:  # the publish path of a process with no shared tails
+    if not _any_tail:  # the publish path of a process with no shared tails
         return
     with _registry_lock:
         tails = _registry.get(storage)

@@ -48,24 +48,46 @@ _observers: weakref.WeakKeyDictionary[EventStorage, tuple[PublishObserver, ...]]
     weakref.WeakKeyDictionary()
 )
 _observers_lock = threading.Lock()
+_observing = False
+"""Whether ``_observers`` may hold an observer: one global read per publish instead of
+the weak dictionary's ``len`` (True until the last one is removed)."""
 
 
 def observe_publishes(backend: Backend, observer: PublishObserver) -> Callable[[], None]:
     """Call ``observer`` after every publish through an ``EventStore`` on ``backend``
     (from any loop or thread), until the returned function is called. Never blocks."""
+    global _observing
     storage = backend.events
     with _observers_lock:
         _observers[storage] = (*_observers.get(storage, ()), observer)
+        _observing = True
 
     def remove() -> None:
+        global _observing
         with _observers_lock:
             left = tuple(o for o in _observers.get(storage, ()) if o is not observer)
             if left:
                 _observers[storage] = left
             else:
                 _observers.pop(storage, None)
+            _observing = bool(_observers)
 
     return remove
+
+
+def _new_events(events: Sequence[object]) -> list[NewEvent]:
+    """The events a publish was given, checked and encoded (see EventStream.publish)."""
+    if type(events) is not list and (
+        isinstance(events, NewEvent) or not isinstance(events, Sequence)
+    ):
+        raise InvalidEventError(f"publish takes a sequence of NewEvent, not {describe(events)}")
+    if not events:
+        raise InvalidEventError("publish needs at least one event")
+    if len(events) > MAX_EVENTS_PER_PUBLISH:
+        raise InvalidEventError(
+            f"at most {MAX_EVENTS_PER_PUBLISH} events per publish, not {len(events)}"
+        )
+    return [event if isinstance(event, NewEvent) else encode_event(event) for event in events]
 
 
 def check_page_size(value: object, what: str = "page_size") -> int:
@@ -167,31 +189,26 @@ class EventStream(EventSourceHandle):
         UnmetWriteConditionError when ``condition`` does not hold, StorageError when
         the backend fails. In every failure case nothing is written.
         """
-        if type(events) is not list and (
-            isinstance(events, NewEvent) or not isinstance(events, Sequence)
-        ):
-            raise InvalidEventError(f"publish takes a sequence of NewEvent, not {describe(events)}")
-        if not events:
-            raise InvalidEventError("publish needs at least one event")
-        if len(events) > MAX_EVENTS_PER_PUBLISH:
-            raise InvalidEventError(
-                f"at most {MAX_EVENTS_PER_PUBLISH} events per publish, not {len(events)}"
-            )
-        new_events = [
-            event if isinstance(event, NewEvent) else encode_event(event) for event in events
-        ]
+        if type(events) is list and len(events) == 1 and type(events[0]) is NewEvent:
+            new_events = [events[0]]  # the usual case, without the general checks below
+        else:
+            new_events = _new_events(events)
         if condition is not None:
             check_condition(condition)
         storage = self._backend.events
+        publish_now = storage.publish_now
         started = time.perf_counter()
         failed = True
         try:
-            stored = await storage.publish(self.identifier, new_events, condition)
+            if publish_now is not None:  # in memory: no coroutine to make and await
+                stored = publish_now(self.identifier, new_events, condition)
+            else:
+                stored = await storage.publish(self.identifier, new_events, condition)
             failed = False
             return stored
         finally:  # also when the outcome is unknown (a commit that failed to answer)
             note_published(storage, self.identifier.category)
-            if _observers:  # the publish path of a process that observes none: one test
+            if _observing:  # the publish path of a process that observes none: one test
                 for observer in _observers.get(storage, ()):
                     observer(
                         self.identifier.category,

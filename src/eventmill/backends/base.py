@@ -117,6 +117,13 @@ _LAG_PAGE = 1000
 class EventStorage(ABC):
     """Appends events to streams and reads any source in order."""
 
+    publish_now: (
+        Callable[[StreamIdentifier, Sequence[NewEvent], WriteCondition | None], list[StoredEvent]]
+        | None
+    ) = None
+    """``publish`` as a plain call, on storage whose publish never waits (in memory);
+    ``EventStream.publish`` then spends no coroutine on it. None elsewhere."""
+
     @abstractmethod
     async def publish(
         self,

@@ -93,17 +93,29 @@ def _sequence_number(event: StoredEvent) -> int:
     return event.sequence_number
 
 
+class _Category:
+    """The events of one category: all of them, each stream's, and each stream bucket's
+    (a partition reads a merge of its buckets' lists)."""
+
+    __slots__ = ("buckets", "events", "streams")
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.buckets: list[list[StoredEvent]] = [[] for _ in range(PARTITION_BUCKETS)]
+        self.streams: dict[str, tuple[list[StoredEvent], list[StoredEvent]]] = {}
+        """A stream's events and its bucket's list, found together by one lookup:
+        a publish neither hashes the stream name again nor looks its bucket up."""
+
+
 class InMemoryEventStorage(EventStorage):
-    """Events in lists: the log, one list per category, one per stream, and one per
-    category and stream bucket (a partition reads a merge of its buckets' lists)."""
+    """Events in lists: the log, and per category (``_Category``) the category's, each
+    stream's and each stream bucket's."""
 
     def __init__(self, notifications: InMemoryEventNotifications | None = None) -> None:
         self._lock = threading.Lock()
         self._notifications = notifications
         self._log: list[StoredEvent] = []
-        self._categories: dict[str, list[StoredEvent]] = {}
-        self._streams: dict[str, dict[str, list[StoredEvent]]] = {}
-        self._buckets: dict[str, list[list[StoredEvent]]] = {}
+        self._categories: dict[str, _Category] = {}
 
     async def publish(
         self,
@@ -111,44 +123,73 @@ class InMemoryEventStorage(EventStorage):
         events: Sequence[NewEvent],
         condition: WriteCondition | None,
     ) -> list[StoredEvent]:
+        return self.publish_now(stream, events, condition)
+
+    def publish_now(
+        self,
+        stream: StreamIdentifier,
+        events: Sequence[NewEvent],
+        condition: WriteCondition | None,
+    ) -> list[StoredEvent]:
+        """``publish`` without a coroutine (it never waits but for the lock, briefly).
+
+        Raises UnmetWriteConditionError, writing nothing, when ``condition`` does not hold.
+        """
         category_name, stream_name = stream.category, stream.stream
-        ids = [new_event_id()] if len(events) == 1 else new_event_ids(len(events))
+        count = len(events)
+        ids = [new_event_id()] if count == 1 else new_event_ids(count)
         observed_at = datetime.now(UTC)
         with self._lock:
-            streams = self._streams.get(category_name)
-            existing = streams.get(stream_name) if streams is not None else None
-            latest = len(existing) - 1 if existing else None
-            if condition is not None and latest not in condition.allowed:
-                raise UnmetWriteConditionError(condition, latest)
-            if streams is None:
-                streams = self._streams[category_name] = {}
-            if existing is None:
-                existing = streams[stream_name] = []
-            category = self._categories.setdefault(category_name, [])
+            # A new category is kept (below) only when the publish goes ahead.
+            category = self._categories.get(category_name) or _Category()
+            lists = category.streams.get(stream_name)
+            if condition is not None:
+                latest = None if lists is None else len(lists[0]) - 1  # never empty
+                if latest not in condition.allowed:
+                    raise UnmetWriteConditionError(condition, latest)
+            if lists is None:
+                self._categories[category_name] = category
+                bucket = category.buckets[stream_bucket(stream_name)]
+                lists = category.streams[stream_name] = ([], bucket)
+            existing, bucket = lists
             position = len(existing)
             sequence_number = len(self._log) + 1
-            stored = [
-                stored_event(
-                    ids[offset],
-                    event.name,
-                    category_name,
-                    stream_name,
-                    position + offset,
-                    sequence_number + offset,
-                    event.payload,
-                    event.metadata,
-                    event.occurred_at,
-                    observed_at,
-                )
-                for offset, event in enumerate(events)
-            ]
-            self._log.extend(stored)
-            category.extend(stored)
-            existing.extend(stored)
-            buckets = self._buckets.get(category_name)
-            if buckets is None:
-                buckets = self._buckets[category_name] = [[] for _ in range(PARTITION_BUCKETS)]
-            buckets[stream_bucket(stream_name)].extend(stored)
+            if count == 1:  # the usual publish, without the comprehension's cost
+                event = events[0]
+                stored = [
+                    stored_event(
+                        ids[0],
+                        event.name,
+                        category_name,
+                        stream_name,
+                        position,
+                        sequence_number,
+                        event.payload,
+                        event.metadata,
+                        event.occurred_at,
+                        observed_at,
+                    )
+                ]
+            else:
+                stored = [
+                    stored_event(
+                        ids[offset],
+                        event.name,
+                        category_name,
+                        stream_name,
+                        position + offset,
+                        sequence_number + offset,
+                        event.payload,
+                        event.metadata,
+                        event.occurred_at,
+                        observed_at,
+                    )
+                    for offset, event in enumerate(events)
+                ]
+            self._log += stored
+            category.events += stored
+            existing += stored
+            bucket += stored
         if self._notifications is not None:
             self._notifications.registry.wake(category_name)
         return stored
@@ -220,19 +261,25 @@ class InMemoryEventStorage(EventStorage):
 
     def _bucket_lists(self, source: CategoryPartitionIdentifier) -> list[list[StoredEvent]]:
         """The lists of the buckets of a partition (the category's list for one of one)."""
+        category = self._categories.get(source.category)
+        if category is None:
+            return []
         if source.partitions == 1:
-            return [self._categories.get(source.category, [])]
-        buckets = self._buckets.get(source.category)
-        return [] if buckets is None else [buckets[bucket] for bucket in source.buckets]
+            return [category.events]
+        return [category.buckets[bucket] for bucket in source.buckets]
 
     def _events_of(
         self, source: LogIdentifier | CategoryIdentifier | StreamIdentifier
     ) -> list[StoredEvent]:
         if isinstance(source, LogIdentifier):
             return self._log
+        category = self._categories.get(source.category)
+        if category is None:
+            return []
         if isinstance(source, CategoryIdentifier):
-            return self._categories.get(source.category, [])
-        return self._streams.get(source.category, {}).get(source.stream, [])
+            return category.events
+        lists = category.streams.get(source.stream)
+        return [] if lists is None else lists[0]
 
 
 def _page_after_sequence_number(
