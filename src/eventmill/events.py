@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, TypeAlias
 
 from eventmill.errors import InvalidEventError, InvalidIdentifierError, describe
@@ -310,21 +311,48 @@ def stored_event(
 )
 
 
-_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+_ID_CHUNK = 64
+"""Ids made per ``os.urandom`` call."""
+_ID_KEEP = int("ffffffff-ffff-0fff-3fff-ffffffffffff".replace("-", "") * _ID_CHUNK, 16)
+_ID_SET = int("00000000-0000-4000-8000-000000000000".replace("-", "") * _ID_CHUNK, 16)
+"""Masks over a chunk of 16-byte ids: clear, then set, each id's version (4) and
+variant (RFC 4122, binary 10) bits, for the whole chunk in two integer operations."""
+_ID_PARTS = itemgetter(
+    *(
+        part
+        for at in range(0, 32 * _ID_CHUNK, 32)
+        for part in (
+            *([slice(0, 0)] if at else []),  # an empty part: "--" between two ids
+            slice(at, at + 8),
+            slice(at + 8, at + 12),
+            slice(at + 12, at + 16),
+            slice(at + 16, at + 20),
+            slice(at + 20, at + 32),
+        )
+    )
+)
+"""The 8-4-4-4-12 groups of every id of a chunk's hex text, cut by one C call."""
+
+
+def _id_chunk() -> list[str]:
+    """``_ID_CHUNK`` fresh ids: one ``os.urandom`` call, the bits set by ``_ID_KEEP`` and
+    ``_ID_SET``, the text cut by ``_ID_PARTS`` and joined and split again: no Python code
+    runs per id (formatting each id in a Python loop cost 0.65 us an id, this 0.45)."""
+    bits = int.from_bytes(os.urandom(16 * _ID_CHUNK)) & _ID_KEEP | _ID_SET
+    return "-".join(_ID_PARTS(bits.to_bytes(16 * _ID_CHUNK).hex())).split("--")
 
 
 def new_event_ids(count: int) -> list[str]:
     """``count`` fresh event ids: random (version 4) UUIDs as text, 122 random bits each.
 
-    One ``os.urandom`` call for all of them and string slicing, rather than a
+    Made ``_ID_CHUNK`` at a time (the rest of the last chunk is dropped), rather than a
     ``uuid.uuid4()`` object per id: in memory, ids were a fifth of a publish's cost.
     """
-    text = os.urandom(16 * count).hex()
-    return [
-        f"{text[at : at + 8]}-{text[at + 8 : at + 12]}-4{text[at + 13 : at + 16]}"
-        f"-{_VARIANT_DIGIT[text[at + 16]]}{text[at + 17 : at + 20]}-{text[at + 20 : at + 32]}"
-        for at in range(0, 32 * count, 32)
-    ]
+    ids = _id_chunk()
+    while len(ids) < count:
+        ids += _id_chunk()
+    del ids[count:]
+    return ids
 
 
 _spare_ids: list[str] = []
@@ -333,12 +361,12 @@ os.register_at_fork(after_in_child=_spare_ids.clear)
 
 
 def new_event_id() -> str:
-    """One fresh event id (as ``new_event_ids``), from ids made 64 at a time: making one
-    alone costs twice as much (the system call and formatting per call)."""
+    """One fresh event id (as ``new_event_ids``), from ids made a chunk at a time: making
+    one alone costs many times as much (the system call and formatting per call)."""
     try:
         return _spare_ids.pop()
     except IndexError:
-        _spare_ids.extend(new_event_ids(64))
+        _spare_ids.extend(_id_chunk())
         return _spare_ids.pop()
 
 

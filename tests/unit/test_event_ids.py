@@ -66,3 +66,12 @@ def test_stored_event_is_the_dataclass_event_and_stays_frozen() -> None:
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.name = "other"  # type: ignore[misc]
+
+
+def test_every_bit_but_version_and_variant_varies() -> None:
+    ids = [uuid.UUID(text).int for text in new_event_ids(1_000)]
+    # version 4 in bits 76-79 (0100), variant RFC 4122 in bits 62-63 (10)
+    fixed = {79: 0, 78: 1, 77: 0, 76: 0, 63: 1, 62: 0}
+    for bit in range(128):
+        seen = {(value >> bit) & 1 for value in ids}
+        assert seen == ({fixed[bit]} if bit in fixed else {0, 1}), bit
