@@ -130,11 +130,15 @@ def _copy_json(value: Any, depth: int) -> JsonValue:
 
 
 def _copy_object(value: dict[Any, Any], depth: int) -> JsonObject:
-    """``_copy_json`` of a dict (``copy_json_object`` calls it directly)."""
+    """``_copy_json`` of a dict (``copy_json_object`` calls it directly).
+
+    It copies the dict whole (one C call) and then replaces only the values that are
+    containers by their copies: strings and numbers are never set one by one.
+    """
     if depth >= MAX_JSON_DEPTH:
         raise _NotJson(f"nested more than {MAX_JSON_DEPTH} lists and objects deep")
-    copied: dict[str, JsonValue] = {}
-    for key, item in value.items():
+    copied: dict[str, JsonValue] = value.copy()
+    for key, item in copied.items():
         if type(key) is not str:
             raise _NotJson(
                 f"object keys must be str, not {type(key).__name__} ({describe(key, 40)})"
@@ -145,9 +149,8 @@ def _copy_object(value: dict[Any, Any], depth: int) -> JsonObject:
         if (type(item) is str and item.isascii() and "\x00" not in item) or (
             type(item) is int and -(2**62) < item < 2**62
         ):
-            copied[key] = item
             continue
-        try:
+        try:  # replacing the value of a key present does not change the dict's size
             copied[key] = _copy_json(item, depth + 1)
         except _NotJson as error:
             error.steps.append(f".{key}")

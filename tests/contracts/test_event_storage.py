@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -218,9 +219,13 @@ async def test_unusual_but_valid_names_and_payloads_round_trip(store: EventStore
 async def test_changing_the_callers_payload_does_not_change_the_stored_event(
     store: EventStore,
 ) -> None:
-    payload: dict[str, object] = {"items": [1]}
-    event = NewEvent(name="x", payload=payload)  # type: ignore[arg-type]
-    payload["items"].append(2)  # type: ignore[attr-defined]
-    await store.stream(category="c", stream="s").publish([event])
+    payload: dict[str, Any] = {"items": [1], "inner": {"a": "b"}, "n": 1}
+    event = NewEvent(name="x", payload=payload)
+    payload["items"].append(2)
+    payload["inner"]["a"] = "c"
+    payload["n"] = 2
+    payload["added"] = True
+    [published] = await store.stream(category="c", stream="s").publish([event])
+    payload["inner"]["d"] = "e"
     [stored] = await store.log().read()
-    assert stored.payload == {"items": [1]}
+    assert stored.payload == published.payload == {"items": [1], "inner": {"a": "b"}, "n": 1}
