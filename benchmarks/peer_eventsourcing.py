@@ -17,6 +17,7 @@ This file imports nothing from eventmill: it runs where only eventsourcing is in
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -164,6 +165,8 @@ def latencies(
 
 
 def run(workload: str, repeats: int, schema: str, sizes: dict[str, int]) -> list[float]:
+    if workload.startswith("memory.") and os.environ.get("PEERS_GC") == "off":
+        gc.disable()  # as on eventmill's side (benchmarks.peers)
     if workload == "memory.publish.single":
         return [
             publish_rate(

@@ -25,12 +25,15 @@ and their median. Workloads (see ``benchmarks/peer_eventsourcing.py`` for the pe
 
 ``python -m benchmarks.peers`` (part of ``make bench``). Uses ``EVENTMILL_TEST_DSN`` and
 throwaway schemas, dropped at the end. ``PEERS_ROUNDS`` sets the rounds (default 5);
-``PEERS_ONLY=memory.`` runs only the workloads whose names start so.
+``PEERS_ONLY=memory.`` runs only the workloads whose names start so. ``PEERS_GC=off``
+runs the in-memory workloads of both sides with Python's cyclic garbage collector off
+(``gc.disable()``), to show how much of each side's time its collections take.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -56,6 +59,7 @@ PEER_PACKAGES = ["eventsourcing[postgres]==9.5.6", "psycopg[binary]>=3.2"]
 OPTIONAL_PEERS = ["logicblocks-event-store==0.1.12a6"]
 ROUNDS = int(os.environ.get("PEERS_ROUNDS", "5"))
 ONLY = os.environ.get("PEERS_ONLY", "")
+GC_OFF = os.environ.get("PEERS_GC") == "off"
 REPEATS = 3
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 SIZES = {
@@ -124,6 +128,8 @@ async def read_rate(backend: PostgresBackend, page: int) -> float:
 async def run_eventmill(workload: str, repeats: int, schema: str) -> list[float]:
     """The eventmill side of one workload: ``repeats`` figures."""
     if workload.startswith("memory."):
+        if GC_OFF:
+            gc.disable()
         batch = 1 if workload.endswith("single") else 100
         size = SIZES["memory_single" if batch == 1 else "memory_batch"]
         return [await publish_rate(InMemoryBackend(), size, batch) for _ in range(repeats)]
