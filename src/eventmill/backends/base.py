@@ -122,7 +122,8 @@ class EventStorage(ABC):
         | None
     ) = None
     """``publish`` as a plain call, on storage whose publish never waits (in memory);
-    ``EventStream.publish`` then spends no coroutine on it. None elsewhere."""
+    ``EventStream.publish`` then calls it and spends no coroutine on ``publish``, so
+    storage that sets it must make ``publish`` do exactly what it does. None elsewhere."""
 
     @abstractmethod
     async def publish(
