@@ -131,10 +131,8 @@ class InMemoryEventStorage(EventStorage):
         events: Sequence[NewEvent],
         condition: WriteCondition | None,
     ) -> list[StoredEvent]:
-        """``publish`` without a coroutine (it never waits but for the lock, briefly).
-
-        Raises UnmetWriteConditionError, writing nothing, when ``condition`` does not hold.
-        """
+        """``publish`` as a plain call: it never waits but for the lock, briefly, and
+        raises what ``publish`` raises."""
         category_name, stream_name = stream.category, stream.stream
         count = len(events)
         ids = [new_event_id()] if count == 1 else new_event_ids(count)
