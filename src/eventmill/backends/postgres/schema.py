@@ -16,7 +16,8 @@ resumable: an index left invalid by an interrupted build is dropped and built ag
 and the version is recorded only once every index of the schema is valid. In a schema
 being created (no version recorded yet) it runs in a transaction like the others,
 without ``CONCURRENTLY``: its tables are empty, and a concurrent build would wait for
-every older transaction of the database.
+every older transaction of the database. So the installer that creates a schema holds
+the lock until every migration ran: no other installer sees it half created.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -115,24 +116,31 @@ async def install(connection: AsyncConnection[Any], schema: str) -> list[int]:
     migrations = known_migrations()
     newest_known = max((migration.version for migration in migrations), default=0)
     applied_now: list[int] = []
-    for migration in migrations:
-        if not migration.transactional and not fresh:
-            async with _session_lock(connection, schema):
-                if await _pending(connection, schema, migration, newest_known):
-                    await _build_concurrently(connection, schema, migration)
-                    await _record(connection, schema, migration)
-                    applied_now.append(migration.version)
-            continue
-        async with connection.transaction():
-            await _lock(connection, schema, transaction=True)
-            if not await _pending(connection, schema, migration, newest_known):
+    async with AsyncExitStack() as held:
+        if fresh:
+            # Hold the lock until the schema is complete: an installer that saw it half
+            # created would take it for an existing store and build concurrently, which
+            # waits for every older transaction of the database (the per-migration
+            # transaction locks below are taken again by this session at once).
+            await held.enter_async_context(_session_lock(connection, schema))
+        for migration in migrations:
+            if not migration.transactional and not fresh:
+                async with _session_lock(connection, schema):
+                    if await _pending(connection, schema, migration, newest_known):
+                        await _build_concurrently(connection, schema, migration)
+                        await _record(connection, schema, migration)
+                        applied_now.append(migration.version)
                 continue
-            template = migration.template
-            if not migration.transactional:  # a new schema: nothing to build concurrently
-                template = template.replace(" CONCURRENTLY", "")
-            await connection.execute(sql.SQL(template).format(schema=identifier))
-            await _record(connection, schema, migration)
-            applied_now.append(migration.version)
+            async with connection.transaction():
+                await _lock(connection, schema, transaction=True)
+                if not await _pending(connection, schema, migration, newest_known):
+                    continue
+                template = migration.template
+                if not migration.transactional:  # a new schema: nothing to build concurrently
+                    template = template.replace(" CONCURRENTLY", "")
+                await connection.execute(sql.SQL(template).format(schema=identifier))
+                await _record(connection, schema, migration)
+                applied_now.append(migration.version)
     return applied_now
 
 
