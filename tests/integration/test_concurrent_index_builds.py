@@ -2,7 +2,8 @@
 their indexes concurrently on an existing store: publishes go on while the build waits
 for an open writer, and a build left invalid is dropped and built again. Each test has
 a database of its own: a concurrent build waits for every older transaction of its
-database, and the shared one has other tests' transactions."""
+database (not of others: checked on PostgreSQL 15), and the shared one has other tests'
+transactions."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ async def test_publishes_go_on_while_the_build_waits_for_an_open_writer() -> Non
                 while True:  # until the build waits for the open writer
                     cursor = await watcher.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"  # not another test's build
                         " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND query LIKE %s",
                         (f"%{backend.schema}%",),
                     )
