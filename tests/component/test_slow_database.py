@@ -54,11 +54,44 @@ CREATE TRIGGER lag_heartbeat AFTER INSERT ON {schema}.subscribers
 """Makes every upsert into the subscribers table commit ``seconds`` after it started."""
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+async def wait_until(
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    explain: Callable[[], Awaitable[str]] | None = None,
+) -> None:
+    """Poll ``check`` until it is true; after DEADLINE fail with ``explain()``'s text."""
     deadline = time.monotonic() + DEADLINE
     while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            details = "" if explain is None else "\n" + await explain()
+            pytest.fail(f"timed out waiting for {what}{details}")
         await asyncio.sleep(0.1)
+
+
+async def state_of(backend: PostgresBackend, nodes: NodeSet) -> str:
+    """The holdings, checkpoints and processed events by source, for a failure message;
+    the nodes print their task stacks to stderr (which pytest shows with it)."""
+    for node in nodes.nodes:
+        nodes.dump_tasks(node)
+    holdings = await fetch(
+        backend,
+        "SELECT s.group_name, s.source_key, s.node_id, s.epoch, s.state, c.after_place,"
+        " c.epoch, (SELECT count(*) FROM {schema}.processed p WHERE p.group_name ="
+        " s.group_name AND p.source_key = s.source_key), (SELECT max(sequence_number)"
+        " FROM {schema}.processed p WHERE p.group_name = s.group_name AND p.source_key ="
+        " s.source_key) FROM {schema}.subscriptions s LEFT JOIN {schema}.checkpoints c"
+        " USING (group_name, source_key) ORDER BY 1, 2",
+    )
+    subscribers = await fetch(
+        backend,
+        "SELECT group_name, subscriber_id, now() - last_seen FROM {schema}.subscribers"
+        " ORDER BY 1, 2",
+    )
+    head = await fetch(backend, "SELECT max(sequence_number) FROM {schema}.events")
+    lines = [f"newest event: {head[0][0]}; subscribers (group, id, age): {subscribers}"]
+    lines.append("group, source, holder, epoch, state, checkpoint, its epoch, processed, last")
+    lines += [", ".join(map(str, row)) for row in holdings]
+    return "\n".join(lines)
 
 
 async def fetch(backend: PostgresBackend, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -126,18 +159,21 @@ async def test_a_slow_database_moves_no_source_and_a_dead_node_is_still_taken_ov
             first = await nodes.start()
             second = await nodes.start()
 
+            def explain() -> Awaitable[str]:
+                return state_of(backend, nodes)
+
             async def balanced() -> bool:
                 held = await holdings(backend)
                 per_node = [v[1] for v in held.values()].count(first.node_id)
                 return len(held) == SOURCES and per_node == SOURCES // 2
 
-            await wait_until(balanced, "the sources to be spread over both nodes")
+            await wait_until(balanced, "the sources to be spread over both nodes", explain)
             before = await holdings(backend)
 
             # 1. Every statement 1.5 s late: processing goes on, nothing moves.
             proxy.delay = 1.5
             await publish(12)
-            await wait_until(all_processed_once, "the events to be processed")
+            await wait_until(all_processed_once, "the events to be processed", explain)
             proxy.delay = 0.0
             assert await holdings(backend) == before
 
@@ -147,7 +183,7 @@ async def test_a_slow_database_moves_no_source_and_a_dead_node_is_still_taken_ov
             async def four_lagged_heartbeats() -> bool:
                 return await lagged_heartbeats(backend) >= fired + 4
 
-            await wait_until(four_lagged_heartbeats, "lagged heartbeats")
+            await wait_until(four_lagged_heartbeats, "lagged heartbeats", explain)
             assert await holdings(backend) == before
 
             # 3. A node killed while heartbeats commit 1 s late is taken over.
@@ -159,7 +195,7 @@ async def test_a_slow_database_moves_no_source_and_a_dead_node_is_still_taken_ov
                 held = await holdings(backend)
                 return len(held) == SOURCES and all(v[1] == first.node_id for v in held.values())
 
-            await wait_until(taken_over, "the survivor to hold every source")
+            await wait_until(taken_over, "the survivor to hold every source", explain)
             print(f"taken over {time.monotonic() - killed_at:.1f} s after the kill")
             await publish(8)
-            await wait_until(all_processed_once, "the events after the takeover")
+            await wait_until(all_processed_once, "the events after the takeover", explain)

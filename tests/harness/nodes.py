@@ -152,8 +152,7 @@ class NodeSet:
                 return await node.process.wait()
         except TimeoutError:
             pass
-        with contextlib.suppress(ProcessLookupError):
-            node.process.send_signal(signal.SIGUSR1)  # the node prints its task stacks
+        self.dump_tasks(node)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_DUMP_GRACE):
                 await node.process.wait()
@@ -166,6 +165,11 @@ class NodeSet:
         with contextlib.suppress(ProcessLookupError):
             node.process.kill()
         return await node.process.wait()
+
+    def dump_tasks(self, node: Node) -> None:
+        """Make ``node`` print its task stacks to stderr (SIGUSR1); never blocks."""
+        with contextlib.suppress(ProcessLookupError):
+            node.process.send_signal(signal.SIGUSR1)
 
     def freeze(self, node: Node) -> None:
         """Pause ``node`` (SIGSTOP)."""
