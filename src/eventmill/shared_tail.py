@@ -23,7 +23,9 @@ Freshness. "Nothing beyond the window's end" is an answer taken from the last fe
 reached the head, if it began at most ``FRESHNESS`` ago, after the last wake-up of a
 watcher of this source (``EventSource.watch`` records it before calling the watcher)
 and after the last publish to it through an ``EventStore`` of this process
-(``note_published``). So a consumer woken for new events always reads past them, a
+(``note_published``), those before the read began (a later wake-up starts another
+pass of the consumer it wakes, and a read never waits on the wake-ups that keep
+coming while it fetches). So a consumer woken for new events always reads past them, a
 read after your own publish sees it, and polls by many groups in one interval share
 one fetch. Only when the wake-up of another process's publish is lost can a poll answer
 be up to ``FRESHNESS`` older than a direct read, on top of the poll interval. Plain event
@@ -98,7 +100,10 @@ class SharedTail:
             served = self._events[first : first + limit]
             if len(served) == limit:
                 return served
-            if self._head_seen_at >= max(asked_at - FRESHNESS, self._woken_at):
+            # Only a wake-up before this read began counts: one during its fetch starts
+            # another pass anyway, and waiting for a fetch begun after the latest one
+            # never returned while wake-ups kept coming (publishes to other partitions).
+            if self._head_seen_at >= max(asked_at - FRESHNESS, min(self._woken_at, asked_at)):
                 return served
             fetch = self._fetch
             if fetch is None or fetch.done():

@@ -125,3 +125,30 @@ async def test_the_window_keeps_at_most_its_size_and_readers_below_it_read_direc
     late = EventSource(backend, CategoryIdentifier("c"), shared_tail=True)
     assert [event.sequence_number for event in await late.read(after=0, limit=3)] == [1, 2, 3]
     assert len(shared_tail(backend.events, CategoryIdentifier("c"))._events) <= WINDOW_EVENTS
+
+
+async def test_a_read_returns_though_wake_ups_arrive_during_every_fetch() -> None:
+    """Publishes to other partitions of a category wake every partition's tail: a read
+    waited for a fetch begun after the latest wake-up, so one arriving during each fetch
+    kept it fetching for ever with events pending. Later wake-ups start another pass."""
+    backend = InMemoryBackend()
+    store = EventStore(backend)
+    await store.stream(category="c", stream="s").publish([NewEvent(name="e") for _ in range(5)])
+    source = EventSource(backend, CategoryIdentifier("c"), shared_tail=True)
+    assert len(await source.read(after=0, limit=3)) == 3  # the window: (0, 3] of (0, 5]
+    tail = shared_tail(backend.events, CategoryIdentifier("c"))
+    original: Callable[..., Awaitable[list[StoredEvent]]] = backend.events.read
+    fetches = 0
+
+    async def read_while_woken(*args: Any, **kwargs: Any) -> list[StoredEvent]:
+        nonlocal fetches
+        fetches += 1
+        assert fetches < 20, "the read does not return"
+        tail.woken()  # a notification arrives while the fetch is under way
+        return await original(*args, **kwargs)
+
+    backend.events.read = read_while_woken  # type: ignore[method-assign]
+    tail.woken()
+    page = await source.read(after=3, limit=10)
+    assert [event.sequence_number for event in page] == [4, 5]
+    assert fetches == 1
