@@ -13,7 +13,7 @@ configured group, and records into its schema:
 Each subscriber is polled by a ``PollingService`` inside an ``ErrorHandlingService``
 (retry with backoff); a pass is skipped while the broker is not current (after a
 pause longer than the subscriber max age, until the observer caught up). On SIGTERM
-the node stops polling, unregisters its subscribers (their sources move at once),
+the node stops polling, unregisters its subscribers together (their sources move now),
 stops the broker and exits with code 0; if that takes longer than
 ``shutdown_timeout`` it prints its task stacks to stderr, stops anyway and exits
 with code 1 (at once, if its tasks do not end when cancelled). SIGUSR1 prints the
@@ -221,8 +221,13 @@ async def _stop_gracefully(
     polling: Sequence[asyncio.Task[None]],
 ) -> None:
     await _cancel_all(polling)  # stop polling new work; in-flight passes end here
-    for subscriber in subscribers:  # withdraw, release, forget: sources move now
-        await broker.unregister(subscriber)
+    # Withdraw, release, forget: every subscriber at once, as eventmill.node does. One
+    # after the other, each waited for the heartbeat under way and for its statements
+    # behind the others': fifty groups took a third longer to stop (2.9 s against 1.96
+    # s, medians, load average about 10), over 10 s once on a loaded machine.
+    async with asyncio.TaskGroup() as unregistering:
+        for subscriber in subscribers:
+            unregistering.create_task(broker.unregister(subscriber))
 
 
 def _subscriber(
