@@ -17,7 +17,8 @@ the node stops polling, unregisters its subscribers together (their sources move
 stops the broker and exits with code 0; if that takes longer than
 ``shutdown_timeout`` it prints its task stacks to stderr, stops anyway and exits
 with code 1 (at once, if its tasks do not end when cancelled). SIGUSR1 prints the
-task stacks. It prints ``ready`` once running.
+task stacks. It prints ``ready`` once running, and logs warnings and the broker's
+decisions to stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -164,6 +166,14 @@ class AtLeastOnceRecorder(_Recorder, EventProcessor):
 async def run_node(config: dict[str, Any]) -> None:
     """Run one node as ``config`` says until SIGTERM (or cancellation)."""
     node_id: str = config["node_id"]
+    # Warnings, and the broker's decisions (assigned, revoking, withdrew, accepted,
+    # leading), on stderr, which pytest shows when a test fails.
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING,
+        format=f"%(asctime)s {node_id} %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("eventmill.broker").setLevel(logging.INFO)
     settings = DistributedEventBrokerSettings(
         **{name: timedelta(seconds=value) for name, value in config["settings"].items()}
     )
