@@ -29,12 +29,24 @@ async def connect() -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(TEST_DSN, autocommit=True)
 
 
+_DROP_ATTEMPTS = 5
+"""Deadlocks a schema drop survives (see ``drop_schema``)."""
+
+
 async def drop_schema(schema: str) -> None:
-    """Drop ``schema`` and everything in it, if it exists."""
+    """Drop ``schema`` and everything in it, if it exists. A statement of a killed node
+    process runs on in the server until it ends (a trigger's sleep, say), and the drop,
+    locking the schema's tables one by one, can deadlock with it: the drop is tried
+    again (the other session goes on once this attempt is rolled back)."""
+    statement = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
     async with await connect() as connection:
-        await connection.execute(
-            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
-        )
+        for attempts_left in reversed(range(_DROP_ATTEMPTS)):
+            try:
+                await connection.execute(statement)
+                return
+            except psycopg.errors.DeadlockDetected:
+                if not attempts_left:
+                    raise
 
 
 @asynccontextmanager
