@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,6 +49,24 @@ async def drop_schema(schema: str) -> None:
             except psycopg.errors.DeadlockDetected:
                 if not attempts_left:
                     raise
+
+
+async def wait_for_lock_wait(dsn: str, query_like: str, within: float = 30.0) -> None:
+    """Return once a session of ``dsn``'s database waits for a lock while running a
+    query that matches ``query_like`` (SQL LIKE); fail after ``within`` seconds."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watcher:
+        deadline = time.monotonic() + within
+        while True:
+            cursor = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND query LIKE %s",
+                (query_like,),
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            assert time.monotonic() < deadline, f"nothing like {query_like!r} waited"
+            await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

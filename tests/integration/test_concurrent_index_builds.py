@@ -8,7 +8,6 @@ transactions."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from eventmill import NewEvent
 from eventmill.backends.postgres import PostgresBackend
 from eventmill.store import EventStore
-from tests.postgres_support import own_database
+from tests.postgres_support import own_database, wait_for_lock_wait
 
 pytestmark = pytest.mark.postgres
 
@@ -85,20 +84,9 @@ async def test_publishes_go_on_while_the_build_waits_for_an_open_writer() -> Non
             await writer.execute("BEGIN")
             await writer.execute(backend.sql("UPDATE {schema}.events SET name = name WHERE false"))
             install = asyncio.create_task(backend.install_schema())
-            async with await connect(dsn) as watcher:
-                deadline = time.monotonic() + 30
-                while True:  # until the build waits for the open writer
-                    cursor = await watcher.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND datname = current_database()"  # not another test's build
-                        " AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND query LIKE %s",
-                        (f"%{backend.schema}%",),
-                    )
-                    row = await cursor.fetchone()
-                    if row is not None and row[0] > 0:
-                        break
-                    assert time.monotonic() < deadline, "the build did not start"
-                    await asyncio.sleep(0.05)
+            # Until the build waits for the open writer (in this database, not another
+            # test's build).
+            await wait_for_lock_wait(dsn, f"CREATE INDEX CONCURRENTLY%{backend.schema}%")
             async with asyncio.timeout(10):  # a plain CREATE INDEX would block it
                 await store.stream(category="orders", stream="o-2").publish([NewEvent(name="b")])
             assert not install.done()

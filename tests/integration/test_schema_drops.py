@@ -4,13 +4,18 @@ the schema (as a killed node's statement does until it ends)."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from tests.postgres_support import TEST_DSN, connect, drop_schema, unique_schema_name
+from tests.postgres_support import (
+    TEST_DSN,
+    connect,
+    drop_schema,
+    unique_schema_name,
+    wait_for_lock_wait,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -27,19 +32,8 @@ async def test_a_drop_that_deadlocks_with_a_session_in_the_schema_is_tried_again
     async with await psycopg.AsyncConnection.connect(TEST_DSN) as other:
         await other.execute(sql.SQL("INSERT INTO {}.b VALUES (1)").format(name))  # holds b
         dropping = asyncio.create_task(drop_schema(schema))
-        async with await connect() as watcher:  # until the drop holds a and waits for b
-            deadline = time.monotonic() + 10
-            while True:
-                cursor = await watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE %s",
-                    (f'DROP SCHEMA IF EXISTS "{schema}"%',),
-                )
-                row = await cursor.fetchone()
-                if row is not None and row[0] > 0:
-                    break
-                assert time.monotonic() < deadline, "the drop did not wait"
-                await asyncio.sleep(0.02)
+        # Until the drop holds a and waits for b.
+        await wait_for_lock_wait(TEST_DSN, f'DROP SCHEMA IF EXISTS "{schema}"%')
         await other.execute(sql.SQL("SELECT * FROM {}.a").format(name))  # a deadlock
         await other.commit()
         await dropping
