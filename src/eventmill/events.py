@@ -22,7 +22,7 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -312,6 +312,23 @@ def stored_event(
         "observed_at",
     )
 )
+
+
+def with_added_metadata(events: Sequence[NewEvent], added: Mapping[str, str]) -> list[NewEvent]:
+    """Copies of ``events`` whose metadata also holds ``added`` (its keys replacing
+    theirs). Only ``added`` is checked, once: each copy shares its event's name, payload
+    and time, validated when that event was made (``NewEvent(...)`` would copy and check
+    the whole payload again). Raises InvalidEventError if ``added`` is not a JSON object."""
+    extra = copy_json_object(added, "metadata")
+    copies: list[NewEvent] = []
+    for event in events:
+        copy = _new_object(NewEvent)
+        _set_new_name(copy, event.name)
+        _set_new_payload(copy, event.payload)
+        _set_new_metadata(copy, {**event.metadata, **extra})
+        _set_new_occurred_at(copy, event.occurred_at)
+        copies.append(copy)
+    return copies
 
 
 _ID_CHUNK = 64

@@ -35,50 +35,61 @@ from eventmill.backends.base import ConsumerTransaction
 from eventmill.conditions import WriteCondition
 from eventmill.consumers.processors import EventProcessor, TransactionalEventProcessor
 from eventmill.errors import InvalidInputError, MissingDependencyError
-from eventmill.events import EventSourceIdentifier, NewEvent, StoredEvent
+from eventmill.events import (
+    EventSourceIdentifier,
+    JsonObject,
+    JsonValue,
+    NewEvent,
+    StoredEvent,
+    with_added_metadata,
+)
 from eventmill.store import EventStream
 
 try:
     from opentelemetry import context, propagate, trace
+    from opentelemetry.propagators.textmap import TextMapPropagator
 except ImportError as missing:  # pragma: no cover - depends on the installation
     raise MissingDependencyError(
         "eventmill tracing needs opentelemetry-api: pip install 'eventmill[otel]'"
     ) from missing
 
 MAX_LINKS = 32
-"""The most events of a page or batch whose publish spans its span links to."""
+"""How many events at the start of a page or batch its span looks at for the publish
+spans to link to (each distinct one once)."""
 
-_tracer = trace.get_tracer("eventmill")
+_CACHED_CONTEXTS = 1024
+"""How many parsed trace contexts ``_Links`` keeps (all are dropped when it is full)."""
+
+_NOTHING = nullcontext()
+
+_tracer: trace.Tracer | None = None
 
 
 def _nothing_around(events: Sequence[StoredEvent]) -> AbstractContextManager[None]:
-    return nullcontext()
+    return _NOTHING
 
 
-def _installed() -> bool:
-    """Whether the application installed a tracer provider (an SDK)."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+def _sdk_tracer() -> trace.Tracer | None:
+    """The tracer of the tracer provider the application installed (an SDK), or None
+    while none is. Kept once found: OpenTelemetry refuses to replace a provider."""
+    global _tracer
+    if _tracer is None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        _tracer = trace.get_tracer("eventmill")
+    return _tracer
 
 
 def with_trace_context(events: Sequence[NewEvent]) -> list[NewEvent]:
     """``events`` with the current span's trace context added to their metadata
     (unchanged when no current span is recording: a context no span was recorded for
-    would link processing spans to nothing)."""
+    would link processing spans to nothing). The context is written once and shared:
+    the events are not validated again."""
     if not trace.get_current_span().is_recording():
         return list(events)
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     if not carrier:
         return list(events)
-    return [
-        NewEvent(
-            name=event.name,
-            payload=event.payload,
-            metadata={**event.metadata, **carrier},
-            occurred_at=event.occurred_at,
-        )
-        for event in events
-    ]
+    return with_added_metadata(events, carrier)
 
 
 async def publish(
@@ -89,9 +100,10 @@ async def publish(
 ) -> list[StoredEvent]:
     """``stream.publish`` in a PRODUCER span, the trace context in each event's
     metadata. Raises what ``publish`` raises (recorded on the span)."""
-    if not _installed():
+    tracer = _sdk_tracer()
+    if tracer is None:
         return await stream.publish(events, condition=condition)
-    span = _tracer.start_span(
+    span = tracer.start_span(
         "eventmill publish",
         kind=trace.SpanKind.PRODUCER,
         attributes={
@@ -122,49 +134,99 @@ def _current(span: trace.Span) -> Iterator[None]:
         span.end()
 
 
-def _links(events: Sequence[StoredEvent]) -> list[trace.Link]:
-    links: list[trace.Link] = []
-    fields = list(propagate.get_global_textmap().fields)
-    seen: set[tuple[object, ...]] = set()
-    for event in events[:MAX_LINKS]:
-        metadata = event.metadata
-        key = tuple([metadata.get(field) for field in fields])
-        if key in seen:  # the events of one publish share their context
-            continue
-        seen.add(key)
-        carrier: dict[str, Any] = dict(metadata)
-        context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
-        if context.is_valid:
-            links.append(trace.Link(context))
-    return links
+class _Links:
+    """The links of a processing span: the distinct valid publish span contexts in the
+    metadata of the first ``MAX_LINKS`` events, in order.
+
+    Parsing a context (the propagator's extract) costs as much as a tenth of a span, and
+    the events of one publish carry the same one, often across consecutive pages: so an
+    event whose metadata equals the one before it is skipped, and each distinct carrier
+    (the values of the propagator's fields) is parsed once and kept, up to
+    ``_CACHED_CONTEXTS``. Only text values are handed to the propagator: metadata written
+    by hand may hold anything JSON under its keys.
+    """
+
+    def __init__(self) -> None:
+        # One tuple, replaced whole when the global propagator changes: threads that
+        # read it see a propagator with its own fields and parsed contexts.
+        self._state: tuple[
+            object, tuple[str, ...], dict[tuple[JsonValue, ...], trace.SpanContext | None]
+        ] = (None, (), {})
+
+    def __call__(self, events: Sequence[StoredEvent]) -> list[trace.Link]:
+        propagator = propagate.get_global_textmap()
+        known, fields, parsed = self._state
+        if propagator is not known:
+            fields = tuple(sorted(propagator.fields))
+            parsed = {}
+            self._state = (propagator, fields, parsed)
+        links: list[trace.Link] = []
+        linked: set[tuple[int, int]] = set()  # trace and span ids
+        previous: JsonObject | None = None
+        for event in events[:MAX_LINKS]:
+            metadata = event.metadata
+            if metadata == previous:
+                continue
+            previous = metadata
+            key = tuple([metadata.get(field) for field in fields])
+            try:
+                found = parsed[key]
+            except (KeyError, TypeError):  # TypeError: a list or object under a field
+                found = _parse(propagator, fields, key, parsed)
+            if found is not None and (found.trace_id, found.span_id) not in linked:
+                linked.add((found.trace_id, found.span_id))
+                links.append(trace.Link(found))
+        return links
 
 
-@contextmanager
-def _span(group: str, events: Sequence[StoredEvent]) -> Iterator[None]:
-    """The CONSUMER span of ``events`` (see the module docstring); nothing when no
-    tracer provider is installed."""
-    if not events or not _installed():
-        yield
-        return
+def _parse(
+    propagator: TextMapPropagator,
+    fields: tuple[str, ...],
+    values: tuple[JsonValue, ...],
+    parsed: dict[tuple[JsonValue, ...], trace.SpanContext | None],
+) -> trace.SpanContext | None:
+    """The valid span context ``propagator`` reads from ``fields`` holding ``values``
+    (their text ones: other JSON is no trace context), kept in ``parsed``."""
+    texts = tuple([value if type(value) is str else None for value in values])
+    if texts in parsed:
+        return parsed[texts]
+    carrier = {field: text for field, text in zip(fields, texts, strict=True) if text is not None}
+    found = trace.get_current_span(propagator.extract(carrier)).get_span_context()
+    if len(parsed) >= _CACHED_CONTEXTS:
+        parsed.clear()
+    parsed[texts] = context_or_none = found if carrier and found.is_valid else None
+    return context_or_none
+
+
+_links = _Links()
+
+
+def _processing(group: str, events: Sequence[StoredEvent]) -> AbstractContextManager[None]:
+    """The CONSUMER span of ``events`` (see the module docstring) as the current span
+    while the block runs; nothing when no tracer provider is installed. The links are
+    given at the start, where a sampler can see them."""
+    tracer = _sdk_tracer()
+    if tracer is None or not events:
+        return _NOTHING
+    first, last = events[0], events[-1]
     attributes: dict[str, Any] = {
         "messaging.system": "eventmill",
         "messaging.operation.type": "process",
         "messaging.consumer.group.name": group,
         "messaging.batch.message_count": len(events),
-        "eventmill.first_sequence_number": events[0].sequence_number,
-        "eventmill.last_sequence_number": events[-1].sequence_number,
+        "eventmill.first_sequence_number": first.sequence_number,
+        "eventmill.last_sequence_number": last.sequence_number,
     }
     if len(events) == 1:
-        attributes["messaging.message.id"] = str(events[0].id)
-        attributes["messaging.destination.name"] = f"{events[0].category}/{events[0].stream}"
-    span = _tracer.start_span(
+        attributes["messaging.message.id"] = str(first.id)
+        attributes["messaging.destination.name"] = f"{first.category}/{first.stream}"
+    span = tracer.start_span(
         "eventmill process",
         kind=trace.SpanKind.CONSUMER,
         links=_links(events),
         attributes=attributes,
     )
-    with _current(span):
-        yield
+    return _current(span)
 
 
 class _TracedEach(EventProcessor):
@@ -184,7 +246,7 @@ class _TracedEach(EventProcessor):
 
     @contextmanager
     def around_page(self, events: Sequence[StoredEvent]) -> Iterator[None]:
-        with _span(self._group, events), self._around(events):
+        with _processing(self._group, events), self._around(events):
             yield
 
 
@@ -196,7 +258,7 @@ class _TracedTransactional(TransactionalEventProcessor):
     async def process_events(
         self, events: Sequence[StoredEvent], transaction: ConsumerTransaction
     ) -> None:
-        with _span(self._group, events):
+        with _processing(self._group, events):
             await self._processor.process_events(events, transaction)
 
     async def on_reset(

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import default_getter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from eventmill import tracing
 from eventmill.backends.base import ConsumerTransaction
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.conditions import stream_is_empty
 from eventmill.consumers.processors import TransactionalEventProcessor
-from eventmill.errors import UnmetWriteConditionError
-from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.errors import InvalidEventError, UnmetWriteConditionError
+from eventmill.events import (
+    CategoryIdentifier,
+    JsonObject,
+    NewEvent,
+    StoredEvent,
+    with_added_metadata,
+)
 from eventmill.node import EventProcessingNode
 from eventmill.store import EventStore
 
@@ -117,3 +126,94 @@ async def test_a_failed_publish_is_recorded_on_its_span(spans: InMemorySpanExpor
     assert published.status.status_code is trace.StatusCode.ERROR
     assert [event.name for event in published.events] == ["exception"]
     assert trace.get_current_span() is trace.INVALID_SPAN  # the publish span detached
+
+
+async def test_a_page_span_links_each_distinct_publish_of_its_first_events_once(
+    spans: InMemorySpanExporter,
+) -> None:
+    spans.clear()
+    store = EventStore(InMemoryBackend())
+    for n in range(tracing.MAX_LINKS + 8):  # one publish span per event, some of 2 events
+        await tracing.publish(
+            store.stream(category="orders", stream=f"o-{n}"),
+            [NewEvent(name="placed", metadata={"n": n})] * (1 + n % 2),
+        )
+    publishes = [s.context.span_id for s in spans.get_finished_spans() if s.context is not None]
+    events = await store.category("orders").read()
+    first = events[: tracing.MAX_LINKS]  # the span looks at these only
+    numbers = [e.metadata["n"] for e in first]
+    distinct = list(dict.fromkeys(n for n in numbers if isinstance(n, int)))
+    assert len(distinct) == 22 and len(events) > len(first)  # events of 22 publishes
+    links = tracing._links(events)
+    assert [link.context.span_id for link in links] == [publishes[n] for n in distinct]
+
+
+async def test_a_trace_context_not_made_of_text_links_nothing_and_fails_nothing(
+    spans: InMemorySpanExporter,
+) -> None:
+    spans.clear()
+    backend = InMemoryBackend()
+    stream = EventStore(backend).stream(category="orders", stream="o-1")
+    await stream.publish(
+        [
+            NewEvent(name="placed", metadata={"traceparent": 5}),
+            NewEvent(name="placed", metadata={"traceparent": ["00-1-2-01"]}),
+            NewEvent(name="placed", metadata={"traceparent": "not a context"}),
+        ]
+    )
+    seen: list[int] = []
+
+    async def work(event: StoredEvent) -> None:
+        seen.append(event.sequence_number)
+
+    node = EventProcessingNode(backend, node_id="n")
+    node.register_subscriber(
+        group="g", source=CategoryIdentifier("orders"), processor=tracing.traced(work, group="g")
+    )
+    async with node:
+        await node.wait_caught_up(timeout=timedelta(seconds=10))
+    assert len(seen) == 3
+    (page,) = spans.get_finished_spans()
+    assert page.links == ()
+
+
+class CountingPropagator(TraceContextTextMapPropagator):
+    def __init__(self) -> None:
+        self.extracted = 0
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = default_getter) -> Any:
+        self.extracted += 1
+        return super().extract(carrier, context, getter)
+
+
+async def test_each_distinct_trace_context_is_parsed_once_for_the_current_propagator(
+    spans: InMemorySpanExporter,
+) -> None:
+    store = EventStore(InMemoryBackend())
+    stream = store.stream(category="orders", stream="o-1")
+    for _ in range(2):
+        await tracing.publish(stream, [NewEvent(name="placed")] * 3)
+    events = await store.category("orders").read()
+    before = propagate.get_global_textmap()
+    counting = CountingPropagator()
+    propagate.set_global_textmap(counting)
+    try:
+        pages = [events[:2], events[2:4], events[4:]]  # the second holds both publishes
+        linked = [[link.context.span_id for link in tracing._links(page)] for page in pages]
+    finally:
+        propagate.set_global_textmap(before)
+    assert counting.extracted == 2
+    assert linked[1] == [linked[0][0], linked[2][0]] and linked[0] != linked[2]
+    assert tracing._links(events[:1])[0].context.span_id == linked[0][0]  # parsed again
+
+
+def test_trace_context_is_added_to_copies_sharing_the_checked_payload() -> None:
+    payload: JsonObject = {"items": [{"sku": "a", "count": 2}]}
+    event = NewEvent(name="placed", payload=payload, metadata={"a": 1, "traceparent": "old"})
+    (copy,) = with_added_metadata([event], {"traceparent": "new", "tracestate": "x=1"})
+    assert copy.payload is event.payload and copy.payload == payload
+    assert copy.metadata == {"a": 1, "traceparent": "new", "tracestate": "x=1"}
+    assert event.metadata == {"a": 1, "traceparent": "old"}
+    assert (copy.name, copy.occurred_at) == (event.name, event.occurred_at)
+    with pytest.raises(InvalidEventError, match=r"metadata\.tracestate"):
+        with_added_metadata([event], {"tracestate": "\x00"})
