@@ -4,7 +4,8 @@ OpenTelemetry SDK's in-memory exporter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +21,7 @@ from eventmill import tracing
 from eventmill.backends.base import ConsumerTransaction
 from eventmill.backends.memory import InMemoryBackend
 from eventmill.conditions import stream_is_empty
-from eventmill.consumers.processors import TransactionalEventProcessor
+from eventmill.consumers.processors import EventProcessor, TransactionalEventProcessor
 from eventmill.errors import InvalidEventError, UnmetWriteConditionError
 from eventmill.events import (
     CategoryIdentifier,
@@ -217,3 +218,41 @@ def test_trace_context_is_added_to_copies_sharing_the_checked_payload() -> None:
     assert (copy.name, copy.occurred_at) == (event.name, event.occurred_at)
     with pytest.raises(InvalidEventError, match=r"metadata\.tracestate"):
         with_added_metadata([event], {"tracestate": "\x00"})
+
+
+class Pages(EventProcessor):
+    """Notes, per page, the span current while its own around_page is entered."""
+
+    def __init__(self) -> None:
+        self.entered: list[trace.Span] = []
+        self.processed = 0
+
+    async def process_event(self, event: StoredEvent) -> None:
+        self.processed += 1
+
+    @contextmanager
+    def around_page(self, events: Sequence[StoredEvent]) -> Iterator[None]:
+        self.entered.append(trace.get_current_span())
+        yield
+
+
+async def test_a_traced_processor_s_own_page_context_runs_inside_the_page_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    spans.clear()
+    backend = InMemoryBackend()
+    await (
+        EventStore(backend)
+        .stream(category="orders", stream="o-1")
+        .publish([NewEvent(name="placed")] * 3)
+    )
+    pages = Pages()
+    node = EventProcessingNode(backend, node_id="n")
+    node.register_subscriber(
+        group="g", source=CategoryIdentifier("orders"), processor=tracing.traced(pages, group="g")
+    )
+    async with node:
+        await node.wait_caught_up(timeout=timedelta(seconds=10))
+    (page,) = spans.get_finished_spans()
+    assert pages.processed == 3 and len(pages.entered) == 1
+    assert pages.entered[0].get_span_context().span_id == (page.context and page.context.span_id)
