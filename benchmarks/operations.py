@@ -7,10 +7,14 @@
   default) and scraped every second; ``metrics_and_traces``: also ``tracing.traced``
   on the processor (a span per page, linked to the publish spans) with the
   OpenTelemetry SDK recording every span (batched, exporter discarding them).
+  ``metrics_and_bare_spans`` (in memory): metrics and a bare SDK span per page (no
+  links, attributes or context), the floor under ``tracing.traced``'s cost.
   Events/s of each and the ratio to ``off``.
 - ``operations.publish``: single-event publishes to PostgreSQL (1,000), off:
   ``stream.publish``; on: ``tracing.publish`` (a span each, context in the metadata)
-  on a backend whose publishes ``PublishMetrics`` counts.
+  on a backend whose publishes ``PublishMetrics`` counts; ``bare_span``: the same count
+  and a plain publish inside a bare SDK span (no attributes, no context written), the
+  floor under ``tracing.publish``'s cost.
 
 Modes alternate (in reverse order every other round; garbage collected before each run
 and what lives then frozen for it), medians of 7 runs each; ratios of the medians.
@@ -23,7 +27,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -36,6 +40,7 @@ from benchmarks.common import median, report
 from benchmarks.consumers import memory_backend, postgres_backend
 from eventmill import tracing
 from eventmill.backends.base import Backend
+from eventmill.consumers.processors import EventProcessor
 from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
 from eventmill.metrics import NodeMetrics, PublishMetrics
 from eventmill.node import EventProcessingNode, NodeSettings
@@ -64,13 +69,37 @@ async def nothing(event: StoredEvent) -> None:
     pass
 
 
-async def drain(backend: Backend, count: int, *, observed: bool, traced: bool = True) -> float:
+class BareSpans(EventProcessor):
+    """``nothing`` per event and a bare SDK span per page: the SDK's own cost."""
+
+    def __init__(self) -> None:
+        self.process_event = nothing  # type: ignore[method-assign]
+        self._tracer = trace.get_tracer("bench")
+
+    async def process_event(self, event: StoredEvent) -> None:  # replaced in __init__
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def around_page(self, events: Sequence[StoredEvent]) -> Iterator[None]:
+        span = self._tracer.start_span("page")
+        try:
+            yield
+        finally:
+            span.end()
+
+
+async def drain(
+    backend: Backend, count: int, *, observed: bool, traced: bool = True, bare: bool = False
+) -> float:
     """Events/s of one node draining ``count`` events of ``orders`` from the start;
-    ``observed``: with metrics, and with a span per event if ``traced``."""
+    ``observed``: with metrics, and with a span per page if ``traced`` (a bare one if
+    ``bare``)."""
     settings = NodeSettings(poll_interval=timedelta(milliseconds=50), page_size=1000)
     node = EventProcessingNode(backend, node_id="bench", settings=settings)
     group = f"g{time.monotonic_ns()}"
-    processor = tracing.traced(nothing, group=group) if observed and traced else nothing
+    processor: Any = nothing
+    if observed and traced:
+        processor = BareSpans() if bare else tracing.traced(nothing, group=group)
     node.register_subscriber(group=group, source=CategoryIdentifier("orders"), processor=processor)
     tasks: list[asyncio.Task[None]] = []
     started = time.perf_counter()
@@ -94,17 +123,25 @@ async def scrape(metrics: NodeMetrics) -> None:
         await asyncio.sleep(1.0)
 
 
-async def publish_rate(backend: Backend, count: int, *, observed: bool) -> float:
+async def publish_rate(backend: Backend, count: int, *, observed: bool, bare: bool) -> float:
+    """Single-event publishes/s: plain, or counted and traced (in a bare span if ``bare``)."""
     stream = EventStore(backend).stream(category="single", stream=f"s{time.monotonic_ns()}")
     if observed:
         PublishMetrics(CollectorRegistry()).observe(backend)
+    tracer = trace.get_tracer("bench")
     started = time.perf_counter()
     for n in range(count):
         events = [NewEvent(name="happened", payload={"n": n})]
-        if observed:
-            await tracing.publish(stream, events)
-        else:
+        if not observed:
             await stream.publish(events)
+        elif bare:
+            span = tracer.start_span("publish")
+            try:
+                await stream.publish(events)
+            finally:
+                span.end()
+        else:
+            await tracing.publish(stream, events)
     return count / (time.perf_counter() - started)
 
 
@@ -162,9 +199,9 @@ def drainer(count: int, **options: bool) -> Callable[[Backend], Any]:
     return measure
 
 
-def publisher(count: int, observed: bool) -> Callable[[Backend], Any]:
+def publisher(count: int, observed: bool, bare: bool = False) -> Callable[[Backend], Any]:
     async def measure(backend: Backend) -> float:
-        return await publish_rate(backend, count, observed=observed)
+        return await publish_rate(backend, count, observed=observed, bare=bare)
 
     return measure
 
@@ -175,20 +212,22 @@ async def main() -> None:
         ("memory", memory_backend, 100_000),
         ("postgres", postgres_backend, 10_000),
     ):
-        await compare(
-            f"operations.drain.{kind}",
-            filled(make, count),
-            {
-                "off": drainer(count, observed=False),
-                "metrics": drainer(count, observed=True, traced=False),
-                "metrics_and_traces": drainer(count, observed=True, traced=True),
-            },
-            events=count,
-        )
+        modes = {
+            "off": drainer(count, observed=False),
+            "metrics": drainer(count, observed=True, traced=False),
+            "metrics_and_traces": drainer(count, observed=True, traced=True),
+        }
+        if kind == "memory":
+            modes["metrics_and_bare_spans"] = drainer(count, observed=True, bare=True)
+        await compare(f"operations.drain.{kind}", filled(make, count), modes, events=count)
     await compare(
         "operations.publish.postgres",
         postgres_backend,
-        {"off": publisher(1_000, False), "traced": publisher(1_000, True)},
+        {
+            "off": publisher(1_000, False),
+            "traced": publisher(1_000, True),
+            "bare_span": publisher(1_000, True, bare=True),
+        },
         events=1_000,
     )
 
