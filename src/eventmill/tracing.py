@@ -15,14 +15,16 @@ imported only here; spans are recorded once the application installs an SDK).
 - ``traced``: wraps an async function or ``EventProcessor`` (a CONSUMER span
   ``eventmill process`` per page of events read from the source, and per held event
   replayed) or a ``TransactionalEventProcessor`` (one per batch). The span links to
-  the distinct publish spans of the first ``MAX_LINKS`` of its events and is the
-  current span while they are processed (so the processor's own spans are its
-  children); its attributes give the group, the event count and the first and last
-  sequence numbers.
+  the distinct publish spans of the first ``MAX_LINKS`` of its events (a trace
+  context that is not text, or not valid, links nothing) and is the current span
+  while they are processed (so the processor's own spans are its children); its
+  attributes give the group, the event count and the first and last sequence numbers.
 
-A span per page rather than per event keeps tracing within a few percent of the
-throughput of a processor that does little (a recorded span costs tens of
-microseconds, as much as processing an event).
+A span per page rather than per event: a recorded span costs tens of microseconds, as
+much as processing an event that does little. What eventmill adds around the SDK's
+spans is kept small (the context written once per publish and shared by its events,
+each distinct context parsed once); the SDK's span itself is the larger part (see
+docs/operations.md, Cost).
 """
 
 from __future__ import annotations
