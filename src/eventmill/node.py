@@ -294,6 +294,12 @@ class _LoopBoundSubscriber:
         future = asyncio.run_coroutine_threadsafe(self.subscriber.withdraw(source), self._loop)
         await asyncio.wrap_future(future)
 
+    async def take_dropped(self) -> dict[EventSourceIdentifier, int]:
+        if self._loop is None or self._loop is self._owner:
+            return await self.subscriber.take_dropped()
+        future = asyncio.run_coroutine_threadsafe(self.subscriber.take_dropped(), self._loop)
+        return await asyncio.wrap_future(future)
+
     def health(self) -> ProcessStatus:
         return self.subscriber.health()
 

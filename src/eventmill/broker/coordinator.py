@@ -133,6 +133,13 @@ class EventSubscriptionCoordinator(BrokerLoop):
             return self._next_wait(allocations)
         if self._lock is None or not await self._lock.confirm():
             return None  # deposed (e.g. frozen past the lease): act on nothing
+        # Fence, then apply: not atomic. If the apply below fails or leadership is lost
+        # in between, a checkpoint may stay fenced ahead of its holding. A dead holder's
+        # source is simply assigned again next round (same epoch, already fenced); a live
+        # holder's consumer meets StaleEpochError at its next save and drops the source,
+        # and its observer releases it (``EventSubscriber.take_dropped``), after which
+        # it is assigned under a newer epoch: no permanent stall, and no write at the
+        # old epoch.
         unfenced = await self._fence([change for change in changes if isinstance(change, Assign)])
         if unfenced:
             changes = [change for change in changes if id(change) not in unfenced]

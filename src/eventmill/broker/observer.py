@@ -10,6 +10,15 @@ Each round it reads the holdings of this node and, per local subscriber:
    never frees a newer assignment), which lets the coordinator go on with the handover;
 3. accepts every source ASSIGNED to it that it does not hold under that epoch.
 
+A subscriber may also drop a source by itself: when a save of it meets a checkpoint
+fenced at a newer epoch (``take_dropped``). The coordinator fences before it applies
+an assignment, so if that apply never happens (it failed, or leadership was lost in
+between) while the holder is live, the holding stays ASSIGNED to it at the old epoch
+and nobody would consume the source again. So a dropped source still ASSIGNED to its
+subscriber at the epoch it was dropped at is released in step 2 (and not accepted
+again under that epoch); the coordinator then assigns it under a newer epoch, which
+passes the fence. Fencing stays strict: the old epoch never saves again.
+
 ``is_current`` tells whether the latest successful round is recent enough (younger
 than the subscriber max age) for this node's view to be trusted: a node that was
 paused or cut off longer than that may have been declared dead and its sources given
@@ -61,6 +70,8 @@ class EventSubscriptionObserver(BrokerLoop):
         self._subscribers: dict[tuple[str, str], EventSubscriber] = {}
         self._accepted: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
         self._added: dict[tuple[str, str], float] = {}  # monotonic time of ``add``
+        # sources subscribers dropped (take_dropped) whose release is not yet applied
+        self._dropped: dict[tuple[str, str], dict[EventSourceIdentifier, int]] = {}
         self.changes = {"accepted": 0, "withdrawn": 0}
         """Sources accepted and withdrawn so far (for metrics)."""
         self._busy = asyncio.Lock()  # rounds, removals and releases take turns
@@ -98,6 +109,7 @@ class EventSubscriptionObserver(BrokerLoop):
                 return
             del self._subscribers[key]
             del self._added[key]
+            self._dropped.pop(key, None)
             await self._release_all(subscriber, self._accepted.pop(key, {}))
 
     async def _release_all(
@@ -153,6 +165,17 @@ class EventSubscriptionObserver(BrokerLoop):
         for key, subscriber in list(self._subscribers.items()):
             accepted = self._accepted[key]
             wanted = assigned.get(key, {})
+            dropped = self._dropped.setdefault(key, {})
+            for source, epoch in (await subscriber.take_dropped()).items():
+                if accepted.get(source) == epoch:
+                    del accepted[source]
+                    dropped[source] = epoch
+            for source, epoch in dropped.items():
+                if wanted.get(source) == epoch:  # else it moved on: nothing to release
+                    self._log_change("dropped (fenced at a newer epoch)", key, source, epoch)
+                    releases.append(
+                        Release(group=key[0], source=source, subscriber_id=key[1], epoch=epoch)
+                    )
             for source, epoch in list(accepted.items()):
                 if wanted.get(source) != epoch:
                     del accepted[source]
@@ -160,11 +183,12 @@ class EventSubscriptionObserver(BrokerLoop):
                     self._log_change("withdrew (no longer assigned)", key, source, epoch)
         if releases:
             await self._backend.subscriptions.apply(releases)
+        released, self._dropped = self._dropped, {}
         for key, wanted in assigned.items():
             subscriber = self._subscribers[key]
             accepted = self._accepted[key]
             for source, epoch in wanted.items():
-                if accepted.get(source) != epoch:
+                if accepted.get(source) != epoch and released[key].get(source) != epoch:
                     await subscriber.accept(source, epoch)
                     accepted[source] = epoch
                     self._log_change("accepted", key, source, epoch)

@@ -88,6 +88,13 @@ class EventSubscriber(Protocol):
         checkpoint was saved. Harmless if not held."""
         ...
 
+    async def take_dropped(self) -> dict[EventSourceIdentifier, int]:
+        """The sources this instance stopped holding by itself since the last call
+        (their checkpoint was fenced at a newer epoch), each with the epoch it was held
+        at; they are forgotten here. The broker releases them so they can be assigned
+        again under a newer epoch."""
+        ...
+
     def health(self) -> ProcessStatus:
         """The subscriber's status."""
         ...
@@ -151,6 +158,7 @@ class EventSubscriptionConsumer(Service[int]):
             )
         self.reset_repartitioned = reset_repartitioned
         self._holdings: dict[EventSourceIdentifier, _Holding] = {}
+        self._dropped: dict[EventSourceIdentifier, int] = {}  # see take_dropped
         self._lease: OwnershipLease | None = None
         self.lease = lease
         self._callbacks: dict[int, Callable[[], None]] = {}
@@ -220,6 +228,7 @@ class EventSubscriptionConsumer(Service[int]):
         source = check_identifier(source)
         if type(epoch) is not int or epoch < 0:
             raise InvalidInputError(f"epoch must be an int >= 0, not {epoch!r:.80}")
+        self._dropped.pop(source, None)
         holding = self._holdings.get(source)
         if holding is not None:
             holding.epoch = max(holding.epoch, epoch)
@@ -258,6 +267,12 @@ class EventSubscriptionConsumer(Service[int]):
         holding.consumer.stop()
         await holding.consumer.wait_pass_finished()
 
+    async def take_dropped(self) -> dict[EventSourceIdentifier, int]:
+        """The sources dropped on a StaleEpochError since the last call, with the epoch
+        each was held at (see ``EventSubscriber.take_dropped``). Does not block."""
+        dropped, self._dropped = self._dropped, {}
+        return dropped
+
     async def withdraw_all(self) -> None:
         """Withdraw every held source (for a graceful shutdown)."""
         for source in list(self._holdings):
@@ -267,7 +282,9 @@ class EventSubscriptionConsumer(Service[int]):
         """One pass over every held source; return how many events were processed.
 
         A source whose checkpoint was fenced by a newer epoch (StaleEpochError) has
-        moved away and is dropped. Other errors are raised at once (after the failing
+        moved away, or is about to: it is dropped and reported by ``take_dropped``, so
+        that the broker releases it even if the move it was fenced for was never
+        applied. Other errors are raised at once (after the failing
         source saved its progress).
         """
         if self._new_events is not None:
@@ -303,6 +320,7 @@ class EventSubscriptionConsumer(Service[int]):
                     if self._holdings.get(source) is holding:
                         del self._holdings[source]
                         holding.unwatch()
+                        self._dropped[source] = holding.epoch
         except BaseException:
             self._status = ProcessStatus.ERRORED
             raise

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -363,3 +364,37 @@ async def test_a_new_subscriber_is_synchronised_every_quarter_interval_until_it_
     )
     assert await observer.run_round() is None  # it holds a source: the full interval
     assert subscriber.held == {SOURCES[0]: 1}
+
+
+async def test_a_source_its_subscriber_dropped_is_released_and_accepted_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subscriber that dropped a source (its checkpoint fenced at a newer epoch by an
+    assignment never applied) is not given it again at the old epoch: the observer
+    releases it, retrying after a failed release, and accepts it under a newer epoch."""
+    backend = InMemoryBackend()
+    observer = EventSubscriptionObserver(backend, "n")
+    subscriber = FakeSubscriber("s", {})
+    observer.add(subscriber)
+    source = SOURCES[0]
+    assign = Assign(group="g", source=source, subscriber_id="s", node_id="n", epoch=1)
+    await backend.subscriptions.apply([assign])
+    await observer.run_round()
+    subscriber.drop(source)
+    apply = backend.subscriptions.apply
+
+    async def failing_apply(changes: Sequence[object]) -> None:
+        monkeypatch.setattr(backend.subscriptions, "apply", apply)
+        raise StorageError("database down (release)")
+
+    monkeypatch.setattr(backend.subscriptions, "apply", failing_apply)
+    with pytest.raises(StorageError):
+        await observer.run_round()
+    await observer.run_round()  # the release is retried; X is not accepted at epoch 1
+    (holding,) = await backend.subscriptions.list()
+    assert (holding.state, holding.subscriber_id, holding.epoch) == (HoldingState.RELEASED, None, 1)
+    assert subscriber.held == {}
+    await backend.subscriptions.apply([replace(assign, epoch=2)])
+    await observer.run_round()
+    assert subscriber.held == {source: 2}
+    assert subscriber.log == [("accept", source, 1), ("drop", source, 1), ("accept", source, 2)]

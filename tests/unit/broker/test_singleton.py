@@ -31,6 +31,7 @@ class FakeSubscriber:
         self._requests = tuple(requests)
         self.owners = owners
         self.held: dict[EventSourceIdentifier, int] = {}
+        self.dropped: dict[EventSourceIdentifier, int] = {}
         self.log: list[tuple[str, EventSourceIdentifier, int | None]] = []
 
     @property
@@ -57,6 +58,16 @@ class FakeSubscriber:
             del self.held[source]
             del self.owners[source]
             self.log.append(("withdraw", source, None))
+
+    def drop(self, source: EventSourceIdentifier) -> None:
+        """Stop holding ``source`` by itself, as on a StaleEpochError."""
+        self.dropped[source] = self.held.pop(source)
+        del self.owners[source]
+        self.log.append(("drop", source, self.dropped[source]))
+
+    async def take_dropped(self) -> dict[EventSourceIdentifier, int]:
+        dropped, self.dropped = self.dropped, {}
+        return dropped
 
     def health(self) -> ProcessStatus:
         return ProcessStatus.WAITING
