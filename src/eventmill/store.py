@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from typing import TypeAlias
 
 from eventmill.backends.base import Backend, EventStorage
@@ -126,14 +127,11 @@ class EventSourceHandle:
         """
         after = _check_after(after)
         check_page_size(page_size)
-        storage = self._backend.events
-        while True:
-            page = await storage.read(self.identifier, after=after, limit=page_size)
-            for event in page:
-                yield event
-            if len(page) < page_size:
-                return
-            after = self._place(page[-1])
+        pages = self._backend.events.pages(self.identifier, after=after, limit=page_size)
+        async with aclosing(pages):  # ends a read ahead when the caller stops early
+            async for page in pages:
+                for event in page:
+                    yield event
 
     async def read(
         self, *, after: int | None = None, limit: int | None = None
@@ -144,15 +142,18 @@ class EventSourceHandle:
         events: list[StoredEvent] = []
         if limit == 0:
             return events
-        page_size = MAX_PAGE_SIZE if limit is None else min(limit, MAX_PAGE_SIZE)
-        async for event in self.iterate(after=after, page_size=page_size):
-            events.append(event)
-            if limit is not None and len(events) >= limit:
-                break
+        after = _check_after(after)
+        storage = self._backend.events
+        if limit is not None and limit <= MAX_PAGE_SIZE:  # one read, nothing read ahead
+            return await storage.read(self.identifier, after=after, limit=limit)
+        pages = storage.pages(self.identifier, after=after, limit=MAX_PAGE_SIZE)
+        async with aclosing(pages):
+            async for page in pages:
+                events += page
+                if limit is not None and len(events) >= limit:
+                    del events[limit:]
+                    break
         return events
-
-    def _place(self, event: StoredEvent) -> int:
-        return event.sequence_number
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.identifier}>"
@@ -216,9 +217,6 @@ class EventStream(EventSourceHandle):
                         time.perf_counter() - started,
                         failed,
                     )
-
-    def _place(self, event: StoredEvent) -> int:
-        return event.position
 
 
 class EventStore:

@@ -98,8 +98,9 @@ EVENTS_PER_WRITER = 500
 async def test_every_reader_sees_every_committed_event_once_in_order() -> None:
     """Half the writers publish through EventStore; the other half, on connections of
     their own, hold their transactions open for random delays and roll some back.
-    Readers of the log and of every category poll throughout."""
-    async with fresh_postgres_backend(max_size=6) as backend:
+    Readers of the log and of every category poll throughout, by ``read`` and by
+    ``iterate``."""
+    async with fresh_postgres_backend(max_size=8) as backend:
         store = EventStore(backend)
         committed: dict[str, str] = {}  # id -> category
         rolled_back: set[str] = set()
@@ -156,6 +157,20 @@ async def test_every_reader_sees_every_committed_event_once_in_order() -> None:
                 else:
                     await asyncio.sleep(0.005)  # poll again
 
+        async def iterating_reader(handle: EventSourceHandle) -> list[StoredEvent]:
+            """Iterations in small pages (each page read ahead of the one handed out),
+            each resuming where the one before ended."""
+            seen: list[StoredEvent] = []
+            while True:
+                stopping = stop_polling.is_set()
+                after = seen[-1].sequence_number if seen else None
+                before = len(seen)
+                seen += [event async for event in handle.iterate(after=after, page_size=7)]
+                if len(seen) == before:
+                    if stopping:
+                        return seen
+                    await asyncio.sleep(0.005)  # poll again
+
         async def everything_visible() -> bool:
             latest = await store.log().latest()
             return latest is not None and latest.sequence_number >= last_committed
@@ -163,6 +178,7 @@ async def test_every_reader_sees_every_committed_event_once_in_order() -> None:
         handles = [store.log(), *(store.category(c) for c in CATEGORIES)]
         async with asyncio.timeout(60):
             readers = [asyncio.create_task(reader(handle)) for handle in handles]
+            readers += [asyncio.create_task(iterating_reader(handle)) for handle in handles]
             await asyncio.gather(
                 *((api_writer if number % 2 else slow_writer)(number) for number in range(WRITERS))
             )
@@ -171,7 +187,7 @@ async def test_every_reader_sees_every_committed_event_once_in_order() -> None:
             results = await asyncio.gather(*readers)
         assert len(committed) == WRITERS * EVENTS_PER_WRITER
         assert rolled_back and not rolled_back & set(committed)
-        for handle, seen in zip(handles, results, strict=True):
+        for handle, seen in zip(handles * 2, results, strict=True):
             numbers = [event.sequence_number for event in seen]
             assert numbers == sorted(set(numbers)), f"{handle}: out of order or repeated"
             ids = [event.id for event in seen]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -147,6 +147,22 @@ class EventStorage(ABC):
         reads from the start. Never returns an event while an event that sorts before it
         may still commit (no skipped events).
         """
+
+    async def pages(
+        self, source: EventSourceIdentifier, *, after: int | None, limit: int
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """Every event of ``source`` after ``after``, in order, as pages of ``limit``
+        read one after the other, ending with the first shorter page (maybe empty).
+        Each page is what ``read`` returns from the end of the one before. A backend may
+        read the next page while this one is handed out (PostgreSQL does). Raises
+        StorageError."""
+        while True:
+            page = await self.read(source, after=after, limit=limit)
+            yield page
+            if len(page) < limit:
+                return
+            last = page[-1]
+            after = last.position if isinstance(source, StreamIdentifier) else last.sequence_number
 
     @abstractmethod
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
