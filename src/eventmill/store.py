@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import TypeAlias
 
@@ -120,10 +120,13 @@ class EventSourceHandle:
 
     async def iterate(
         self, *, after: int | None = None, page_size: int = DEFAULT_PAGE_SIZE
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Every event after ``after``, in order, read ``page_size`` at a time.
 
-        Events published while iterating are included. Raises StorageError.
+        Events published while iterating are included. Raises StorageError. A backend
+        may read the next page while the events of one are handed out (PostgreSQL does):
+        to stop early and end that read at once, iterate in ``contextlib.aclosing``;
+        otherwise it ends when the generator is collected.
         """
         after = _check_after(after)
         check_page_size(page_size)

@@ -31,7 +31,8 @@ async def idle_connection_state(pool: AsyncConnectionPool[Any]) -> psycopg.pq.Tr
     """The transaction status of the pool's one connection, taken without waiting."""
     async with pool.connection(timeout=0.001) as connection:
         await connection.execute("SELECT 1")
-        return connection.info.transaction_status
+        status: psycopg.pq.TransactionStatus = connection.info.transaction_status
+        return status
 
 
 async def test_an_iteration_closed_early_waits_for_its_read_ahead() -> None:
