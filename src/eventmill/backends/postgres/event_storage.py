@@ -281,29 +281,18 @@ def _event_from_row(row: Sequence[Any]) -> StoredEvent:
     most metadata is, is not parsed at all. Times come back in UTC (``datetime.UTC``),
     as the in-memory backend gives them.
     """
-    (
-        id,
-        name,
-        category,
-        stream,
-        position,
-        sequence_number,
-        payload,
-        metadata,
-        occurred_at,
-        observed_at,
-    ) = row
+    id, name, category, stream, position, number, payload, metadata, occurred, observed = row
     return stored_event(
         id,
         name,
         category,
         stream,
         position,
-        sequence_number,
+        number,
         {} if payload == "{}" else _scan_json(payload, 0)[0],
         {} if metadata == "{}" else _scan_json(metadata, 0)[0],
-        _from_iso(occurred_at),
-        _from_iso(observed_at),
+        _from_iso(occurred),
+        _from_iso(observed),
     )
 
 
@@ -482,7 +471,7 @@ class PostgresEventStorage(EventStorage):
 
     def _read_statement(
         self, source: EventSourceIdentifier, after: int | None, limit: int
-    ) -> tuple[Any, tuple[object, ...] | dict[str, object], bool]:
+    ) -> tuple[bytes, tuple[object, ...] | dict[str, object], bool]:
         """The query, parameters and watermark flag (as ``_execute`` takes them) of a read."""
         if isinstance(source, StreamIdentifier):
             stream = (source.category, source.stream, -1 if after is None else after, limit)
@@ -580,7 +569,7 @@ class PostgresEventStorage(EventStorage):
 
     async def _fetch(
         self,
-        query: Any,
+        query: bytes,
         parameters: tuple[object, ...] | dict[str, object],
         watermark: bool = True,
     ) -> list[StoredEvent]:
@@ -590,7 +579,7 @@ class PostgresEventStorage(EventStorage):
 
     async def _execute(
         self,
-        query: Any,
+        query: bytes,
         parameters: tuple[object, ...] | dict[str, object],
         watermark: bool = True,
     ) -> AsyncCursor[StoredEvent]:
