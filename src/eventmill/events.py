@@ -507,6 +507,11 @@ EventSourceIdentifier: TypeAlias = (
 )
 
 
+def place_in(source: EventSourceIdentifier, event: StoredEvent) -> int:
+    """Where ``event`` is in ``source``: its position in a stream, else its sequence number."""
+    return event.position if isinstance(source, StreamIdentifier) else event.sequence_number
+
+
 def identifier_from_json(value: object) -> EventSourceIdentifier:
     """The identifier a ``to_json()`` produced. Raises InvalidIdentifierError otherwise."""
     if not isinstance(value, Mapping):

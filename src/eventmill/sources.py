@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Callable
 
 from eventmill.backends.base import Backend
 from eventmill.errors import InvalidInputError
-from eventmill.events import EventSourceIdentifier, StoredEvent, StreamIdentifier, check_identifier
+from eventmill.events import (
+    EventSourceIdentifier,
+    StoredEvent,
+    StreamIdentifier,
+    check_identifier,
+    place_in,
+)
 from eventmill.shared_tail import SharedTail, shared_tail
 from eventmill.store import DEFAULT_PAGE_SIZE, check_page_size
 
@@ -47,13 +53,12 @@ class EventSource:
         self.backend = backend
         self.identifier = check_identifier(identifier)
         self.page_size = check_page_size(page_size)
-        self._by_position = isinstance(identifier, StreamIdentifier)
-        self._shares_tail = shared_tail and not self._by_position
+        self._shares_tail = shared_tail and not isinstance(self.identifier, StreamIdentifier)
         self._tail: SharedTail | None = None
 
     def place(self, event: StoredEvent) -> int:
         """Where ``event`` is in this source: its position (stream) or sequence number."""
-        return event.position if self._by_position else event.sequence_number
+        return place_in(self.identifier, event)
 
     async def read(self, *, after: int | None, limit: int | None = None) -> list[StoredEvent]:
         """Up to ``limit`` (default ``page_size``) events strictly after ``after``.

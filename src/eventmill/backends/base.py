@@ -31,6 +31,7 @@ from eventmill.events import (
     StreamIdentifier,
     check_identifier,
     check_name,
+    place_in,
 )
 
 if TYPE_CHECKING:  # only the PostgreSQL backend imports psycopg at run time
@@ -161,8 +162,7 @@ class EventStorage(ABC):
             yield page
             if len(page) < limit:
                 return
-            last = page[-1]
-            after = last.position if isinstance(source, StreamIdentifier) else last.sequence_number
+            after = place_in(source, page[-1])
 
     @abstractmethod
     async def latest(self, source: EventSourceIdentifier) -> StoredEvent | None:
@@ -179,10 +179,7 @@ class EventStorage(ABC):
             count, newest, oldest_at, place = 0, None, None, after
             while page := await self.read(source, after=place, limit=_LAG_PAGE):
                 oldest_at = oldest_at or page[0].observed_at
-                read = [
-                    e.position if isinstance(source, StreamIdentifier) else e.sequence_number
-                    for e in page
-                ]
+                read = [place_in(source, event) for event in page]
                 counted = [place for place in read if through is None or place <= through]
                 count += len(counted)
                 newest = counted[-1] if counted else newest

@@ -70,13 +70,12 @@ async def test_resumes_from_the_checkpoint_after_a_restart(kind: str) -> None:
     assert second.seen == list(range(26, 38))
 
 
-class CrashingCheckpoints(InMemoryCheckpointStorage):
-    """Checkpoints whose saves fail once ``crashed``: what a dead process leaves."""
+class WrappedCheckpoints(InMemoryCheckpointStorage):
+    """Checkpoints that hand everything to ``inner``; subclasses change ``save``."""
 
     def __init__(self, inner: InMemoryCheckpointStorage) -> None:
         super().__init__()
         self.inner = inner
-        self.crashed = False
 
     async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
         return await self.inner.get(group, source)
@@ -90,9 +89,30 @@ class CrashingCheckpoints(InMemoryCheckpointStorage):
         expected_version: int | None,
         epoch: int | None = None,
     ) -> Checkpoint:
+        return await self.inner.save(
+            group, source, after, expected_version=expected_version, epoch=epoch
+        )
+
+
+class CrashingCheckpoints(WrappedCheckpoints):
+    """Checkpoints whose saves fail once ``crashed``: what a dead process leaves."""
+
+    def __init__(self, inner: InMemoryCheckpointStorage) -> None:
+        super().__init__(inner)
+        self.crashed = False
+
+    async def save(
+        self,
+        group: str,
+        source: EventSourceIdentifier,
+        after: int | None,
+        *,
+        expected_version: int | None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
         if self.crashed:
             raise StorageError("the process is dead")
-        return await self.inner.save(
+        return await super().save(
             group, source, after, expected_version=expected_version, epoch=epoch
         )
 
@@ -130,18 +150,14 @@ async def test_replay_after_a_crash_is_at_most_twice_the_checkpoint_interval(kin
     assert survivor.seen == list(range(survivor.seen[0], 96))
 
 
-class GatedCheckpoints(InMemoryCheckpointStorage):
+class GatedCheckpoints(WrappedCheckpoints):
     """Checkpoints whose saves wait for ``release``, recording what was asked and saved."""
 
     def __init__(self, inner: InMemoryCheckpointStorage) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.release = asyncio.Event()
         self.asked: list[int | None] = []
         self.saved: list[int | None] = []
-
-    async def get(self, group: str, source: EventSourceIdentifier) -> Checkpoint | None:
-        return await self.inner.get(group, source)
 
     async def save(
         self,
@@ -154,7 +170,7 @@ class GatedCheckpoints(InMemoryCheckpointStorage):
     ) -> Checkpoint:
         self.asked.append(after)
         await self.release.wait()
-        saved = await self.inner.save(
+        saved = await super().save(
             group, source, after, expected_version=expected_version, epoch=epoch
         )
         self.saved.append(after)
