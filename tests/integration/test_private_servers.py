@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from tests import servers
 from tests.servers import Bouncer, PrivateCluster
 
 pytestmark = pytest.mark.postgres
@@ -39,3 +40,14 @@ def test_each_bouncer_forwards_to_the_private_cluster(
     bouncer = transaction_bouncer if mode == "transaction" else session_bouncer
     assert bouncer.pool_mode == mode and bouncer.port != private_cluster.port
     assert scalar(bouncer.dsn(), "SELECT current_setting('port')::int") == private_cluster.port
+
+
+def test_a_stop_that_does_not_end_is_made_immediate(
+    own_cluster: PrivateCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A smart stop waits for clients to leave: with one staying, it cannot end, and
+    ``stop`` finishes it as an immediate stop after ``STOP_SECONDS``."""
+    monkeypatch.setattr(servers, "STOP_SECONDS", 1)
+    with psycopg.connect(own_cluster.dsn(), autocommit=True):
+        own_cluster.stop("smart")
+        assert not own_cluster.running()
