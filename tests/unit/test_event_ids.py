@@ -15,7 +15,8 @@ from eventmill.events import StoredEvent, new_event_id, new_event_ids, stored_ev
 
 def test_ids_are_distinct_version_4_uuids_one_at_a_time_or_many() -> None:
     ids = [new_event_id() for _ in range(300)] + new_event_ids(300)
-    assert len(set(ids)) == 600
+    ids += [made for count in (1, 2, 3, 37) for made in new_event_ids(count)]
+    assert len(set(ids)) == len(ids) == 643
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
