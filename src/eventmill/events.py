@@ -255,6 +255,23 @@ class StoredEvent:
 _new_object = object.__new__
 
 
+class _StoredEventSlots:
+    """StoredEvent's slots in a class that is not frozen, so that Python code can fill
+    them with plain (specialised, cheap) attribute stores; see ``stored_event``."""
+
+    __slots__ = StoredEvent.__slots__
+    id: str
+    name: str
+    category: str
+    stream: str
+    position: int
+    sequence_number: int
+    payload: JsonObject
+    metadata: JsonObject
+    occurred_at: datetime
+    observed_at: datetime
+
+
 def stored_event(
     id: str,
     name: str,
@@ -268,49 +285,25 @@ def stored_event(
     observed_at: datetime,
 ) -> StoredEvent:
     """A StoredEvent from values already checked, by position: what storage makes for
-    every event it stores or reads. The same object as ``StoredEvent(...)`` at less than
-    half the cost: the generated frozen ``__init__`` sets each field through
-    ``object.__setattr__``; this sets the slots directly."""
-    event = _new_object(StoredEvent)
-    _set_id(event, id)
-    _set_name(event, name)
-    _set_category(event, category)
-    _set_stream(event, stream)
-    _set_position(event, position)
-    _set_sequence_number(event, sequence_number)
-    _set_payload(event, payload)
-    _set_metadata(event, metadata)
-    _set_occurred_at(event, occurred_at)
-    _set_observed_at(event, observed_at)
-    return event
-
-
-(
-    _set_id,
-    _set_name,
-    _set_category,
-    _set_stream,
-    _set_position,
-    _set_sequence_number,
-    _set_payload,
-    _set_metadata,
-    _set_occurred_at,
-    _set_observed_at,
-) = (
-    getattr(StoredEvent, field).__set__
-    for field in (
-        "id",
-        "name",
-        "category",
-        "stream",
-        "position",
-        "sequence_number",
-        "payload",
-        "metadata",
-        "occurred_at",
-        "observed_at",
-    )
-)
+    every event it stores or reads. The same object as ``StoredEvent(...)`` at a sixth
+    of the cost: 0.22 us against 1.3 (the generated frozen ``__init__`` sets each field
+    through ``object.__setattr__``) and 0.52 (each slot set through its descriptor).
+    A ``_StoredEventSlots``, whose memory layout is StoredEvent's (the same slots and
+    nothing else), is filled and then made a StoredEvent by assigning its ``__class__``,
+    which Python allows between classes of the same layout."""
+    event = _new_object(_StoredEventSlots)
+    event.id = id
+    event.name = name
+    event.category = category
+    event.stream = stream
+    event.position = position
+    event.sequence_number = sequence_number
+    event.payload = payload
+    event.metadata = metadata
+    event.occurred_at = occurred_at
+    event.observed_at = observed_at
+    event.__class__ = StoredEvent  # type: ignore[assignment]
+    return event  # type: ignore[return-value]
 
 
 def with_added_metadata(events: Sequence[NewEvent], added: Mapping[str, str]) -> list[NewEvent]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import uuid
 from datetime import UTC, datetime
 
@@ -67,6 +68,9 @@ def test_stored_event_is_the_dataclass_event_and_stays_frozen() -> None:
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.name = "other"  # type: ignore[misc]
+    assert type(made) is StoredEvent
+    assert pickle.loads(pickle.dumps(made)) == made
+    assert dataclasses.replace(made, position=4).position == 4
 
 
 def test_every_bit_but_version_and_variant_varies() -> None:
