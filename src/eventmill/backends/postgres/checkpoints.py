@@ -6,6 +6,12 @@ same statement, so the common case is a single round trip. Only when it changes 
 is the row read again to tell a stale epoch from a lost race. A fence waits at most
 FENCE_LOCK_TIMEOUT for a row another transaction holds locked.
 
+A drain saves every ``checkpoint_every`` events, one save after the other, and each
+save's client CPU adds to the drain's (docs/performance.md): the save's statements are
+bytes made once (psycopg renders a composed query at every execution) and prepared
+from the first use, and an ``UPDATE`` returns only what it changed (version, epoch,
+time), the rest of the Checkpoint being what the caller gave (no JSON to decode).
+
 ``transaction()`` opens a transaction on a pool connection: a
 ``TransactionalEventProcessor`` writes through ``transaction.connection`` and the
 checkpoint is saved on the same connection before the one commit (exactly-once).
@@ -20,6 +26,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -48,6 +55,10 @@ _BOUND = (
     " set_config('statement_timeout', %s, true)"
 )
 """A transaction's bound (milliseconds, twice), for this transaction only."""
+
+
+_source_key = lru_cache(maxsize=4096)(source_key)
+"""``source_key``, remembered for the sources saved lately (it dumps JSON)."""
 
 
 def checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint:
@@ -105,14 +116,16 @@ class PostgresCheckpointStorage(CheckpointStorage):
             " VALUES (%s, %s, %s, %s, 1, coalesce(%s, 0))"
             f" ON CONFLICT DO NOTHING RETURNING {CHECKPOINT_COLUMNS}"
         )
+        self._get_bytes = self._get.as_bytes(None)
+        self._insert_bytes = self._insert.as_bytes(None)
         self._update = sql(
             "UPDATE {schema}.checkpoints SET after_place = %s, version = version + 1,"
             " epoch = greatest(epoch, coalesce(%s, epoch)), updated_at = now(),"
             " reset_pending = false"
             " WHERE group_name = %s AND source_key = %s AND version = %s"
             " AND (%s::bigint IS NULL OR epoch <= %s::bigint)"
-            f" RETURNING {CHECKPOINT_COLUMNS}"
-        )
+            " RETURNING version, epoch, updated_at"
+        ).as_bytes(None)
         self._fence = sql(
             "INSERT INTO {schema}.checkpoints AS c"
             " (group_name, source_key, source, after_place, version, epoch)"
@@ -178,19 +191,34 @@ class PostgresCheckpointStorage(CheckpointStorage):
         epoch: int | None,
     ) -> Checkpoint:
         """``save`` on ``connection`` (in its transaction, if one is open)."""
-        key = source_key(source)
+        key = _source_key(source)
         if expected_version is None:
             cursor = await connection.execute(
-                self._insert, (group, key, Jsonb(source.to_json()), after, epoch)
+                self._insert_bytes,
+                (group, key, Jsonb(source.to_json()), after, epoch),
+                prepare=True,
             )
+            inserted = await cursor.fetchone()
+            if inserted is not None:
+                return checkpoint_from_row(inserted)
         else:
             cursor = await connection.execute(
-                self._update, (after, epoch, group, key, expected_version, epoch, epoch)
+                self._update,
+                (after, epoch, group, key, expected_version, epoch, epoch),
+                prepare=True,
             )
-        row = await cursor.fetchone()
-        if row is not None:
-            return checkpoint_from_row(row)
-        cursor = await connection.execute(self._get, (group, key))
+            updated = await cursor.fetchone()
+            if updated is not None:
+                version, stored_epoch, updated_at = updated
+                return Checkpoint(
+                    group=group,
+                    source=source,
+                    after=after,
+                    version=version,
+                    epoch=stored_epoch,
+                    updated_at=updated_at,
+                )
+        cursor = await connection.execute(self._get_bytes, (group, key), prepare=True)
         current = await cursor.fetchone()
         found = None if current is None else checkpoint_from_row(current)
         if epoch is not None and found is not None and found.epoch > epoch:
