@@ -16,9 +16,10 @@ there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 
-from eventmill.backends.base import Backend
+from eventmill.backends.base import Backend, split_page
 from eventmill.errors import InvalidInputError
 from eventmill.events import (
     EventSourceIdentifier,
@@ -81,6 +82,45 @@ class EventSource:
         if tail is None or tail.loop is not asyncio.get_running_loop():
             tail = self._tail = shared_tail(self.backend.events, self.identifier)
         return tail
+
+    async def pages(
+        self, *, after: int | None, batch: int | None = None
+    ) -> AsyncGenerator[list[StoredEvent]]:
+        """The events after ``after``, in order, a page (``page_size``) at a time until
+        one is not full, the next page read while one is handed out; with ``batch``,
+        each page in lists of at most that many events (PostgreSQL decodes each list
+        only when it is asked for: ``EventStorage.pages``). Close it early with
+        ``contextlib.aclosing``: a read ahead is then awaited (or, through a shared
+        tail, cancelled). Raises InvalidInputError for a bad ``after`` or ``batch``,
+        StorageError."""
+        if after is not None and (type(after) is not int or after < 0):
+            raise InvalidInputError(f"after must be None or an int >= 0, not {after!r:.80}")
+        if batch is not None:
+            check_page_size(batch, "batch")
+        if self._shared_tail() is None:
+            pages = self.backend.events.pages(
+                self.identifier, after=after, limit=self.page_size, batch=batch
+            )
+            async with aclosing(pages):
+                async for page in pages:
+                    yield page
+            return
+        ahead: asyncio.Task[list[StoredEvent]] | None = None
+        try:
+            page = await self.read(after=after)
+            while True:
+                if len(page) == self.page_size:
+                    ahead = asyncio.create_task(self.read(after=self.place(page[-1])))
+                    await asyncio.sleep(0)  # its read starts before the page is handed out
+                for part in split_page(page, batch):
+                    yield part
+                if ahead is None:
+                    return
+                page, ahead = await ahead, None
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
 
     async def iterate(self, *, after: int | None = None) -> AsyncIterator[StoredEvent]:
         """Every event after ``after``, page by page, until a short page. Raises StorageError."""

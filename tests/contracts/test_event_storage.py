@@ -19,7 +19,8 @@ from eventmill import (
     position_is,
     stream_is_empty,
 )
-from eventmill.events import JsonObject
+from eventmill.backends.base import Backend
+from eventmill.events import JsonObject, JsonValue
 from eventmill.store import EventStore
 
 
@@ -76,6 +77,25 @@ async def test_iterate_pages_through_everything_and_sees_later_pages(store: Even
     numbers = [e.sequence_number async for e in store.category("big").iterate(page_size=33)]
     assert len(numbers) == 500 and numbers == sorted(numbers)
     assert len(await store.category("big").read(limit=120)) == 120
+
+
+async def test_pages_in_batches_hand_out_every_event_once_in_order(backend: Backend) -> None:
+    store = EventStore(backend)
+    await store.stream(category="big", stream="one").publish(events(23))
+    big = CategoryIdentifier("big")
+
+    async def handed_out(after: int | None, batch: int | None) -> list[list[JsonValue]]:
+        pages = backend.events.pages(big, after=after, limit=10, batch=batch)
+        return [[event.payload["n"] for event in page] async for page in pages]
+
+    assert await handed_out(None, 4) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16, 17], [18, 19],
+        [20, 21, 22],
+    ]  # fmt: skip
+    assert await handed_out(None, None) == [list(range(10)), list(range(10, 20)), [20, 21, 22]]
+    assert await handed_out(None, 10) == await handed_out(None, None)
+    last = (await store.category("big").read())[-1].sequence_number
+    assert await handed_out(last, 4) == [[]]
 
 
 async def test_latest_of_each_source(store: EventStore) -> None:

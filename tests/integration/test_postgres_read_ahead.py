@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from eventmill import NewEvent, StoredEvent
-from eventmill.backends.postgres import PostgresBackend
+from eventmill import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.backends.postgres import PostgresBackend, event_storage
 from eventmill.store import EventStore
 from tests.delay_proxy import DelayProxy
 from tests.postgres_support import TEST_DSN, fresh_postgres_backend
@@ -101,6 +101,31 @@ async def test_a_reader_cancelled_while_a_page_is_ahead_leaves_the_pool_usable()
             read = await store.category("c").read()
         assert [e.payload["n"] for e in read] == list(range(30))
         assert await idle_connection_state(slow_pool) == psycopg.pq.TransactionStatus.IDLE
+
+
+async def test_pages_in_batches_are_decoded_as_they_are_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next page's read goes out first; then each batch's rows become events only
+    when the caller asks for that batch, not the whole page at once."""
+    decoded: list[int] = []
+    event_from_row = event_storage._event_from_row
+
+    def counting(row: Any) -> StoredEvent:
+        decoded.append(1)
+        return event_from_row(row)
+
+    async with fresh_postgres_backend() as backend:
+        await EventStore(backend).stream(category="c", stream="s").publish(events(25))
+        monkeypatch.setattr(event_storage, "_event_from_row", counting)
+        asked: list[int] = []
+        pages = backend.events.pages(CategoryIdentifier("c"), after=None, limit=10, batch=4)
+        async with aclosing(pages):
+            async for batch in pages:
+                asked.append(len(decoded))
+                assert len(batch) <= 4
+        assert asked == [4, 8, 10, 14, 18, 20, 24, 25]  # decoded when each is handed out
+        assert len(decoded) == 25
 
 
 async def test_times_are_read_in_utc_whatever_the_session_time_zone() -> None:

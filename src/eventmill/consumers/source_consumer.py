@@ -1,7 +1,8 @@
 """EventSourceConsumer: feeds one source to one processor and keeps its checkpoint.
 
 A pass (``consume_all``) resumes after the stored checkpoint, reads page by page until
-the source is drained (reading the next page while it processes one), and saves the
+the source is drained (reading the next page while it processes one, and taking each
+page in batches that PostgreSQL decodes only as they come up), and saves the
 checkpoint every ``checkpoint_every`` processed events, each save committing while the
 next events are processed, and at the end of the pass. So after a crash at most twice
 ``checkpoint_every`` events are delivered again (at-least-once); with a
@@ -78,6 +79,10 @@ from eventmill.events import EventSourceIdentifier, StoredEvent, StreamIdentifie
 from eventmill.sources import EventSource
 
 logger = logging.getLogger(__name__)
+
+DECODE_BATCH = 100
+"""Events per list a page is handed out in (``_pages``): on PostgreSQL decoding 100
+takes 0.15-0.3 ms here, less than a checkpoint commit's round trip."""
 
 _TRACEBACK_LIMIT = 20_000
 """Characters of a traceback kept in a parked record."""
@@ -308,40 +313,37 @@ class EventSourceConsumer:
         elif isinstance(processor, ManagedEventIteratorProcessor):
             await self._consume_managed(processor)
         elif isinstance(processor, EventProcessor):
-            await self._consume_each(processor.process_event, processor.around_page)
+            own_pages = type(processor).around_page is not EventProcessor.around_page
+            await self._consume_each(
+                processor.process_event, processor.around_page, batched=not own_pages
+            )
         else:
-            await self._consume_each(processor, _no_context)
+            await self._consume_each(processor, _no_context, batched=True)
 
-    async def _pages(self) -> AsyncGenerator[list[StoredEvent]]:
-        """The pages after the processed place, until one is not full or the pass halts.
-        While a full page is processed, the next one is read (a task, given the loop once
-        so that its query is sent before the page is processed): a drain then waits
-        for reads and checkpoint saves side by side rather than one after the other. A
-        read ahead that is not wanted any more (the pass halted or failed) is cancelled."""
-        page_size = self.source.page_size
-        ahead: asyncio.Task[list[StoredEvent]] | None = None
-        try:
-            page = await self.source.read(after=self._processed)
-            while len(page) == page_size and not self._halted():
-                ahead = asyncio.create_task(self.source.read(after=self.source.place(page[-1])))
-                await asyncio.sleep(0)  # its query goes out now (see _save_behind)
-                yield page
+    async def _pages(self, *, batched: bool) -> AsyncGenerator[list[StoredEvent]]:
+        """The events after the processed place, page by page, until a page is not full
+        or the pass halts (``EventSource.pages``: the next page is read while one is
+        processed, so a drain waits for reads and checkpoint saves side by side).
+        ``batched``: each page in lists of at most DECODE_BATCH events, which
+        PostgreSQL turns into events only as they are asked for, so that decoding the
+        next batch fits inside the wait for the checkpoint save in flight; processors
+        with their own ``around_page`` get whole pages."""
+        pages = self.source.pages(after=self._processed, batch=DECODE_BATCH if batched else None)
+        async with aclosing(pages):
+            async for page in pages:
                 if self._halted():
                     return
-                page, ahead = await ahead, None
-            if page and not self._halted():
-                yield page
-        finally:
-            if ahead is not None:
-                ahead.cancel()
-                await asyncio.gather(ahead, return_exceptions=True)
+                if page:  # a source drained at a page's end ends with an empty one
+                    yield page
 
     async def _consume_each(
         self,
         process: ProcessEventFunction,
         around_page: Callable[[Sequence[StoredEvent]], AbstractContextManager[None]],
+        *,
+        batched: bool,
     ) -> None:
-        async with aclosing(self._pages()) as pages:
+        async with aclosing(self._pages(batched=batched)) as pages:
             async for page in pages:
                 with around_page(page):
                     if not await self._consume_page(page, process):
@@ -413,7 +415,7 @@ class EventSourceConsumer:
     async def _auto_commit_events(
         self, last_pulled: list[StoredEvent]
     ) -> AsyncGenerator[StoredEvent]:
-        async with aclosing(self._pages()) as pages:
+        async with aclosing(self._pages(batched=True)) as pages:
             async for page in pages:
                 for event in page:
                     if last_pulled:
@@ -485,7 +487,7 @@ class EventSourceConsumer:
         return self._processed is None or self.source.place(event) > self._processed
 
     async def _pulled_events(self, progress: _Progress) -> AsyncGenerator[StoredEvent]:
-        async with aclosing(self._pages()) as pages:
+        async with aclosing(self._pages(batched=True)) as pages:
             async for page in pages:
                 for event in page:
                     if self._halted():

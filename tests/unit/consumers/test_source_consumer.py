@@ -4,8 +4,8 @@ stop; and EventConsumerStateStore refreshing after a lost save."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 
 import pytest
@@ -17,7 +17,13 @@ from eventmill.backends.memory import (
     InMemoryCheckpointStorage,
     InMemoryConsumerTransaction,
 )
-from eventmill.consumers import ConsumerSettings, EventConsumerStateStore, EventSourceConsumer
+from eventmill.consumers import (
+    ConsumerSettings,
+    EventConsumerStateStore,
+    EventProcessor,
+    EventSourceConsumer,
+)
+from eventmill.consumers.source_consumer import DECODE_BATCH
 from eventmill.errors import InvalidInputError, InvalidSettingsError
 from eventmill.events import EventSourceIdentifier, StoredEvent
 from eventmill.sources import EventSource
@@ -41,10 +47,11 @@ def consumer(
     every: int = 10,
     checkpoints: InMemoryCheckpointStorage | None = None,
     page_size: int = 7,
+    shared_tail: bool = False,
 ) -> EventSourceConsumer:
     state = EventConsumerStateStore(checkpoints or backend.checkpoints, "g", ORDERS)
     return EventSourceConsumer(
-        EventSource(backend, ORDERS, page_size=page_size),
+        EventSource(backend, ORDERS, page_size=page_size, shared_tail=shared_tail),
         processor_of(kind, recorder),
         state,
         settings=ConsumerSettings(checkpoint_every=every),
@@ -223,26 +230,74 @@ async def test_a_save_is_sent_before_the_next_batch_is_processed(kind: str) -> N
 
 @pytest.mark.parametrize("kind", ["each", "function", "auto-commit", "managed"])
 async def test_the_next_page_is_asked_for_before_a_full_page_is_processed(kind: str) -> None:
+    """Through a shared tail, as subscribers read (a plain source's pages come from
+    ``EventStorage.pages``, which PostgreSQL reads ahead)."""
     backend = InMemoryBackend()
     await publish(backend, 12)
-    asked: list[int | None] = []
-    read = backend.events.read
-
-    async def recording_read(
-        source: EventSourceIdentifier, *, after: int | None, limit: int
-    ) -> list[StoredEvent]:
-        asked.append(after)
-        return await read(source, after=after, limit=limit)
-
-    backend.events.read = recording_read  # type: ignore[method-assign]
     recorder = Recorder()
+    tailed = consumer(backend, kind, recorder, page_size=5, shared_tail=True)
+    source = tailed.source
+    asked: list[int | None] = []
+    read = source.read
+
+    async def recording_read(*, after: int | None, limit: int | None = None) -> list[StoredEvent]:
+        asked.append(after)
+        return await read(after=after, limit=limit)
+
+    source.read = recording_read  # type: ignore[method-assign]
     asked_at_1: list[int | None] = []
     recorder.on_event = lambda event: (
         asked_at_1.extend(asked) if event.sequence_number == 1 else None
     )
-    assert await consumer(backend, kind, recorder, page_size=5).consume_all() == 12
+    assert await tailed.consume_all() == 12
     assert asked_at_1 == [None, 5]
     assert recorder.seen == list(range(1, 13))
+
+
+class OwnPages(EventProcessor):
+    """A processor with its own ``around_page``, noting the events it is given."""
+
+    def __init__(self) -> None:
+        self.pages: list[int] = []
+
+    async def process_event(self, event: StoredEvent) -> None:
+        return None
+
+    @contextmanager
+    def around_page(self, events: Sequence[StoredEvent]) -> Iterator[None]:
+        self.pages.append(len(events))
+        yield
+
+
+@pytest.mark.parametrize("kind", ["each", "function", "auto-commit", "managed", "own pages"])
+async def test_pages_come_in_decode_batches_unless_the_processor_has_its_own_around_page(
+    kind: str,
+) -> None:
+    backend = InMemoryBackend()
+    await publish(backend, 2 * DECODE_BATCH + 5)
+    asked: list[int | None] = []
+    pages = backend.events.pages
+
+    def recording_pages(
+        source: EventSourceIdentifier, *, after: int | None, limit: int, batch: int | None = None
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        asked.append(batch)
+        return pages(source, after=after, limit=limit, batch=batch)
+
+    backend.events.pages = recording_pages  # type: ignore[method-assign]
+    own = OwnPages()
+    recorder = Recorder()
+    draining = EventSourceConsumer(
+        EventSource(backend, ORDERS, page_size=3 * DECODE_BATCH),
+        own if kind == "own pages" else processor_of(kind, recorder),
+        EventConsumerStateStore(backend.checkpoints, "g", ORDERS),
+    )
+    assert await draining.consume_all() == 2 * DECODE_BATCH + 5
+    if kind == "own pages":
+        assert asked == [None] and own.pages == [2 * DECODE_BATCH + 5]
+    else:
+        assert asked == [DECODE_BATCH]
+        assert recorder.seen == list(range(1, 2 * DECODE_BATCH + 6))
 
 
 @pytest.mark.parametrize("kind", KINDS)

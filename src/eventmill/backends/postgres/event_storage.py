@@ -560,11 +560,17 @@ class PostgresEventStorage(EventStorage):
         return await self._fetch(*self._read_statement(source, after, limit))
 
     async def pages(
-        self, source: EventSourceIdentifier, *, after: int | None, limit: int
+        self,
+        source: EventSourceIdentifier,
+        *,
+        after: int | None,
+        limit: int,
+        batch: int | None = None,
     ) -> AsyncGenerator[list[StoredEvent], None]:
         """Pages of ``read``, each read from the end of the one before, until a short one;
-        the next page is read while this one is decoded and handed out. Raises
-        StorageError.
+        the next page is read while this one is decoded and handed out; with ``batch``,
+        each page's rows are decoded ``batch`` at a time, as the caller asks for them.
+        Raises StorageError.
 
         As soon as a full page's rows have arrived, the read of the next one is sent
         (its ``after`` is the last row's place, taken from the raw result), and only then
@@ -577,6 +583,12 @@ class PostgresEventStorage(EventStorage):
         connection goes back to the pool idle; when the caller is cancelled while waiting
         for a page, that read is cancelled as any read is (psycopg cancels the query
         before the connection is given back).
+
+        Decoding a page of 500 takes about 1 ms here; a consumer that saves a checkpoint
+        every 100 events waits for each commit (0.3-0.5 ms) while the next 100 are
+        processed. Decoded in one block, a page delayed the commit in flight by the
+        rest of that millisecond, once a page; decoded as asked for, ``batch`` rows at
+        a time, each batch's decoding fits inside the wait for one commit.
         """
         column = 4 if isinstance(source, StreamIdentifier) else 5  # position, sequence_number
         cursor = await self._execute(*self._read_statement(source, after, limit))
@@ -590,7 +602,12 @@ class PostgresEventStorage(EventStorage):
                     statement = self._read_statement(source, int(place), limit)
                     ahead = asyncio.ensure_future(self._execute(*statement))
                     await asyncio.sleep(0)  # lets it send its query before the rows are decoded
-                yield await cursor.fetchall()
+                rows = 0 if result is None else result.ntuples
+                if batch is None or rows <= batch:
+                    yield await cursor.fetchall()
+                else:
+                    for _ in range(0, rows, batch):
+                        yield await cursor.fetchmany(batch)
                 if ahead is None:
                     return
                 cursor = await ahead
