@@ -13,16 +13,28 @@ For each backend (in memory, PostgreSQL):
   most one batch is processed ahead of a save in flight (the replay bound), so a drain
   cannot take less time than these commits. Reported as seconds, with the drain's and
   the read's seconds, and as ``ratio_allowed_by_commits``: the read's time over the
-  floor's (the best drain-to-read ratio the commits leave).
+  floor's (the best drain-to-read ratio the commits leave). Read, drain and floor also
+  report ``cpu_s``, the client's CPU (``time.process_time``) for each.
+- ``drain.checkpoint_100.bare_psycopg`` (PostgreSQL): the same drain and read with
+  psycopg alone, nothing of eventmill's, in the same run, schema and events: pages of
+  500 read one page ahead on one connection, rows as tuples (JSON left as text), no
+  watermark; with saves, an autocommit ``UPDATE ... WHERE version = v`` of the
+  group's checkpoint row every 100 rows on a second connection, one in flight while
+  the next rows are handled, as eventmill's consumer saves. Reported as the bare
+  drain's and read's seconds and client CPU and ``bare_psycopg_ratio`` (bare read over
+  bare drain): what this save discipline allows on this machine at all.
 - ``drain.checkpoint_1``: the same over 10,000 events, saving after every event.
 - ``latency.push`` / ``latency.poll``: publish-to-processor time, p50 and p99, for a
   subscriber that waits for wake-ups (push) or only polls every second (poll), one event
   at a time, publishes 0-10 ms apart (dense) and 10-250 ms apart (sparse); and the CPU
   an idle push subscriber uses (share of one core).
 
-Medians of 3 runs. ``CONSUMERS_ONLY=drain`` runs the checkpoint-100 drain (with its read
-and floor) alone. PostgreSQL: ``EVENTMILL_TEST_DSN`` (default
-``postgresql://postgres@127.0.0.1:5432/test``), in a throwaway schema.
+Medians of 3 runs (ratios: the median of each run's ratio). ``CONSUMERS_ONLY=drain``
+runs the checkpoint-100 drain (with its read, floor and bare psycopg runs) alone.
+PostgreSQL: ``EVENTMILL_TEST_DSN`` (default ``postgresql://postgres@127.0.0.1:5432/test``),
+in a throwaway schema whose events table is analyzed once filled (autovacuum would
+analyze it within a minute anyway; without statistics the bare reads, which set no
+planner options, took 4.5 s).
 """
 
 from __future__ import annotations
@@ -35,10 +47,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from benchmarks.common import median, report
 from eventmill.backends.base import Backend
@@ -51,7 +64,7 @@ from eventmill.consumers import (
     EventSourceConsumer,
     make_subscriber,
 )
-from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent
+from eventmill.events import CategoryIdentifier, NewEvent, StoredEvent, source_key
 from eventmill.sources import EventSource
 from eventmill.store import EventStore
 
@@ -76,11 +89,14 @@ class Nothing(EventProcessor):
 
 class Counting:
     """Counts calls of the storage methods that each cost one statement on PostgreSQL
-    (by shadowing them on the instances; ``stop()`` removes the shadows)."""
+    (by shadowing them on the instances; ``stop()`` removes the shadows). A drain's
+    pages are read by ``EventStorage.pages``: in memory through ``read``, on PostgreSQL
+    through its private ``_execute``, which every read (one round trip) goes through."""
 
     def __init__(self, backend: Backend) -> None:
         self.calls = 0
-        self.targets = ((backend.events, "read"), (backend.checkpoints, "save"))
+        read = "_execute" if isinstance(backend, PostgresBackend) else "read"
+        self.targets = ((backend.events, read), (backend.checkpoints, "save"))
         for target, name in self.targets:
             original: Callable[..., Any] = getattr(target, name)
             setattr(target, name, self._counted(original))
@@ -125,36 +141,123 @@ async def fill(backend: Backend, category: str, count: int) -> None:
         )
 
 
-async def read_rate(backend: Backend, identifier: CategoryIdentifier) -> float:
-    started = time.perf_counter()
-    count = 0
-    async for _event in EventSource(backend, identifier).iterate():
-        count += 1
-    return count / (time.perf_counter() - started)
+class Timing(NamedTuple):
+    """A workload's wall-clock seconds and the client's CPU seconds (this process)."""
+
+    seconds: float
+    cpu: float
 
 
-async def commit_floor(backend: Backend, group: str, saves: int) -> float:
-    """Seconds ``saves`` checkpoint saves take one after the other, as a drain's are."""
+class Stopwatch:
+    """Times a ``with`` block: ``took`` is its Timing once the block is done."""
+
+    took = Timing(0.0, 0.0)
+
+    def __enter__(self) -> Stopwatch:
+        self._cpu, self._started = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.took = Timing(time.perf_counter() - self._started, time.process_time() - self._cpu)
+
+
+async def read_all(backend: Backend, identifier: CategoryIdentifier) -> Timing:
+    with Stopwatch() as watch:
+        async for _event in EventSource(backend, identifier).iterate():
+            pass
+    return watch.took
+
+
+async def commit_floor(backend: Backend, group: str, saves: int) -> Timing:
+    """``saves`` checkpoint saves one after the other, as a drain's are."""
     state = EventConsumerStateStore(backend.checkpoints, group, BENCH)
     await state.save(None)  # the first save inserts the row; the drain's later ones update
-    started = time.perf_counter()
-    for place in range(1, saves + 1):
-        await state.save(place)
-    return time.perf_counter() - started
+    with Stopwatch() as watch:
+        for place in range(1, saves + 1):
+            await state.save(place)
+    return watch.took
 
 
-async def drain_rate(
+async def drain(
     backend: Backend, identifier: CategoryIdentifier, group: str, every: int
-) -> tuple[float, int]:
+) -> tuple[Timing, int]:
+    """Drain ``identifier`` from the start; the timing and the number of events."""
     consumer = EventSourceConsumer(
         EventSource(backend, identifier),
         Nothing(),
         EventConsumerStateStore(backend.checkpoints, group, identifier),
         settings=ConsumerSettings(checkpoint_every=every),
     )
-    started = time.perf_counter()
-    count = await consumer.consume_all()
-    return count / (time.perf_counter() - started), count
+    with Stopwatch() as watch:
+        count = await consumer.consume_all()
+    return watch.took, count
+
+
+async def bare_drain(backend: PostgresBackend, group: str | None) -> Timing:
+    """The drain (with ``group``: saving every 100 rows) or read of ``BENCH`` with
+    psycopg alone (see the module docstring); raises AssertionError if a save changed
+    no row or the rows are not all there."""
+    schema = sql.Identifier(backend.schema)
+    read = (
+        sql.SQL(
+            "SELECT sequence_number, id, name, stream, position, payload::text, metadata::text,"
+            " occurred_at, observed_at FROM {}.events WHERE category = %s"
+            " AND sequence_number > %s ORDER BY sequence_number LIMIT 500"
+        )
+        .format(schema)
+        .as_bytes(None)
+    )
+    save = (
+        sql.SQL(
+            "UPDATE {}.checkpoints SET after_place = %s, version = %s"
+            " WHERE group_name = %s AND source_key = %s AND version = %s"
+        )
+        .format(schema)
+        .as_bytes(None)
+    )
+    key = source_key(BENCH)
+    async with (
+        await psycopg.AsyncConnection.connect(DSN, autocommit=True) as reader,
+        await psycopg.AsyncConnection.connect(DSN, autocommit=True) as saver,
+    ):
+        if group is not None:
+            await saver.execute(
+                sql.SQL(
+                    "INSERT INTO {}.checkpoints"
+                    " (group_name, source_key, source, after_place, version, epoch)"
+                    " VALUES (%s, %s, %s, NULL, 1, 0)"
+                ).format(schema),
+                (group, key, Jsonb(BENCH.to_json())),
+            )
+
+        async def page(after: int) -> list[tuple[Any, ...]]:
+            cursor = await reader.execute(read, (BENCH.category, after), prepare=False)
+            return await cursor.fetchall()
+
+        async def saved(place: int, version: int) -> None:
+            cursor = await saver.execute(save, (place, version + 1, group, key, version))
+            assert cursor.rowcount == 1
+
+        rows, unsaved, version = 0, 0, 1
+        saving: asyncio.Task[None] | None = None
+        with Stopwatch() as watch:
+            ahead = asyncio.create_task(page(0))
+            while rows_of_page := await ahead:
+                ahead = asyncio.create_task(page(rows_of_page[-1][0]))
+                for row in rows_of_page:
+                    rows += 1
+                    unsaved += 1
+                    if group is not None and unsaved == 100:
+                        if saving is not None:
+                            await saving
+                        saving = asyncio.create_task(saved(row[0], version))
+                        version += 1
+                        unsaved = 0
+                        await asyncio.sleep(0)  # the UPDATE goes out now, as eventmill's
+            if saving is not None:
+                await saving
+        assert rows == DRAIN_EVENTS, rows
+    return watch.took
 
 
 async def latency(
@@ -243,42 +346,68 @@ def percentile(values: list[float], fraction: float) -> float:
 
 async def measure(kind: str, backend: Backend) -> None:
     await fill(backend, "bench", DRAIN_EVENTS)
-    reads: list[float] = []
-    drains: list[float] = []
-    floors: list[float] = []
+    if isinstance(backend, PostgresBackend):
+        async with backend.connection() as connection:
+            await connection.execute(
+                sql.SQL("ANALYZE {}.events").format(sql.Identifier(backend.schema))
+            )
+    reads: list[Timing] = []
+    drains: list[Timing] = []
+    floors: list[Timing] = []
+    bare_reads: list[Timing] = []
+    bare_drains: list[Timing] = []
     statements: list[float] = []
     for repeat in range(REPEATS):
-        reads.append(await read_rate(backend, BENCH))
+        reads.append(await read_all(backend, BENCH))
         floors.append(await commit_floor(backend, f"floor-{repeat}", DRAIN_EVENTS // 100))
         counter = Counting(backend)
-        rate, count = await drain_rate(backend, BENCH, f"drain-{repeat}", 100)
-        drains.append(rate)
+        took, count = await drain(backend, BENCH, f"drain-{repeat}", 100)
+        drains.append(took)
         statements.append(counter.calls / count)
         counter.stop()
-    report(f"{kind}.consumers.read.category", median(reads), "events/s", repeats=REPEATS)
-    report(f"{kind}.consumers.drain.checkpoint_100", median(drains), "events/s", repeats=REPEATS)
-    ratios = [drain / read for drain, read in zip(drains, reads, strict=True)]
+        if isinstance(backend, PostgresBackend):
+            bare_reads.append(await bare_drain(backend, None))
+            bare_drains.append(await bare_drain(backend, f"bare-{repeat}"))
+    cpu = {"cpu_s": round(median([t.cpu for t in reads]), 3)}
+    rate = [DRAIN_EVENTS / t.seconds for t in reads]
+    report(f"{kind}.consumers.read.category", median(rate), "events/s", repeats=REPEATS, **cpu)
+    cpu = {"cpu_s": round(median([t.cpu for t in drains]), 3)}
+    rate = [DRAIN_EVENTS / t.seconds for t in drains]
+    report(f"{kind}.consumers.drain.checkpoint_100", median(rate), "events/s", **cpu)
+    ratios = [read.seconds / took.seconds for took, read in zip(drains, reads, strict=True)]
     report(f"{kind}.consumers.drain.checkpoint_100.ratio_to_read", median(ratios), "ratio")
     report(f"{kind}.consumers.drain.checkpoint_100.statements", median(statements), "per event")
     report(
         f"{kind}.consumers.drain.checkpoint_100.commit_floor",
-        median(floors),
+        median([t.seconds for t in floors]),
         "s",
         commits=DRAIN_EVENTS // 100,
-        drain_s=round(DRAIN_EVENTS / median(drains), 3),
-        read_s=round(DRAIN_EVENTS / median(reads), 3),
+        cpu_s=round(median([t.cpu for t in floors]), 3),
+        drain_s=round(median([t.seconds for t in drains]), 3),
+        read_s=round(median([t.seconds for t in reads]), 3),
     )
-    allowed = [DRAIN_EVENTS / read / floor for read, floor in zip(reads, floors, strict=True)]
+    allowed = [read.seconds / floor.seconds for read, floor in zip(reads, floors, strict=True)]
     report(
         f"{kind}.consumers.drain.checkpoint_100.ratio_allowed_by_commits", median(allowed), "ratio"
     )
+    if bare_drains:
+        report(
+            f"{kind}.consumers.drain.checkpoint_100.bare_psycopg",
+            median([t.seconds for t in bare_drains]),
+            "s",
+            cpu_s=round(median([t.cpu for t in bare_drains]), 3),
+            read_s=round(median([t.seconds for t in bare_reads]), 3),
+            read_cpu_s=round(median([t.cpu for t in bare_reads]), 3),
+        )
+        ratios = [r.seconds / d.seconds for r, d in zip(bare_reads, bare_drains, strict=True)]
+        report(f"{kind}.consumers.drain.checkpoint_100.bare_psycopg_ratio", median(ratios), "ratio")
     if ONLY == "drain":
         return
     await fill(backend, "eager", EAGER_EVENTS)
-    eager = [
-        (await drain_rate(backend, CategoryIdentifier("eager"), f"eager-{repeat}", 1))[0]
-        for repeat in range(REPEATS)
-    ]
+    eager = []
+    for repeat in range(REPEATS):
+        took, count = await drain(backend, CategoryIdentifier("eager"), f"eager-{repeat}", 1)
+        eager.append(count / took.seconds)
     report(f"{kind}.consumers.drain.checkpoint_1", median(eager), "events/s", repeats=REPEATS)
     for spacing, gaps in (("dense", DENSE_GAPS), ("sparse", SPARSE_GAPS)):
         pushed = await latency(backend, push=True, samples=PUSH_SAMPLES, gaps=gaps)
