@@ -6,8 +6,16 @@ table with the same columns and indexes: per publish one multi-row ``INSERT`` of
 same rows and its commit (``async with connection.transaction()``); per read one
 ``SELECT`` of the same rows, decoded to Python objects, paged the same way.
 
+Each side's figure also gives its CPU per event: this process's (``client_cpu_us``,
+``time.process_time``, median of the repeats) and, when the server runs on this
+machine, its pool's server processes' (``server_cpu_us``, from ``/proc``, over all the
+repeats together: it counts in 10 ms ticks per process). With 8 writers on a small
+machine the two together bound the rate, so they show where eventmill stands against
+the floor.
+
 Uses ``EVENTMILL_TEST_DSN`` (default ``postgresql://postgres@127.0.0.1:5432/test``) and a
-throwaway schema, dropped at the end.
+throwaway schema, dropped at the end. ``STORE_ONLY=publish.single.8`` runs only the
+figures whose names start so.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql
@@ -36,6 +45,7 @@ WRITERS = 8
 READ_EVENTS = 30_000
 PAGE_SIZE = 500
 DSN = os.environ.get("EVENTMILL_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+ONLY = os.environ.get("STORE_ONLY", "")
 
 FLOOR_TABLE = """
 CREATE TABLE {schema}.floor_events (
@@ -124,28 +134,74 @@ class Floor:
             after = rows[-1][0]
 
 
-async def timed(work: Callable[[int], Awaitable[object]], repeat: int) -> float:
-    started = time.perf_counter()
-    await work(repeat)
-    return time.perf_counter() - started
+async def server_processes(pool: AsyncConnectionPool[Any]) -> list[int]:
+    """The server process ids of the pool's connections (all checked out at once)."""
+    found: set[int] = set()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with pool.connection() as connection:
+            found.add(connection.pgconn.backend_pid)
+            if len(found) == pool.max_size:
+                release.set()
+            await release.wait()
+
+    await asyncio.gather(*(hold() for _ in range(pool.max_size)))
+    return sorted(found)
 
 
-async def compare(
-    name: str,
-    unit_count: int,
-    mill: Callable[[int], Awaitable[object]],
-    floor: Callable[[int], Awaitable[object]],
-) -> None:
+def server_cpu(processes: list[int]) -> float | None:
+    """CPU seconds used so far by these server processes, or None when the server is
+    not on this machine (or not readable)."""
+    ticks = 0
+    for process in processes:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Side:
+    """One side of a comparison: its work, its server processes and its figures."""
+
+    def __init__(self, work: Callable[[int], Awaitable[object]], processes: list[int]) -> None:
+        self.work = work
+        self.processes = processes
+        self.rates: list[float] = []
+        self.client_cpu: list[float] = []
+        self.server_seconds = 0.0
+        self.server_units = 0
+
+    async def run(self, repeat: int, unit_count: int) -> None:
+        server = server_cpu(self.processes)
+        started, client = time.perf_counter(), time.process_time()
+        await self.work(repeat)
+        self.rates.append(unit_count / (time.perf_counter() - started))
+        self.client_cpu.append((time.process_time() - client) / unit_count * 1e6)
+        server_after = server_cpu(self.processes)
+        if server is not None and server_after is not None:
+            self.server_seconds += server_after - server
+            self.server_units += unit_count
+
+    def cpu(self) -> dict[str, float]:
+        figures = {"client_cpu_us": round(median(self.client_cpu), 1)}
+        if self.server_units:
+            figures["server_cpu_us"] = round(self.server_seconds / self.server_units * 1e6, 1)
+        return figures
+
+
+async def compare(name: str, unit_count: int, mill: Side, floor: Side) -> None:
     """Run both REPEATS times, alternating which goes first; report medians and ratio."""
-    mill_rates: list[float] = []
-    floor_rates: list[float] = []
+    if not name.startswith(ONLY):
+        return
     for repeat in range(REPEATS):
-        order = [(mill, mill_rates), (floor, floor_rates)]
-        for work, rates in order if repeat % 2 == 0 else order[::-1]:
-            rates.append(unit_count / await timed(work, repeat))
-    mill_rate, floor_rate = median(mill_rates), median(floor_rates)
-    report(f"postgres.{name}", mill_rate, "events/s", repeats=REPEATS)
-    report(f"postgres.{name}.floor", floor_rate, "events/s", repeats=REPEATS)
+        for side in (mill, floor) if repeat % 2 == 0 else (floor, mill):
+            await side.run(repeat, unit_count)
+    mill_rate, floor_rate = median(mill.rates), median(floor.rates)
+    report(f"postgres.{name}", mill_rate, "events/s", repeats=REPEATS, **mill.cpu())
+    report(f"postgres.{name}.floor", floor_rate, "events/s", repeats=REPEATS, **floor.cpu())
     report(f"postgres.{name}.ratio", mill_rate / floor_rate, "ratio")
 
 
@@ -162,7 +218,8 @@ async def main() -> None:
             await connection.execute(backend.sql(FLOOR_TABLE))
         store = EventStore(backend)
         floor = Floor(floor_pool, schema)
-        await run_all(backend, store, floor)
+        processes = (await server_processes(backend.pool), await server_processes(floor_pool))
+        await run_all(backend, store, floor, processes)
         async with backend.connection() as connection:
             await connection.execute(backend.sql("DROP SCHEMA {schema} CASCADE"))
     finally:
@@ -170,7 +227,10 @@ async def main() -> None:
         await backend.close()
 
 
-async def run_all(backend: PostgresBackend, store: EventStore, floor: Floor) -> None:
+async def run_all(
+    backend: PostgresBackend, store: EventStore, floor: Floor, processes: tuple[list[int], ...]
+) -> None:
+    mill_processes, floor_processes = processes
     single = new_events(1)
 
     async def mill_single(repeat: int) -> None:
@@ -183,7 +243,12 @@ async def run_all(backend: PostgresBackend, store: EventStore, floor: Floor) -> 
         for number in range(SINGLE_PUBLISHES):
             await floor.publish("single", f"r{repeat}-{number % 100}", single)
 
-    await compare("publish.single.1_writer", SINGLE_PUBLISHES, mill_single, floor_single)
+    await compare(
+        "publish.single.1_writer",
+        SINGLE_PUBLISHES,
+        Side(mill_single, mill_processes),
+        Side(floor_single, floor_processes),
+    )
 
     per_writer = SINGLE_PUBLISHES // WRITERS
 
@@ -202,7 +267,12 @@ async def run_all(backend: PostgresBackend, store: EventStore, floor: Floor) -> 
 
         await asyncio.gather(*(writer(number) for number in range(WRITERS)))
 
-    await compare("publish.single.8_writers", per_writer * WRITERS, mill_writers, floor_writers)
+    await compare(
+        "publish.single.8_writers",
+        per_writer * WRITERS,
+        Side(mill_writers, mill_processes),
+        Side(floor_writers, floor_processes),
+    )
 
     batch = new_events(BATCH_SIZE)
 
@@ -215,8 +285,15 @@ async def run_all(backend: PostgresBackend, store: EventStore, floor: Floor) -> 
         for _ in range(BATCHES):
             await floor.publish("batches", f"r{repeat}", batch)
 
-    await compare("publish.batch_100.1_writer", BATCHES * BATCH_SIZE, mill_batches, floor_batches)
+    await compare(
+        "publish.batch_100.1_writer",
+        BATCHES * BATCH_SIZE,
+        Side(mill_batches, mill_processes),
+        Side(floor_batches, floor_processes),
+    )
 
+    if not "read.category".startswith(ONLY):
+        return
     filler = new_events(1_000)
     for number in range(READ_EVENTS // len(filler)):
         await store.stream(category="reads", stream=f"s{number}").publish(filler)
@@ -240,4 +317,9 @@ async def run_all(backend: PostgresBackend, store: EventStore, floor: Floor) -> 
     async def floor_reads(repeat: int) -> None:
         assert await floor.read_category("reads") == READ_EVENTS
 
-    await compare("read.category", READ_EVENTS, mill_reads, floor_reads)
+    await compare(
+        "read.category",
+        READ_EVENTS,
+        Side(mill_reads, mill_processes),
+        Side(floor_reads, floor_processes),
+    )
