@@ -191,7 +191,6 @@ _prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] =
 """The names of the statements ``_publish_and_announce`` prepared on each connection
 (names are digests of the text, so every storage of a schema shares them)."""
 _POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _BINARY = pq.Format.BINARY
