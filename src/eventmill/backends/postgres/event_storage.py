@@ -25,22 +25,26 @@ lock through that transaction's commit (its WAL flush) and make concurrent publi
 commit one at a time; a NOTIFY alone writes no WAL, so its commit does not wait for a
 flush. A lost announcement costs latency only: readers poll as well.
 
-Reading. The log, categories and partitions are read by two statements pipelined
-(one round trip): the first takes the visibility watermark ({schema}.read_watermark():
-the oldest transaction id among publishers in flight, or the snapshot's xmax when none
-is), the second reads. The watermark never reads the lock table: only the transactions
-running at its snapshot are looked at, each by a try-lock of the key of the marker a
-publisher holds until it ends, so its cost does not grow with the locks other sessions
-hold, and with no transaction running it touches no lock at all (migration 0011 says
-why it is exact, prepared (2PC) publishers included). Under READ COMMITTED the read's snapshot is
-taken after the watermark's lock scan, so it sees every publisher that had ended by
-then. The reads run under READ COMMITTED whatever the server's, database's, role's or
-DSN's default: the watermark refuses any other level (EM004) and the reader then sets
-its session's default to READ COMMITTED and reads again (``connect`` sets it on every
-new connection). Through a transaction-pooled pool (``connect(..., direct_dsn=...)``)
-a read is one explicit READ COMMITTED transaction instead (BEGIN, SET TRANSACTION, the
-watermark, the read, COMMIT, pipelined: still one round trip), which needs no session
-setting. An event below the watermark has finished publishing, and so has
+Reading. A log or category read is one statement, a call of ``{schema}.read_log`` or
+``{schema}.read_category`` (migration 0012): each first takes the visibility watermark
+({schema}.read_watermark(): the oldest transaction id among publishers in flight, or
+the snapshot's xmax when none is), then reads the page in a statement of its own,
+which, the function being volatile, takes a newer snapshot under READ COMMITTED. A
+partition read is two statements pipelined (one round trip), the watermark then the
+read, because its query's shape varies with the partition count. The watermark never
+reads the lock table: only the transactions running at its snapshot are looked at,
+each by a try-lock of the key of the marker a publisher holds until it ends, so its
+cost does not grow with the locks other sessions hold, and with no transaction running
+it touches no lock at all (migration 0011 says why it is exact, prepared (2PC)
+publishers included). Under READ COMMITTED the read's snapshot is taken after the
+watermark's lock scan, so it sees every publisher that had ended by then. The reads run
+under READ COMMITTED whatever the server's, database's, role's or DSN's default: the
+watermark refuses any other level (EM004) and the reader then sets its session's
+default to READ COMMITTED and reads again (``connect`` sets it on every new
+connection). Through a transaction-pooled pool (``connect(..., direct_dsn=...)``) a read
+is one explicit READ COMMITTED transaction instead (BEGIN, SET TRANSACTION, the read's
+statements, COMMIT, pipelined: still one round trip), which needs no session setting.
+An event below the watermark has finished publishing, and so has
 every publisher with a lower sequence number (its xid is lower still), so each read
 returns a gap-free prefix of what will ever commit: a reader resuming after sequence
 number N never misses a later commit below N.
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import json
 import random
@@ -227,14 +232,9 @@ def _encode_keeping_floats(value: object) -> str:
     return _encode_text(value)
 
 
-_READ_LOG = _up_to_watermark(
-    f"SELECT {_PAGE_COLUMNS} FROM {{schema}}.events WHERE sequence_number > %s"
-    " ORDER BY sequence_number LIMIT %s"
-)
-_READ_CATEGORY = _up_to_watermark(
-    f"SELECT {_PAGE_COLUMNS} FROM {{schema}}.events WHERE category = %s"
-    " AND sequence_number > %s ORDER BY sequence_number LIMIT %s"
-)
+# The watermark and the page in one statement (migration 0012; see the module docstring).
+_READ_LOG = "SELECT * FROM {schema}.read_log(%s, %s)"
+_READ_CATEGORY = "SELECT * FROM {schema}.read_category(%s, %s, %s)"
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM {{schema}}.events WHERE category = %s AND stream = %s"
     " AND position > %s ORDER BY position LIMIT %s"
@@ -375,6 +375,17 @@ async def _ready(
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Watermark(enum.Enum):
+    """How a read's statement stands to the visibility watermark."""
+
+    NONE = enum.auto()
+    """Needs none (stream reads)."""
+    TAKEN_BY_QUERY = enum.auto()
+    """Takes it itself (the read functions of migration 0012)."""
+    SET_BEFORE = enum.auto()
+    """Reads it from ``eventmill.watermark``, set by ``_SET_WATERMARK`` just before."""
 
 
 class PostgresEventStorage(EventStorage):
@@ -618,18 +629,19 @@ class PostgresEventStorage(EventStorage):
 
     def _read_statement(
         self, source: EventSourceIdentifier, after: int | None, limit: int
-    ) -> tuple[bytes, tuple[object, ...] | dict[str, object], bool]:
-        """The query, parameters and watermark flag (as ``_execute`` takes them) of a read."""
+    ) -> tuple[bytes, tuple[object, ...] | dict[str, object], _Watermark]:
+        """The query, parameters and watermark (as ``_execute`` takes them) of a read."""
         if isinstance(source, StreamIdentifier):
             stream = (source.category, source.stream, -1 if after is None else after, limit)
-            return self._read_stream, stream, False
+            return self._read_stream, stream, _Watermark.NONE
         start = 0 if after is None else after
         if isinstance(source, LogIdentifier):
-            return self._read_log, (start, limit), True
+            return self._read_log, (start, limit), _Watermark.TAKEN_BY_QUERY
         if isinstance(source, CategoryIdentifier) or source.partitions == 1:
-            return self._read_category, (source.category, start, limit), True
+            return self._read_category, (source.category, start, limit), _Watermark.TAKEN_BY_QUERY
         query = self._partition_query(source.partitions, latest=False)
-        return query, {**_partition_parameters(source), "after": start, "limit": limit}, True
+        parameters = {**_partition_parameters(source), "after": start, "limit": limit}
+        return query, parameters, _Watermark.SET_BEFORE
 
     async def publishers_in_flight(self) -> list[PublisherInFlight]:
         """The publishes in flight now, oldest first: what holds log and category readers
@@ -695,7 +707,7 @@ class PostgresEventStorage(EventStorage):
                 return found[0] if found else None
         else:
             stream = (source.category, source.stream)
-            found = await self._fetch(self._latest_stream, stream, watermark=False)
+            found = await self._fetch(self._latest_stream, stream, _Watermark.NONE)
             return found[0] if found else None
         found = await self._fetch(query, parameters)
         return found[0] if found else None
@@ -718,7 +730,7 @@ class PostgresEventStorage(EventStorage):
         self,
         query: bytes,
         parameters: tuple[object, ...] | dict[str, object],
-        watermark: bool = True,
+        watermark: _Watermark = _Watermark.SET_BEFORE,
     ) -> list[StoredEvent]:
         """Run a read (``_execute``) and return its events. Raises StorageError."""
         cursor = await self._execute(query, parameters, watermark)
@@ -728,13 +740,13 @@ class PostgresEventStorage(EventStorage):
         self,
         query: bytes,
         parameters: tuple[object, ...] | dict[str, object],
-        watermark: bool = True,
+        watermark: _Watermark,
     ) -> AsyncCursor[StoredEvent]:
-        """Run a read; with ``watermark``, first set the visibility watermark (same trip).
-        A connection whose session is not READ COMMITTED is set to it, and the read
-        run again; through a transaction-pooled pool the read is one explicit READ
-        COMMITTED transaction instead. Raises StorageError (translated by the caller's
-        context).
+        """Run a read, with its watermark as ``watermark`` says (SET_BEFORE: a statement
+        before it, same trip). A log, category or partition read on a connection whose
+        session is not READ COMMITTED sets it and runs again; through a
+        transaction-pooled pool such a read is one explicit READ COMMITTED transaction
+        instead. Raises StorageError (translated by the caller's context).
 
         Returns the cursor holding the rows, with the connection already given back:
         its ``fetchall`` then only decodes what is in memory (no I/O), so the connection
@@ -742,26 +754,41 @@ class PostgresEventStorage(EventStorage):
         """
         async with self._backend.connection() as connection:
             cursor = connection.cursor(row_factory=_stored_event_rows)
-            if not watermark:
+            if watermark is _Watermark.NONE:
                 await cursor.execute(query, parameters, prepare=True)
                 return cursor
+            setup = self._set_watermark if watermark is _Watermark.SET_BEFORE else None
             if self._backend.transaction_pooled:
                 # No session setting would follow the next transaction to its server
                 # session: READ COMMITTED is set on the transaction itself.
                 async with connection.pipeline(), connection.transaction():
                     await connection.execute(_READ_COMMITTED_TRANSACTION)
-                    await connection.execute(self._set_watermark, prepare=True)
+                    if setup is not None:
+                        await connection.execute(setup, prepare=True)
                     await cursor.execute(query, parameters, prepare=True)
                 return cursor
             try:
-                async with connection.pipeline():
-                    await connection.execute(self._set_watermark, prepare=True)
-                    await cursor.execute(query, parameters, prepare=True)
+                await _run_read(connection, cursor, setup, query, parameters)
             except psycopg.Error as error:
                 if error.sqlstate != NOT_READ_COMMITTED:
                     raise
                 await connection.execute(_READ_COMMITTED)
-                async with connection.pipeline():
-                    await connection.execute(self._set_watermark, prepare=True)
-                    await cursor.execute(query, parameters, prepare=True)
+                await _run_read(connection, cursor, setup, query, parameters)
             return cursor
+
+
+async def _run_read(
+    connection: psycopg.AsyncConnection[Any],
+    cursor: AsyncCursor[StoredEvent],
+    setup: bytes | None,
+    query: bytes,
+    parameters: tuple[object, ...] | dict[str, object],
+) -> None:
+    """The read alone (one statement, no pipeline: a pipeline cost the client 60 us a
+    read), or ``setup`` and the read pipelined."""
+    if setup is None:
+        await cursor.execute(query, parameters, prepare=True)
+        return
+    async with connection.pipeline():
+        await connection.execute(setup, prepare=True)
+        await cursor.execute(query, parameters, prepare=True)
