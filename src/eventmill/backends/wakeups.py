@@ -40,9 +40,18 @@ class WakeupRegistry:
             return len(self._watchers)
 
     def wake(self, category: str | None) -> None:
-        """Schedule the callbacks of the watchers that ``category`` may concern."""
+        """Schedule the callbacks of the watchers that ``category`` may concern.
+
+        A watcher on the loop running in this thread (a PostgreSQL listener and its
+        subscribers on one loop, an in-memory publish and its subscribers) is scheduled
+        with ``call_soon``: ``call_soon_threadsafe`` also writes to the loop's wake-up
+        pipe, a system call and one more ready callback on every delivery."""
         if not self._watchers:  # every publish calls this; most stores have no watcher
             return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         with self._lock:
             targets = [
                 (token, wake, loop)
@@ -52,6 +61,9 @@ class WakeupRegistry:
                 or source.category == category
             ]
         for token, wake, loop in targets:
+            if loop is here:
+                loop.call_soon(wake)
+                continue
             try:
                 loop.call_soon_threadsafe(wake)
             except RuntimeError:  # that loop is closed: its watcher is gone for good
