@@ -32,11 +32,11 @@ For each backend (in memory, PostgreSQL):
   an idle push subscriber uses (share of one core).
 
 Medians of 3 runs (ratios: the median of each run's ratio). ``CONSUMERS_ONLY=drain``
-runs the checkpoint-100 drain (with its read, floor and bare psycopg runs) alone.
-PostgreSQL: ``EVENTMILL_TEST_DSN`` (default ``postgresql://postgres@127.0.0.1:5432/test``),
-in a throwaway schema whose events table is analyzed once filled (autovacuum would
-analyze it within a minute anyway; without statistics the bare reads, which set no
-planner options, took 4.5 s).
+runs the checkpoint-100 drain (with its read, floor and bare psycopg runs) alone,
+``CONSUMERS_ONLY=latency`` the push latencies alone. PostgreSQL: ``EVENTMILL_TEST_DSN``
+(default ``postgresql://postgres@127.0.0.1:5432/test``), in a throwaway schema whose
+events table is analyzed once filled (autovacuum would analyze it within a minute
+anyway; without statistics the bare reads, which set no planner options, took 4.5 s).
 """
 
 from __future__ import annotations
@@ -275,7 +275,10 @@ async def latency(
     backend: Backend, *, push: bool, samples: int, gaps: tuple[float, float]
 ) -> list[float]:
     """Publish one event at a time, ``gaps`` (min, max seconds, uniform) apart; the time
-    until the processor sees each, in ms."""
+    until the processor sees each, in ms. A first delivery, not counted, warms up the
+    connections (their first statements are planned and the SQL functions compiled: it
+    took 2.6-3.3 ms against 1.2-1.5 for the slowest of the next 39 on a quiet machine,
+    so with 40 samples it alone made the p99)."""
     seen: asyncio.Queue[float] = asyncio.Queue()
 
     async def record(event: StoredEvent) -> None:
@@ -301,10 +304,12 @@ async def latency(
     chooser = random.Random(7)
     results: list[float] = []
     try:
-        for _ in range(samples):
+        for sample in range(-1, samples):
             await asyncio.sleep(gaps[0] + chooser.random() * (gaps[1] - gaps[0]))
             await stream.publish([NewEvent(name="ping", payload={"sent": time.perf_counter()})])
-            results.append(await asyncio.wait_for(seen.get(), 10))
+            took = await asyncio.wait_for(seen.get(), 10)
+            if sample >= 0:
+                results.append(took)
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -356,6 +361,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def measure(kind: str, backend: Backend) -> None:
+    if ONLY == "latency":
+        await measure_push_latency(kind, backend)
+        return
     await fill(backend, "bench", DRAIN_EVENTS)
     if isinstance(backend, PostgresBackend):
         async with backend.connection() as connection:
@@ -430,14 +438,18 @@ async def measure(kind: str, backend: Backend) -> None:
         took, count = await drain(backend, CategoryIdentifier("eager"), f"eager-{repeat}", 1)
         eager.append(count / took.seconds)
     report(f"{kind}.consumers.drain.checkpoint_1", median(eager), "events/s", repeats=REPEATS)
-    for spacing, gaps in (("dense", DENSE_GAPS), ("sparse", SPARSE_GAPS)):
-        pushed = await latency(backend, push=True, samples=PUSH_SAMPLES, gaps=gaps)
-        report(f"{kind}.consumers.latency.push.{spacing}.p50", percentile(pushed, 0.5), "ms")
-        report(f"{kind}.consumers.latency.push.{spacing}.p99", percentile(pushed, 0.99), "ms")
+    await measure_push_latency(kind, backend)
     polled = await latency(backend, push=False, samples=POLL_SAMPLES, gaps=(0.0, 1.0))
     report(f"{kind}.consumers.latency.poll_1s.p50", percentile(polled, 0.5), "ms")
     report(f"{kind}.consumers.latency.poll_1s.p99", percentile(polled, 0.99), "ms")
     report(f"{kind}.consumers.idle_cpu", await idle_cpu(backend) * 100, "% of a core")
+
+
+async def measure_push_latency(kind: str, backend: Backend) -> None:
+    for spacing, gaps in (("dense", DENSE_GAPS), ("sparse", SPARSE_GAPS)):
+        pushed = await latency(backend, push=True, samples=PUSH_SAMPLES, gaps=gaps)
+        report(f"{kind}.consumers.latency.push.{spacing}.p50", percentile(pushed, 0.5), "ms")
+        report(f"{kind}.consumers.latency.push.{spacing}.p99", percentile(pushed, 0.99), "ms")
 
 
 async def main() -> None:

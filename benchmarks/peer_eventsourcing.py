@@ -136,7 +136,7 @@ def latencies(
             for notification in subscription:
                 sent = json.loads(notification.state)["sent"]
                 seen.append((time.perf_counter() - sent) * 1_000)
-                if len(seen) == samples:
+                if len(seen) == samples + 1:
                     done.set()
                     return
 
@@ -144,7 +144,7 @@ def latencies(
     consumer.start()
     chooser = random.Random(7)
     streams = Streams(1)
-    for _ in range(samples):
+    for _ in range(samples + 1):  # the first, a warm-up, is not counted (as on eventmill's side)
         time.sleep(gaps[0] + chooser.random() * (gaps[1] - gaps[0]))
         count = len(seen)
         event = streams.events(range(1))[0]
@@ -161,7 +161,7 @@ def latencies(
     done.wait(10)
     subscription.stop()
     consumer.join(10)
-    return seen
+    return seen[1:]
 
 
 def run(workload: str, repeats: int, schema: str, sizes: dict[str, int]) -> list[float]:

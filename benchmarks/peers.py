@@ -21,7 +21,8 @@ and their median. Workloads (see ``benchmarks/peer_eventsourcing.py`` for the pe
   payloads decoded to dicts;
 - ``postgres.latency.sparse`` / ``.dense``: publish-to-consumer time, one event at a
   time, 10-250 ms apart or 0-10 ms apart, p50 and p99 (eventmill: a push subscriber,
-  the peer: a ``subscribe()`` iterator).
+  the peer: a ``subscribe()`` iterator), each side after one delivery not counted
+  that warms up its connections (with 40 samples the p99 is the slowest one).
 
 ``python -m benchmarks.peers`` (part of ``make bench``). Uses ``EVENTMILL_TEST_DSN`` and
 throwaway schemas, dropped at the end. ``PEERS_ROUNDS`` sets the rounds (default 5);
