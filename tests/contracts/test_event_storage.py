@@ -68,6 +68,17 @@ async def test_reads_of_log_category_and_stream_are_ordered_and_resume(store: Ev
     assert await store.log().read(after=log[-1].sequence_number) == []
 
 
+async def test_reads_after_a_place_beyond_any_sequence_number_return_nothing(
+    store: EventStore,
+) -> None:
+    await store.stream(category="c", stream="s").publish(events(2))
+    for beyond in (2**63 - 1, 2**63, 10**30):
+        assert await store.log().read(after=beyond) == []
+        assert await store.category("c").read(after=beyond) == []
+        assert await store.source(CategoryPartitionIdentifier("c", 0, 2)).read(after=beyond) == []
+        assert await store.stream(category="c", stream="s").read(after=beyond) == []
+
+
 async def test_iterate_pages_through_everything_and_sees_later_pages(store: EventStore) -> None:
     stream = store.stream(category="big", stream="one")
     for _ in range(5):

@@ -232,6 +232,7 @@ def _encode_keeping_floats(value: object) -> str:
     return _encode_text(value)
 
 
+_LAST_SEQUENCE_NUMBER = 2**63 - 1
 # The watermark and the page in one statement (migration 0012; see the module docstring).
 _READ_LOG = "SELECT * FROM {schema}.read_log(%s, %s)"
 _READ_CATEGORY = "SELECT * FROM {schema}.read_category(%s, %s, %s)"
@@ -634,7 +635,9 @@ class PostgresEventStorage(EventStorage):
         if isinstance(source, StreamIdentifier):
             stream = (source.category, source.stream, -1 if after is None else after, limit)
             return self._read_stream, stream, _Watermark.NONE
-        start = 0 if after is None else after
+        # Past the last bigint nothing is stored; a larger int would reach the read
+        # functions as numeric, for which they have no signature.
+        start = 0 if after is None else min(after, _LAST_SEQUENCE_NUMBER)
         if isinstance(source, LogIdentifier):
             return self._read_log, (start, limit), _Watermark.TAKEN_BY_QUERY
         if isinstance(source, CategoryIdentifier) or source.partitions == 1:
