@@ -26,7 +26,7 @@ commit one at a time; a NOTIFY alone writes no WAL, so its commit does not wait 
 flush. A lost announcement costs latency only: readers poll as well.
 
 Reading. A log or category read is one statement, a call of ``{schema}.read_log`` or
-``{schema}.read_category`` (migration 0012): each first takes the visibility watermark
+``{schema}.read_category`` (migration 0013): each first takes the visibility watermark
 ({schema}.read_watermark(): the oldest transaction id among publishers in flight, or
 the snapshot's xmax when none is), then reads the page in a statement of its own,
 which, the function being volatile, takes a newer snapshot under READ COMMITTED. A
@@ -233,7 +233,7 @@ def _encode_keeping_floats(value: object) -> str:
 
 
 _LAST_SEQUENCE_NUMBER = 2**63 - 1
-# The watermark and the page in one statement (migration 0012; see the module docstring).
+# The watermark and the page in one statement (migration 0013; see the module docstring).
 _READ_LOG = "SELECT * FROM {schema}.read_log(%s, %s)"
 _READ_CATEGORY = "SELECT * FROM {schema}.read_category(%s, %s, %s)"
 _READ_STREAM = (
@@ -384,7 +384,7 @@ class _Watermark(enum.Enum):
     NONE = enum.auto()
     """Needs none (stream reads)."""
     TAKEN_BY_QUERY = enum.auto()
-    """Takes it itself (the read functions of migration 0012)."""
+    """Takes it itself (the read functions of migration 0013)."""
     SET_BEFORE = enum.auto()
     """Reads it from ``eventmill.watermark``, set by ``_SET_WATERMARK`` just before."""
 
