@@ -14,9 +14,7 @@ For each backend (in memory, PostgreSQL):
   cannot take less time than these commits. Reported as seconds, with the drain's and
   the read's seconds, and as ``ratio_allowed_by_commits``: the read's time over the
   floor's (the best drain-to-read ratio the commits leave). Read, drain and floor also
-  report ``cpu_s``, the client's CPU (``time.process_time``) for each. And
-  ``ratio_to_read_ahead``: the drain against ``EventStore.category(...).iterate()``,
-  which reads the next page while one is decoded (the plain read above does not).
+  report ``cpu_s``, the client's CPU (``time.process_time``) for each.
 - ``drain.checkpoint_100.bare_psycopg`` (PostgreSQL): the same drain and read with
   psycopg alone, nothing of eventmill's, in the same run, schema and events: pages of
   500 read one page ahead on one connection, rows as tuples (JSON left as text), no
@@ -166,15 +164,6 @@ class Stopwatch:
 async def read_all(backend: Backend, identifier: CategoryIdentifier) -> Timing:
     with Stopwatch() as watch:
         async for _event in EventSource(backend, identifier).iterate():
-            pass
-    return watch.took
-
-
-async def read_ahead_all(backend: Backend, category: str) -> Timing:
-    """``EventStore.category(...).iterate()``: ``EventStorage.pages``, the next page read
-    while one is decoded (``EventSource.iterate`` reads one page after the other)."""
-    with Stopwatch() as watch:
-        async for _event in EventStore(backend).category(category).iterate():
             pass
     return watch.took
 
@@ -371,7 +360,6 @@ async def measure(kind: str, backend: Backend) -> None:
                 sql.SQL("ANALYZE {}.events").format(sql.Identifier(backend.schema))
             )
     reads: list[Timing] = []
-    reads_ahead: list[Timing] = []
     drains: list[Timing] = []
     floors: list[Timing] = []
     bare_reads: list[Timing] = []
@@ -379,7 +367,6 @@ async def measure(kind: str, backend: Backend) -> None:
     statements: list[float] = []
     for repeat in range(REPEATS):
         reads.append(await read_all(backend, BENCH))
-        reads_ahead.append(await read_ahead_all(backend, BENCH.category))
         floors.append(await commit_floor(backend, f"floor-{repeat}", DRAIN_EVENTS // 100))
         counter = Counting(backend)
         took, count = await drain(backend, BENCH, f"drain-{repeat}", 100)
@@ -398,14 +385,6 @@ async def measure(kind: str, backend: Backend) -> None:
     ratios = [read.seconds / took.seconds for took, read in zip(drains, reads, strict=True)]
     report(f"{kind}.consumers.drain.checkpoint_100.ratio_to_read", median(ratios), "ratio")
     report(f"{kind}.consumers.drain.checkpoint_100.statements", median(statements), "per event")
-    ratios = [ahead.seconds / d.seconds for d, ahead in zip(drains, reads_ahead, strict=True)]
-    report(
-        f"{kind}.consumers.drain.checkpoint_100.ratio_to_read_ahead",
-        median(ratios),
-        "ratio",
-        read_ahead_s=round(median([t.seconds for t in reads_ahead]), 3),
-        read_ahead_cpu_s=round(median([t.cpu for t in reads_ahead]), 3),
-    )
     report(
         f"{kind}.consumers.drain.checkpoint_100.commit_floor",
         median([t.seconds for t in floors]),

@@ -123,14 +123,13 @@ class EventSource:
                 await asyncio.gather(ahead, return_exceptions=True)
 
     async def iterate(self, *, after: int | None = None) -> AsyncIterator[StoredEvent]:
-        """Every event after ``after``, page by page, until a short page. Raises StorageError."""
-        while True:
-            page = await self.read(after=after)
-            for event in page:
-                yield event
-            if len(page) < self.page_size:
-                return
-            after = self.place(page[-1])
+        """Every event after ``after``, through ``pages`` (the next page read while one is
+        handed out), until a short page. Iterate in ``contextlib.aclosing`` to end a read
+        ahead at once when stopping early. Raises InvalidInputError, StorageError."""
+        async with aclosing(self.pages(after=after)) as pages:
+            async for page in pages:
+                for event in page:
+                    yield event
 
     async def latest(self) -> StoredEvent | None:
         """The last readable event, or None. Raises StorageError."""

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from eventmill import CategoryIdentifier, NewEvent, StoredEvent
 from eventmill.backends.postgres import PostgresBackend, event_storage
+from eventmill.sources import EventSource
 from eventmill.store import EventStore
 from tests.delay_proxy import DelayProxy
 from tests.postgres_support import TEST_DSN, fresh_postgres_backend
@@ -126,6 +127,30 @@ async def test_pages_in_batches_are_decoded_as_they_are_asked_for(
                 assert len(batch) <= 4
         assert asked == [4, 8, 10, 14, 18, 20, 24, 25]  # decoded when each is handed out
         assert len(decoded) == 25
+
+
+async def test_an_event_source_iterates_reading_the_next_page_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``EventSource.iterate`` reads as ``EventStore`` iteration does: when the first event
+    of a full page is handed out, the next page's read has gone out already."""
+    sent: list[int] = []
+    execute = event_storage.PostgresEventStorage._execute
+
+    async def counting(self: event_storage.PostgresEventStorage, *args: Any) -> Any:
+        sent.append(1)
+        return await execute(self, *args)
+
+    async with fresh_postgres_backend() as backend:
+        await EventStore(backend).stream(category="c", stream="s").publish(events(25))
+        monkeypatch.setattr(event_storage.PostgresEventStorage, "_execute", counting)
+        source = EventSource(backend, CategoryIdentifier("c"), page_size=10)
+        reads_at: dict[int, int] = {}
+        async with aclosing(source.iterate()) as iterating:
+            async for event in iterating:
+                reads_at[event.payload["n"]] = len(sent)
+        assert sorted(reads_at) == list(range(25))
+        assert (reads_at[0], reads_at[10], reads_at[20]) == (2, 3, 3)
 
 
 async def test_times_are_read_in_utc_whatever_the_session_time_zone() -> None:
