@@ -16,7 +16,7 @@ there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
 from eventmill.backends.base import Backend, split_page
@@ -122,7 +122,7 @@ class EventSource:
                 ahead.cancel()
                 await asyncio.gather(ahead, return_exceptions=True)
 
-    async def iterate(self, *, after: int | None = None) -> AsyncIterator[StoredEvent]:
+    async def iterate(self, *, after: int | None = None) -> AsyncGenerator[StoredEvent]:
         """Every event after ``after``, through ``pages`` (the next page read while one is
         handed out), until a short page. Iterate in ``contextlib.aclosing`` to end a read
         ahead at once when stopping early. Raises InvalidInputError, StorageError."""

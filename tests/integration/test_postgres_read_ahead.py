@@ -148,7 +148,7 @@ async def test_an_event_source_iterates_reading_the_next_page_ahead(
         reads_at: dict[int, int] = {}
         async with aclosing(source.iterate()) as iterating:
             async for event in iterating:
-                reads_at[event.payload["n"]] = len(sent)
+                reads_at[event.position] = len(sent)
         assert sorted(reads_at) == list(range(25))
         assert (reads_at[0], reads_at[10], reads_at[20]) == (2, 3, 3)
 
