@@ -12,6 +12,7 @@ MODULES = [
     "blocking_publish",
     "allocation",
     "consumers",
+    "latency_chain",
     "parking",
     "partitions",
     "coordinator",
