@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
-from eventmill.backends.base import Backend, split_page
+from eventmill.backends.base import Backend
 from eventmill.errors import InvalidInputError
 from eventmill.events import (
     EventSourceIdentifier,
@@ -88,8 +88,9 @@ class EventSource:
     ) -> AsyncGenerator[list[StoredEvent]]:
         """The events after ``after``, in order, a page (``page_size``) at a time until
         one is not full, the next page read while one is handed out; with ``batch``,
-        each page in lists of at most that many events (PostgreSQL decodes each list
-        only when it is asked for: ``EventStorage.pages``). Close it early with
+        PostgreSQL hands each page read from storage out in lists of at most that many
+        events, decoding each only when it is asked for (``EventStorage.pages``); pages
+        read through a shared tail are decoded already and come whole. Close it early with
         ``contextlib.aclosing``: a read ahead is then awaited (or, through a shared
         tail, cancelled). Raises InvalidInputError for a bad ``after`` or ``batch``,
         StorageError."""
@@ -112,8 +113,7 @@ class EventSource:
                 if len(page) == self.page_size:
                     ahead = asyncio.create_task(self.read(after=self.place(page[-1])))
                     await asyncio.sleep(0)  # its read starts before the page is handed out
-                for part in split_page(page, batch):
-                    yield part
+                yield page  # decoded already (the tail's window): whole, whatever ``batch``
                 if ahead is None:
                     return
                 page, ahead = await ahead, None

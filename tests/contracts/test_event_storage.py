@@ -20,6 +20,7 @@ from eventmill import (
     stream_is_empty,
 )
 from eventmill.backends.base import Backend
+from eventmill.backends.memory import InMemoryBackend
 from eventmill.events import JsonObject, JsonValue
 from eventmill.store import EventStore
 
@@ -91,6 +92,8 @@ async def test_iterate_pages_through_everything_and_sees_later_pages(store: Even
 
 
 async def test_pages_in_batches_hand_out_every_event_once_in_order(backend: Backend) -> None:
+    """PostgreSQL hands a page out in lists of at most ``batch`` (each decoded when asked
+    for); events already in memory come a whole page at a time."""
     store = EventStore(backend)
     await store.stream(category="big", stream="one").publish(events(23))
     big = CategoryIdentifier("big")
@@ -99,12 +102,16 @@ async def test_pages_in_batches_hand_out_every_event_once_in_order(backend: Back
         pages = backend.events.pages(big, after=after, limit=10, batch=batch)
         return [[event.payload["n"] for event in page] async for page in pages]
 
-    assert await handed_out(None, 4) == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16, 17], [18, 19],
-        [20, 21, 22],
-    ]  # fmt: skip
-    assert await handed_out(None, None) == [list(range(10)), list(range(10, 20)), [20, 21, 22]]
-    assert await handed_out(None, 10) == await handed_out(None, None)
+    whole = [list(range(10)), list(range(10, 20)), [20, 21, 22]]
+    assert await handed_out(None, None) == whole
+    assert await handed_out(None, 10) == whole
+    if isinstance(backend, InMemoryBackend):
+        assert await handed_out(None, 4) == whole
+    else:
+        assert await handed_out(None, 4) == [
+            [0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16, 17], [18, 19],
+            [20, 21, 22],
+        ]  # fmt: skip
     last = (await store.category("big").read())[-1].sequence_number
     assert await handed_out(last, 4) == [[]]
 

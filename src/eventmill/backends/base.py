@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -115,16 +115,6 @@ _LAG_PAGE = 1000
 """Events per read when ``EventStorage.lags`` counts by reading."""
 
 
-def split_page(page: list[StoredEvent], batch: int | None) -> Iterator[list[StoredEvent]]:
-    """``page`` as lists of at most ``batch`` events (whole when ``batch`` is None or the
-    page no longer; an empty page is one empty list)."""
-    if batch is None or len(page) <= batch:
-        yield page
-        return
-    for start in range(0, len(page), batch):
-        yield page[start : start + batch]
-
-
 class EventStorage(ABC):
     """Appends events to streams and reads any source in order."""
 
@@ -170,15 +160,16 @@ class EventStorage(ABC):
         """Every event of ``source`` after ``after``, in order, as pages of ``limit``
         read one after the other, ending with the first shorter page (maybe empty).
         Each page is what ``read`` returns from the end of the one before. A backend may
-        read the next page while this one is handed out (PostgreSQL does). With
-        ``batch``, a page longer than that is handed out in lists of at most ``batch``
-        events, and a backend may turn each list's rows into events only when it is
-        asked for (PostgreSQL does): a caller that works between lists spreads a page's
-        decoding over its work. Raises StorageError."""
+        read the next page while this one is handed out (PostgreSQL does). ``batch`` is
+        for a backend that turns rows into events (PostgreSQL): it hands a page out in
+        lists of at most ``batch`` events, each decoded only when it is asked for, so a
+        caller that works between lists spreads a page's decoding over its work. Events
+        already in memory have nothing to spread: they come a whole page at a time,
+        as here (lists cost a caller per-list work for nothing: a node's in-memory drain
+        ran 25 % slower in lists of 100). Raises StorageError."""
         while True:
             page = await self.read(source, after=after, limit=limit)
-            for part in split_page(page, batch):
-                yield part
+            yield page
             if len(page) < limit:
                 return
             after = place_in(source, page[-1])

@@ -113,6 +113,19 @@ async def test_reads_through_the_tail_match_direct_reads_while_publishing() -> N
         assert last.sequence_number == total
 
 
+async def test_pages_through_the_tail_come_whole_whatever_the_batch() -> None:
+    """Lists of a page read through the tail would cost the consumer per-list work and
+    spread no decoding (the events are decoded already): a node's drain ran 25 % slower
+    in lists of 100."""
+    backend = InMemoryBackend()
+    await EventStore(backend).stream(category="c", stream="one").publish(
+        [NewEvent(name="e") for _ in range(25)]
+    )
+    source = EventSource(backend, CategoryIdentifier("c"), page_size=10, shared_tail=True)
+    sizes = [len(page) async for page in source.pages(after=0, batch=4)]
+    assert sizes == [10, 10, 5]
+
+
 async def test_the_window_keeps_at_most_its_size_and_readers_below_it_read_directly() -> None:
     backend = InMemoryBackend()
     stream = EventStore(backend).stream(category="c", stream="one")
