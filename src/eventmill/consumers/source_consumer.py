@@ -324,10 +324,11 @@ class EventSourceConsumer:
         """The events after the processed place, page by page, until a page is not full
         or the pass halts (``EventSource.pages``: the next page is read while one is
         processed, so a drain waits for reads and checkpoint saves side by side).
-        ``batched``: each page in lists of at most DECODE_BATCH events, which
-        PostgreSQL turns into events only as they are asked for, so that decoding the
-        next batch fits inside the wait for the checkpoint save in flight; processors
-        with their own ``around_page`` get whole pages."""
+        ``batched``: each page read from PostgreSQL storage in lists of at most
+        DECODE_BATCH events, turned into events only as they are asked for, so that
+        decoding the next batch fits inside the wait for the checkpoint save in flight
+        (pages already decoded, in memory or through a shared tail, come whole);
+        processors with their own ``around_page`` get whole pages."""
         pages = self.source.pages(after=self._processed, batch=DECODE_BATCH if batched else None)
         async with aclosing(pages):
             async for page in pages:
