@@ -212,6 +212,30 @@ async def test_both_mode_with_the_distributed_broker_in_memory() -> None:
     assert counting.seen == Counter(dict.fromkeys(ids, 1))
 
 
+async def test_readiness_and_catching_up_do_not_wait_for_the_broker_intervals() -> None:
+    """``wait_ready`` (a node's start, every ``wait_caught_up``) wakes the coordinator and
+    the observer for their rounds: with rounds an hour apart, a node starts, and
+    catches up twice, well inside the timeouts (it used to wait out each interval)."""
+    hourly = DistributedEventBrokerSettings(
+        subscriber_manager_heartbeat_interval=timedelta(milliseconds=50),
+        subscriber_manager_subscriber_max_age=timedelta(seconds=30),
+        coordinator_distribution_interval=timedelta(hours=1),
+        observer_synchronisation_interval=timedelta(hours=1),
+    )
+    backend = InMemoryBackend()
+    ids = await publish(backend, 12)
+    counting = Counting()
+    node = EventProcessingNode(
+        backend, node_id="n1", settings=NodeSettings(distributed=True, broker_settings=hourly)
+    )
+    node.register_subscriber(group="g", source=STREAMS, processor=counting)
+    async with asyncio.timeout(30), node:
+        await node.wait_caught_up(timeout=10)
+        ids += await publish(backend, 6, start=12)
+        await node.wait_caught_up(timeout=10)
+    assert counting.seen == Counter(dict.fromkeys(ids, 1))
+
+
 class RecordingCheckpoints(InMemoryCheckpointStorage):
     def __init__(self, log: list[str]) -> None:
         super().__init__()

@@ -190,12 +190,17 @@ class DistributedEventBroker(EventBroker):
 
     async def wait_ready(self) -> None:
         """Block until, after this call, a coordinator round (if coordinating) and then
-        an observer round (if observing) succeeded. Raises LifecycleError once stopped."""
-        asked = time.monotonic()
+        an observer round (if observing) succeeded; each is woken to run now rather
+        than after its interval (a node's start and every ``wait_caught_up`` waited up
+        to 0.5 s for each). Raises LifecycleError once stopped."""
         if self.coordinator is not None:
+            asked = time.monotonic()
+            self.coordinator.wake()
             await self.coordinator.wait_round(asked)
         if self.observer is not None:
-            await self.observer.wait_round(time.monotonic())
+            asked = time.monotonic()
+            self.observer.wake()
+            await self.observer.wait_round(asked)
 
     async def execute(self) -> None:
         """Run every part until cancelled (the coordinator lock is released on the

@@ -118,8 +118,10 @@ async def test_pages_through_the_tail_come_whole_whatever_the_batch() -> None:
     spread no decoding (the events are decoded already): a node's drain ran 25 % slower
     in lists of 100."""
     backend = InMemoryBackend()
-    await EventStore(backend).stream(category="c", stream="one").publish(
-        [NewEvent(name="e") for _ in range(25)]
+    await (
+        EventStore(backend)
+        .stream(category="c", stream="one")
+        .publish([NewEvent(name="e") for _ in range(25)])
     )
     source = EventSource(backend, CategoryIdentifier("c"), page_size=10, shared_tail=True)
     sizes = [len(page) async for page in source.pages(after=0, batch=4)]
