@@ -260,16 +260,6 @@ class _StoredEventSlots:
     them with plain (specialised, cheap) attribute stores; see ``stored_event``."""
 
     __slots__ = StoredEvent.__slots__
-    id: str
-    name: str
-    category: str
-    stream: str
-    position: int
-    sequence_number: int
-    payload: JsonObject
-    metadata: JsonObject
-    occurred_at: datetime
-    observed_at: datetime
 
 
 def stored_event(
@@ -291,7 +281,7 @@ def stored_event(
     A ``_StoredEventSlots``, whose memory layout is StoredEvent's (the same slots and
     nothing else), is filled and then made a StoredEvent by assigning its ``__class__``,
     which Python allows between classes of the same layout."""
-    event = _new_object(_StoredEventSlots)
+    event: Any = _new_object(_StoredEventSlots)  # its slots are StoredEvent's fields
     event.id = id
     event.name = name
     event.category = category
@@ -302,8 +292,8 @@ def stored_event(
     event.metadata = metadata
     event.occurred_at = occurred_at
     event.observed_at = observed_at
-    event.__class__ = StoredEvent  # type: ignore[assignment]
-    return event  # type: ignore[return-value]
+    event.__class__ = StoredEvent
+    return event  # type: ignore[no-any-return]
 
 
 def with_added_metadata(events: Sequence[NewEvent], added: Mapping[str, str]) -> list[NewEvent]:
