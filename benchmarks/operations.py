@@ -2,8 +2,9 @@
 
 - ``operations.drain``: a node draining a category (in memory: 500,000 events, about
   0.2 s: with 100,000, about 40 ms, one of the node's periodic rounds landing in a run
-  made it a fifth slower, whatever the mode; PostgreSQL: 50,000, published in traced batches of 1,000 so every event carries a
-  trace context) through one subscriber with a processor that does nothing.
+  made it a fifth slower, whatever the mode; PostgreSQL: 50,000), published in traced
+  batches of 1,000 so every event carries a trace context, through one subscriber with
+  a processor that does nothing.
   ``off``: nothing else; ``metrics``: ``NodeMetrics`` counting lag every 2 s (its
   default) and scraped every second; ``metrics_and_traces``: also ``tracing.traced``
   on the processor (a span per page, linked to the publish spans) with the
