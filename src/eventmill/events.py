@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TypeAlias
 
 from eventmill.errors import InvalidEventError, InvalidIdentifierError, describe
@@ -513,9 +514,12 @@ def check_identifier(value: object) -> EventSourceIdentifier:
     raise InvalidIdentifierError(f"not an event source identifier: {describe(value)}")
 
 
+@lru_cache(maxsize=4096)
 def source_key(identifier: EventSourceIdentifier) -> str:
     """The canonical text form of an identifier: its JSON with sorted keys, no spaces.
 
-    Equal identifiers give equal keys; stores use it as the key of a source.
+    Equal identifiers give equal keys; stores use it as the key of a source (every
+    checkpoint save, parked-stream check and allocation round asks again, so the keys
+    of the sources used lately are remembered).
     """
     return json.dumps(identifier.to_json(), sort_keys=True, separators=(",", ":"))

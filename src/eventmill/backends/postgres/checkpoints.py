@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -55,10 +54,6 @@ _BOUND = (
     " set_config('statement_timeout', %s, true)"
 )
 """A transaction's bound (milliseconds, twice), for this transaction only."""
-
-
-_source_key = lru_cache(maxsize=4096)(source_key)
-"""``source_key``, remembered for the sources saved lately (it dumps JSON)."""
 
 
 def checkpoint_from_row(row: tuple[Any, ...]) -> Checkpoint:
@@ -191,7 +186,7 @@ class PostgresCheckpointStorage(CheckpointStorage):
         epoch: int | None,
     ) -> Checkpoint:
         """``save`` on ``connection`` (in its transaction, if one is open)."""
-        key = _source_key(source)
+        key = source_key(source)
         if expected_version is None:
             cursor = await connection.execute(
                 self._insert_bytes,
