@@ -20,6 +20,7 @@ MODULES = [
     "rebuilds",
     "shared_tail",
     "peers",
+    "profiles",
     "watermark_locks",
     "console",
     "operations",
